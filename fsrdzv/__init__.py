@@ -1,0 +1,43 @@
+"""fsrdzv: elastic rendezvous on shared file systems and object stores, with no coordination server."""
+
+from __future__ import annotations
+
+from ._errors import (
+    ConfigurationError,
+    RendezvousClosedError,
+    RendezvousConnectionError,
+    RendezvousError,
+    RendezvousGracefulExitError,
+    RendezvousStateError,
+    RendezvousTimeoutError,
+    SchemaVersionError,
+    StateCorruptError,
+    StorageError,
+    TamperedError,
+    UnsupportedStoreError,
+)
+from ._store import CasResult, Snapshot, Store
+from ._stores import list_runs, open_store
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "CasResult",
+    "ConfigurationError",
+    "RendezvousClosedError",
+    "RendezvousConnectionError",
+    "RendezvousError",
+    "RendezvousGracefulExitError",
+    "RendezvousStateError",
+    "RendezvousTimeoutError",
+    "SchemaVersionError",
+    "Snapshot",
+    "StateCorruptError",
+    "StorageError",
+    "Store",
+    "TamperedError",
+    "UnsupportedStoreError",
+    "__version__",
+    "list_runs",
+    "open_store",
+]

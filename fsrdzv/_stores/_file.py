@@ -1,0 +1,412 @@
+"""Local and shared file systems (local disk, tmpfs, NFS, Lustre, GPFS): a per-generation commit log.
+
+Layout of one run (``<root>/<run_id>/``)::
+
+    state                   the current document (a copy of the newest log entry; what readers open first)
+    log/00000000000000000007  one immutable file per generation; created with link(2), which fails if it exists
+    lock                    the filelock lock file
+    records/<kind>/<name>   per-node records, replaced with rename(2)
+
+Why a log: a lock on a shared file system can silently fail to exclude (NFS ``nolock``/``local_lock``, FUSE
+mounts, Lustre ``localflock``), and then "lock, read, compare, rename" loses updates. Here the commit point is
+``link(tmp, log/<gen+1>)``: link is atomic and exclusive across NFS clients (like ``O_EXCL``), so at most one
+writer can ever commit each generation, whatever the lock does. The lock only keeps writers from wasting work.
+Readers open ``state`` (close-to-open consistency: never ``stat`` for mtime) and then *roll forward* through
+``log/<gen+1>`` ... so a writer that died between committing and publishing ``state`` loses nothing.
+
+Old log entries are truncated to zero bytes rather than deleted: an existing empty file still blocks ``link``, so
+a writer stalled for a long time can never re-commit an old generation (no ABA), while the disk space goes back.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import hashlib
+import logging
+import os
+import secrets
+import shutil
+import socket
+import time
+from collections.abc import Callable, Iterator
+from typing import Final, TypeVar
+
+import filelock
+
+from .._errors import ConfigurationError, StorageError
+from .._store import Store
+
+__all__ = ["FileStore", "list_file_runs", "map_os_error"]
+
+log = logging.getLogger("fsrdzv.store.file")
+
+#: How many recent log entries keep their content (older ones are truncated to free space).
+KEEP_LOG_ENTRIES: Final = 64
+#: Retries for the transient errors of shared file systems (ESTALE after a rename on NFS, ENOENT races).
+_READ_RETRIES: Final = 20
+_GEN_WIDTH: Final = 20
+_T = TypeVar("_T")
+
+_ERRNO_HINTS: Final = {
+    errno.ENOSPC: "the file system is full; free space or use another endpoint",
+    errno.EDQUOT: "the disk quota is exceeded; free space or use another endpoint",
+    errno.EROFS: "the file system is mounted read-only; use a writable shared directory",
+    errno.EACCES: "permission denied; check the directory's owner and mode (or set permissions='group')",
+    errno.EPERM: "operation not permitted; check the directory's owner and mode",
+    errno.ENOENT: "a directory is missing; is the shared file system mounted on this node?",
+    errno.ENOTDIR: "a path component is not a directory; check the endpoint",
+    errno.ESTALE: "stale NFS file handle persisted; check the NFS server",
+    errno.EIO: "I/O error from the storage device or server",
+}
+
+
+def map_os_error(exc: OSError, what: str) -> StorageError:
+    """Translate an OSError into a StorageError that says what failed, where, and what to do."""
+    hint = _ERRNO_HINTS.get(exc.errno or 0, "check the storage")
+    err = StorageError(exc.errno or 0, f"{what} failed: {exc.strerror or exc}; {hint}")
+    err.__cause__ = exc
+    return err
+
+
+def _retry_stale(fn: Callable[[], _T]) -> _T:
+    """Run ``fn`` again when NFS reports ESTALE (the file was replaced under an open handle)."""
+    for attempt in range(_READ_RETRIES):
+        try:
+            return fn()
+        except OSError as exc:
+            if exc.errno != errno.ESTALE or attempt == _READ_RETRIES - 1:
+                raise
+            time.sleep(0.005 * (attempt + 1))
+    raise AssertionError("unreachable")  # pragma: no cover
+
+
+def _read_file(path: str) -> bytes:
+    def once() -> bytes:
+        with open(path, "rb") as f:
+            return f.read()
+
+    return _retry_stale(once)
+
+
+def _header_generation(raw: bytes) -> int | None:
+    head = raw[:200].partition(b"\n")[0]
+    for field in head.split(b" ")[1:]:
+        if field.startswith(b"gen="):
+            try:
+                return int(field[4:])
+            except ValueError:
+                return None
+    return None
+
+
+def _complete(raw: bytes) -> bool:
+    """True if ``raw`` is a whole envelope (a log entry that was not truncated while we read it)."""
+    head, sep, payload = raw.partition(b"\n")
+    for field in head.split(b" ")[1:]:
+        if field.startswith(b"sha256="):
+            return bool(sep) and hashlib.sha256(payload).hexdigest().encode() == field[7:]
+    return False
+
+
+def _version(raw: bytes) -> str:
+    return hashlib.sha256(raw).hexdigest()[:16]
+
+
+class FileStore(Store):
+    """A run's document and records in a directory. See the module docstring for the commit protocol.
+
+    :param root: the endpoint directory (created if its parent exists: a missing parent usually means the
+        shared file system is not mounted, and silently using local disk would split the job).
+    :param lock: use filelock to serialise writers (an optimisation; correctness does not depend on it).
+    :param lock_timeout: seconds to wait for the lock before proceeding without it.
+    :param permissions: ``"owner"`` (0600/0700, the default), ``"group"`` (0660/0770) or ``"world"`` (0644/0755).
+    :param fsync: fsync each committed generation before it becomes visible.
+    """
+
+    def __init__(
+        self,
+        root: str,
+        run_id: str,
+        *,
+        secret: bytes | None = None,
+        lock: bool = True,
+        lock_timeout: float = 10.0,
+        permissions: str = "owner",
+        fsync: bool = True,
+    ) -> None:
+        root = os.path.abspath(os.path.expanduser(root))
+        super().__init__(run_id, root, secret)
+        modes = {"owner": (0o600, 0o700), "group": (0o660, 0o770), "world": (0o644, 0o755)}
+        if permissions not in modes:
+            raise ConfigurationError(
+                f"permissions={permissions!r} is not one of 'owner', 'group', 'world' (storage option of {root})"
+            )
+        self.file_mode, self.dir_mode = modes[permissions]
+        self.root = root
+        self.dir = os.path.join(root, run_id)
+        self.state_path = os.path.join(self.dir, "state")
+        self.log_dir = os.path.join(self.dir, "log")
+        self.lock_path = os.path.join(self.dir, "lock")
+        self.records_dir = os.path.join(self.dir, "records")
+        self.use_lock = lock
+        self.lock_timeout = lock_timeout
+        self.fsync = fsync
+        self._lock: filelock.BaseFileLock | None = None
+        self._lock_warned = False
+        self._dirs_ready = False
+        self._host = socket.gethostname().replace(os.sep, "_")
+
+    # -- helpers ---------------------------------------------------------------------------------------------
+
+    def _log_path(self, generation: int) -> str:
+        return os.path.join(self.log_dir, f"{generation:0{_GEN_WIDTH}d}")
+
+    def _ensure_dirs(self) -> None:
+        if self._dirs_ready:
+            return
+        try:
+            if not os.path.isdir(self.root):
+                parent = os.path.dirname(self.root)
+                if not os.path.isdir(parent):
+                    raise StorageError(
+                        errno.ENOENT,
+                        f"endpoint {self.root} does not exist and neither does its parent {parent}; "
+                        "is the shared file system mounted on this node? (fsrdzv creates only the last level)",
+                    )
+                with contextlib.suppress(FileExistsError):
+                    os.mkdir(self.root, self.dir_mode)
+            for d in (self.dir, self.log_dir, self.records_dir):
+                with contextlib.suppress(FileExistsError):
+                    os.mkdir(d, self.dir_mode)
+        except StorageError:
+            raise
+        except OSError as exc:
+            raise map_os_error(exc, f"creating the run directory {self.dir}") from exc
+        self._dirs_ready = True
+
+    def _write_temp(self, directory: str, raw: bytes, sync: bool) -> str:
+        path = os.path.join(directory, f".tmp.{self._host}.{os.getpid()}.{secrets.token_hex(6)}")
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, self.file_mode)
+        try:
+            view = memoryview(raw)
+            while view:
+                view = view[os.write(fd, view) :]
+            if sync:
+                os.fsync(fd)
+        except BaseException:
+            os.close(fd)
+            with contextlib.suppress(OSError):
+                os.unlink(path)
+            raise
+        os.close(fd)
+        return path
+
+    @contextlib.contextmanager
+    def _locked(self) -> Iterator[None]:
+        if not self.use_lock:
+            yield
+            return
+        if self._lock is None:
+            self._lock = filelock.FileLock(self.lock_path, timeout=self.lock_timeout, mode=self.file_mode)
+        try:
+            self._lock.acquire()
+        except (filelock.Timeout, OSError, NotImplementedError) as exc:
+            # The lock is an optimisation: the exclusive link below keeps CAS correct without it.
+            if not self._lock_warned:
+                log.warning("lock %s unavailable (%s); continuing with link-based commits only", self.lock_path, exc)
+                self._lock_warned = True
+            yield
+            return
+        try:
+            yield
+        finally:
+            self._lock.release()
+
+    # -- document --------------------------------------------------------------------------------------------
+
+    def _read_raw(self) -> tuple[bytes, str] | None:
+        try:
+            return self._read_current()
+        except OSError as exc:
+            raise map_os_error(exc, f"reading {self.state_path}") from exc
+
+    def _read_current(self) -> tuple[bytes, str] | None:
+        for _ in range(_READ_RETRIES):
+            try:
+                raw: bytes | None = _read_file(self.state_path)
+            except FileNotFoundError:
+                raw = None
+            except NotADirectoryError:
+                return None
+            if raw is not None:
+                generation = _header_generation(raw)
+                if generation is None or not _complete(raw):
+                    # Not ours or damaged: report it as it is (the base class raises StateCorruptError).
+                    return raw, _version(raw)
+            else:
+                generation = 0
+            latest, ok = raw, True
+            while True:
+                try:
+                    nxt = _read_file(self._log_path(generation + 1))
+                except (FileNotFoundError, NotADirectoryError):
+                    break
+                if not _complete(nxt):
+                    # A pruned (truncated) entry: ``state`` is far behind; fall back to the newest entry.
+                    ok = False
+                    break
+                latest, generation = nxt, generation + 1
+            if not ok:
+                found = self._newest_log_entry()
+                if found is None:
+                    continue
+                latest = found
+            if latest is None:
+                return None
+            return latest, _version(latest)
+        return None
+
+    def _newest_log_entry(self) -> bytes | None:
+        try:
+            names = sorted((n for n in os.listdir(self.log_dir) if n.isdigit()), reverse=True)
+        except FileNotFoundError:
+            return None
+        for name in names[:4]:
+            try:
+                raw = _read_file(os.path.join(self.log_dir, name))
+            except FileNotFoundError:
+                continue
+            if _complete(raw):
+                return raw
+        return None
+
+    def _commit(self, raw: bytes, generation: int, expected: tuple[int, str] | None) -> str | None:
+        self._ensure_dirs()
+        try:
+            with self._locked():
+                current = self._read_current()
+                if expected is None:
+                    if current is not None:
+                        return None
+                else:
+                    if current is None:
+                        return None
+                    current_gen = _header_generation(current[0])
+                    if current_gen != expected[0] or current[1] != expected[1] or not _complete(current[0]):
+                        return None
+                entry = self._write_temp(self.log_dir, raw, self.fsync)
+                try:
+                    # The commit point: exclusive across processes and NFS clients, lock or no lock.
+                    os.link(entry, self._log_path(generation))
+                except FileExistsError:
+                    return None
+                finally:
+                    os.unlink(entry)
+                # Publish a separate copy as ``state`` (not a hard link: log entries are truncated later).
+                published = self._write_temp(self.dir, raw, False)
+                if os.path.exists(self._log_path(generation + 1)):
+                    os.unlink(published)  # someone already built on our entry; never move ``state`` back
+                else:
+                    os.replace(published, self.state_path)
+                self._prune(generation - KEEP_LOG_ENTRIES)
+                return _version(raw)
+        except OSError as exc:
+            raise map_os_error(exc, f"writing generation {generation} of {self.dir}") from exc
+
+    def _prune(self, generation: int) -> None:
+        if generation < 1:
+            return
+        with contextlib.suppress(OSError):
+            fd = os.open(self._log_path(generation), os.O_WRONLY | os.O_TRUNC)
+            os.close(fd)
+
+    # -- records ---------------------------------------------------------------------------------------------
+
+    def _kind_dir(self, kind: str) -> str:
+        if not kind.isidentifier():
+            raise ConfigurationError(f"record kind {kind!r} must be an identifier")
+        return os.path.join(self.records_dir, kind)
+
+    def _put_record(self, kind: str, name: str, raw: bytes) -> None:
+        self._ensure_dirs()
+        directory = self._kind_dir(kind)
+        try:
+            with contextlib.suppress(FileExistsError):
+                os.mkdir(directory, self.dir_mode)
+            tmp = self._write_temp(directory, raw, False)
+            os.replace(tmp, os.path.join(directory, name))
+        except OSError as exc:
+            raise map_os_error(exc, f"writing record {kind}/{name} in {self.dir}") from exc
+
+    def _read_record(self, kind: str, name: str) -> bytes | None:
+        try:
+            return _read_file(os.path.join(self._kind_dir(kind), name))
+        except (FileNotFoundError, NotADirectoryError):
+            return None
+        except OSError as exc:
+            raise map_os_error(exc, f"reading record {kind}/{name} in {self.dir}") from exc
+
+    def _list_records(self, kind: str) -> dict[str, str]:
+        directory = self._kind_dir(kind)
+        out: dict[str, str] = {}
+        try:
+            names = [n for n in os.listdir(directory) if not n.startswith(".")]
+        except (FileNotFoundError, NotADirectoryError):
+            return out
+        except OSError as exc:
+            raise map_os_error(exc, f"listing records {kind} in {self.dir}") from exc
+        for name in names:
+            # Open and read (close-to-open revalidation on NFS) instead of trusting cached attributes.
+            try:
+                out[name] = _version(_read_file(os.path.join(directory, name)))
+            except FileNotFoundError:
+                continue
+            except OSError as exc:
+                raise map_os_error(exc, f"reading record {kind}/{name} in {self.dir}") from exc
+        return out
+
+    def _delete_record(self, kind: str, name: str) -> None:
+        try:
+            os.unlink(os.path.join(self._kind_dir(kind), name))
+        except FileNotFoundError:
+            pass
+        except OSError as exc:
+            raise map_os_error(exc, f"deleting record {kind}/{name} in {self.dir}") from exc
+
+    def delete_run(self) -> None:
+        try:
+            shutil.rmtree(self.dir)
+        except FileNotFoundError:
+            pass
+        except OSError as exc:
+            raise map_os_error(exc, f"deleting {self.dir}") from exc
+        self._dirs_ready = False
+
+    def corrupt_for_tests(self, raw: bytes) -> None:
+        """Overwrite ``state`` and the newest log entry with raw bytes (conformance tests)."""
+        self._ensure_dirs()
+        current = self._read_current()
+        with open(self.state_path, "wb") as f:
+            f.write(raw)
+        if current is not None:
+            generation = _header_generation(current[0])
+            if generation is not None:
+                with open(self._log_path(generation), "wb") as f:
+                    f.write(raw)
+
+
+def list_file_runs(root: str) -> list[str]:
+    """Run ids that have data under ``root``."""
+    root = os.path.abspath(os.path.expanduser(root))
+    try:
+        entries = list(os.scandir(root))
+    except FileNotFoundError:
+        return []
+    except OSError as exc:
+        raise map_os_error(exc, f"listing {root}") from exc
+    return sorted(
+        e.name
+        for e in entries
+        if e.is_dir() and (os.path.exists(os.path.join(e.path, "state")) or os.path.isdir(os.path.join(e.path, "log")))
+    )
