@@ -16,6 +16,8 @@ from ._errors import (
     TamperedError,
     UnsupportedStoreError,
 )
+from ._handler import RendezvousHandler, RendezvousInfo, create_handler
+from ._settings import Settings
 from ._store import CasResult, Snapshot, Store
 from ._stores import list_runs, open_store
 
@@ -28,9 +30,12 @@ __all__ = [
     "RendezvousConnectionError",
     "RendezvousError",
     "RendezvousGracefulExitError",
+    "RendezvousHandler",
+    "RendezvousInfo",
     "RendezvousStateError",
     "RendezvousTimeoutError",
     "SchemaVersionError",
+    "Settings",
     "Snapshot",
     "StateCorruptError",
     "StorageError",
@@ -38,6 +43,7 @@ __all__ = [
     "TamperedError",
     "UnsupportedStoreError",
     "__version__",
+    "create_handler",
     "list_runs",
     "open_store",
 ]

@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 
 from .._store import Store
 
-__all__ = ["MemoryStore", "MemorySpace", "memory_space"]
+__all__ = ["MemorySpace", "MemoryStore", "memory_space"]
 
 
 @dataclass

@@ -1,0 +1,609 @@
+"""The rendezvous handler: torch's ``DynamicRendezvousHandler`` contract on an fsrdzv store, torch-free.
+
+How a join works (the I/O shell around the pure rules of ``_protocol``):
+
+1. The node writes its heartbeat record ``hb/<id>`` and its join request ``req/<id>`` (its own objects: no
+   contention), then tries once to fold *every* pending request into the document with one compare-and-set.
+2. It polls the document, fast while a round forms and slower while nothing changes. If its request is still
+   not folded, it folds again after a jittered back-off; a node already in the document folds others' requests.
+3. A participant that has watched the last-call mark for ``last_call_timeout`` seconds of its own monotonic
+   time completes the round. Reaching ``max_nodes`` completes it at once, in the folding write.
+4. Waiting nodes list the heartbeat records now and then; a member whose record has not changed for
+   ``keep_alive_interval x keep_alive_max_attempt`` seconds (observer's clock) is removed with one CAS.
+
+Error handling: storage failures surface as :class:`RendezvousConnectionError` (``StorageError``) after the
+operation's own retries; an unreadable document raises :class:`StateCorruptError` and is never overwritten;
+a closed run raises :class:`RendezvousClosedError` (a spare gets :class:`RendezvousGracefulExitError`); a join
+that does not finish within ``join_timeout`` rolls back and raises :class:`RendezvousTimeoutError`.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import itertools
+import logging
+import os
+import random
+import secrets
+import socket
+import threading
+import time
+import weakref
+from collections.abc import Callable
+from dataclasses import dataclass, replace
+from typing import Any, Final
+
+from . import _protocol as proto
+from ._errors import (
+    RendezvousClosedError,
+    RendezvousError,
+    RendezvousGracefulExitError,
+    RendezvousStateError,
+    RendezvousTimeoutError,
+    StorageError,
+)
+from ._liveness import LivenessTracker
+from ._settings import Settings
+from ._state import (
+    JoinRequest,
+    NodeInfo,
+    RendezvousState,
+    decode_request,
+    decode_state,
+    encode_request,
+    encode_state,
+)
+from ._store import Snapshot, Store
+from ._stores import open_store
+
+__all__ = ["RendezvousHandler", "RendezvousInfo", "create_handler"]
+
+log = logging.getLogger("fsrdzv")
+
+#: Poll period while a round is forming or anything just changed (s). With one document read per poll this
+#: keeps every waiting node at most ~17 reads/s, well under S3's per-prefix rates even at a thousand nodes.
+FAST_POLL: Final = 0.06
+#: Poll period once nothing has changed for a while (s).
+SLOW_POLL: Final = 1.0
+#: Growth factor of the poll period while nothing changes.
+POLL_GROWTH: Final = 1.3
+#: How long a node keeps trying to take itself out after its join timed out (torch: 5 s).
+ROLLBACK_WINDOW: Final = 5.0
+#: How long ``num_nodes_waiting`` / ``is_closed`` answers from the last read (torch: 1 s).
+READ_CACHE: Final = 1.0
+#: Storage errors tolerated in a row inside a loop before giving up.
+MAX_STORAGE_ERRORS: Final = 8
+
+_local_ids = itertools.count()
+_local_ids_lock = threading.Lock()
+
+Clock = Callable[[], float]
+Sleep = Callable[[float], None]
+
+
+@dataclass(frozen=True)
+class RendezvousInfo:
+    """What a completed rendezvous gives this node."""
+
+    round: int
+    rank: int
+    world_size: int
+    master_addr: str
+    master_port: int
+    #: Addresses of the participants in rank order.
+    participants: tuple[str, ...]
+    run_id: str = ""
+
+
+def _free_port(addr: str) -> int:
+    with socket.socket(socket.AF_INET6 if ":" in addr else socket.AF_INET) as s:
+        try:
+            s.bind((addr, 0))
+        except OSError:
+            s.bind(("", 0))
+        port: int = s.getsockname()[1]
+        return port
+
+
+class _KeepAlive:
+    """Writes this node's heartbeat record every interval, on a daemon thread.
+
+    It holds only a weak reference to the handler, so a forgotten handler is collected and the thread stops.
+    Failures are logged and retried at the next interval: a heartbeat is idempotent.
+    """
+
+    def __init__(self, handler: RendezvousHandler, interval: float) -> None:
+        self._stop = threading.Event()
+        self._ref = weakref.ref(handler)
+        self.thread = threading.Thread(
+            target=self._run, args=(interval,), name=f"fsrdzv-keepalive-{handler.node_id}", daemon=True
+        )
+
+    def start(self) -> None:
+        self.thread.start()
+
+    def _run(self, interval: float) -> None:
+        while not self._stop.wait(interval):
+            handler = self._ref()
+            if handler is None:
+                return
+            try:
+                handler._beat()
+            except RendezvousError as exc:
+                log.warning("keep-alive of %s failed: %s", handler.node_id, exc)
+            except Exception:  # a bug must not kill liveness silently; log it loudly and go on
+                log.exception("unexpected error in the keep-alive of %s", handler.node_id)
+            del handler
+
+    def stop(self) -> None:
+        self._stop.set()
+        if self.thread.is_alive() and threading.current_thread() is not self.thread:
+            self.thread.join(timeout=10)
+
+
+class RendezvousHandler:
+    """One node's view of an elastic rendezvous. Use :func:`create_handler` to make one.
+
+    The API follows torch's ``RendezvousHandler``: :meth:`next_rendezvous`, :meth:`num_nodes_waiting`,
+    :meth:`is_closed`, :meth:`set_closed`, :meth:`shutdown`. It is also a context manager that shuts down on exit.
+    """
+
+    def __init__(
+        self,
+        store: Store,
+        settings: Settings,
+        *,
+        local_addr: str | None = None,
+        clock: Clock = time.monotonic,
+        sleep: Sleep = time.sleep,
+        rng: random.Random | None = None,
+    ) -> None:
+        if store.run_id != settings.run_id:
+            raise ValueError("the store and the settings name different run ids")
+        self.store = store
+        self.settings = settings
+        self._clock = clock
+        self._sleep = sleep
+        self._rng = rng or random.Random()
+        with _local_ids_lock:
+            local_id = next(_local_ids)
+        addr = local_addr or socket.getfqdn()
+        self._node = NodeInfo(addr, os.getpid(), local_id, secrets.token_hex(3), 0, socket.gethostname())
+        self._lock = threading.RLock()
+        self._beat_lock = threading.Lock()
+        self._beats = 0
+        self._keepalive: _KeepAlive | None = None
+        self._liveness = LivenessTracker(settings.liveness_timeout)
+        self._request_cache: dict[str, tuple[str, JoinRequest | None]] = {}
+        self._last_call_seen: dict[tuple[str, int, int], float] = {}
+        self._cached: tuple[float, RendezvousState | None] | None = None
+        self._closed_here = False
+        #: Storage operations made by this handler, by kind (benchmarks and tests read them).
+        self.ops: dict[str, int] = {"read": 0, "cas": 0, "put": 0, "list": 0, "get": 0, "delete": 0}
+        self._finalizer = weakref.finalize(self, RendezvousHandler._finalize, [None])
+
+    @staticmethod
+    def _finalize(holder: list[Any]) -> None:
+        keepalive = holder[0]
+        if keepalive is not None:
+            keepalive.stop()
+
+    # -- identity ------------------------------------------------------------------------------------------
+
+    @property
+    def run_id(self) -> str:
+        return self.settings.run_id
+
+    @property
+    def node_id(self) -> str:
+        return self._node.node_id
+
+    def get_run_id(self) -> str:
+        return self.settings.run_id
+
+    # -- storage helpers -----------------------------------------------------------------------------------
+
+    def _where(self) -> str:
+        return self.store.describe("document")
+
+    def _read(self) -> tuple[RendezvousState | None, Snapshot | None]:
+        self.ops["read"] += 1
+        snap = self.store.read()
+        if snap is None:
+            return None, None
+        return decode_state(snap.data, self._where()), snap
+
+    def _cas(self, new: RendezvousState, snap: Snapshot | None) -> tuple[bool, RendezvousState | None, Snapshot | None]:
+        self.ops["cas"] += 1
+        result = self.store.compare_and_set(encode_state(new), None if snap is None else snap.token)
+        if result.snapshot is None:
+            return result.won, None, None
+        state = new if result.won else decode_state(result.snapshot.data, self._where())
+        return result.won, state, result.snapshot
+
+    def _beat(self) -> None:
+        with self._beat_lock:
+            self._beats += 1
+            payload = b'{"n":%d}' % self._beats
+            self.ops["put"] += 1
+            self.store.put_record("hb", self.node_id, payload)
+
+    def _heartbeat_tags(self) -> dict[str, str]:
+        self.ops["list"] += 1
+        return self.store.list_records("hb")
+
+    def _requests(self) -> list[JoinRequest]:
+        self.ops["list"] += 1
+        tags = self.store.list_records("req")
+        out = []
+        for name, tag in tags.items():
+            cached = self._request_cache.get(name)
+            if cached is None or cached[0] != tag:
+                self.ops["get"] += 1
+                try:
+                    raw = self.store.read_record("req", name)
+                    request = None if raw is None else decode_request(raw, f"join request {name!r}")
+                except RendezvousStateError as exc:
+                    # Never act on a record we cannot trust; report it and go on without it.
+                    log.warning("ignoring %s", exc)
+                    request = None
+                cached = (tag, request)
+                self._request_cache[name] = cached
+            if cached[1] is not None:
+                out.append(cached[1])
+        for stale in set(self._request_cache) - set(tags):
+            del self._request_cache[stale]
+        return out
+
+    # -- the public API ------------------------------------------------------------------------------------
+
+    def next_rendezvous(self) -> RendezvousInfo:
+        """Join the next round and block until it is complete with this node as a participant.
+
+        :raises RendezvousClosedError: the run was closed.
+        :raises RendezvousGracefulExitError: the run closed while this node was a spare.
+        :raises RendezvousTimeoutError: no round completed with this node within ``join_timeout``.
+        :raises RendezvousConnectionError: the storage failed persistently.
+        :raises RendezvousStateError: the document is unreadable or from a newer fsrdzv.
+        """
+        with self._lock:
+            return self._next_rendezvous()
+
+    def _start_keepalive(self) -> None:
+        self._beat()
+        if self._keepalive is None or not self._keepalive.thread.is_alive():
+            self._keepalive = _KeepAlive(self, self.settings.keep_alive_interval)
+            self._finalizer.detach()
+            self._finalizer = weakref.finalize(self, RendezvousHandler._finalize, [self._keepalive])
+            self._keepalive.start()
+
+    def _next_rendezvous(self) -> RendezvousInfo:
+        settings = self.settings
+        me = self.node_id
+        start = self._clock()
+        deadline = start + settings.join_timeout
+        self._start_keepalive()
+        state, snap = self._read()
+        state, snap = self._reuse_if_finished(state, snap)
+        leave_round = state.round if state is not None and me in state.participants else None
+        self._node = replace(self._node, port=_free_port(self._node.addr))
+        request = JoinRequest(self._node, secrets.token_hex(8), leave_round)
+        self.ops["put"] += 1
+        self.store.put_record("req", me, encode_request(request))
+
+        poll = FAST_POLL
+        fold_attempts = 0
+        next_fold = start  # the first fold is immediate
+        next_sweep = start + settings.keep_alive_interval / 2
+        next_list = start
+        was_spare = False
+        errors = 0
+        polls = 0
+        while True:
+            now = self._clock()
+            try:
+                if state is None or snap is None:
+                    # No document yet: create it with every request seen so far (create-if-absent CAS).
+                    base = proto.new_state(settings.run_id, secrets.token_hex(8))
+                    new = proto.fold_requests(base, [*self._requests(), request], settings)
+                    _, state, snap = self._cas(new, None)
+                    continue
+                if state.closed:
+                    self._stop_keepalive()
+                    if me in state.redundancy_list:
+                        raise RendezvousGracefulExitError(
+                            f"rendezvous {settings.run_id!r} was closed while this node waited as a spare; "
+                            "exiting normally"
+                        )
+                    raise RendezvousClosedError(
+                        f"rendezvous {settings.run_id!r} is closed; start a new job (a finished run id is reused "
+                        "once all its nodes are gone)"
+                    )
+                mine = state.applied.get(me) == request.nonce
+                if mine and state.complete and me in state.participants:
+                    return self._info(state)
+                spare = me in state.redundancy_list
+                if was_spare and not spare:
+                    deadline = now + settings.join_timeout  # torch refreshes the deadline leaving the spare list
+                was_spare = spare
+                changed = False
+                if not mine:
+                    if now >= next_fold:
+                        changed, state, snap = self._fold(state, snap, request)
+                        fold_attempts += 1
+                        # Jittered exponential back-off so that simultaneous arrivals do not collide in lockstep.
+                        next_fold = now + self._rng.uniform(0, min(1.0, 0.02 * 2**fold_attempts))
+                        continue
+                elif me in state.participants and state.last_call is not None:
+                    key = (state.epoch, state.round, state.last_call)
+                    seen = self._last_call_seen.setdefault(key, now)
+                    if now - seen >= settings.last_call_timeout:
+                        new = proto.mark_complete(state, settings)
+                        if new is not state:
+                            _, state, snap = self._cas(new, snap)
+                            continue
+                if state is None:
+                    continue
+                if mine and now >= next_list and self._is_folder(state):
+                    # The lowest waiting member folds other nodes' requests, so a joiner whose own writes keep
+                    # losing still gets in within a few polls.
+                    next_list = now + 5 * FAST_POLL
+                    changed, state, snap = self._fold(state, snap, None)
+                    if changed or state is None:
+                        continue
+                if now >= next_sweep:
+                    next_sweep = now + settings.keep_alive_interval / 2
+                    changed, state, snap = self._sweep(state, snap, now)
+                    if changed or state is None:
+                        continue
+                if not spare and now > deadline:
+                    self._rollback(state, snap)
+                    raise RendezvousTimeoutError(
+                        f"rendezvous {settings.run_id!r} did not complete within join_timeout="
+                        f"{settings.join_timeout:g}s: {len(state.participants)} participant(s), "
+                        f"min_nodes={settings.min_nodes}; check that the other nodes use the same endpoint and "
+                        "run id, or raise join_timeout"
+                    )
+                self._sleep(poll)
+                polls += 1
+                before = state.generation
+                state, snap = self._read()
+                errors = 0
+                if state is not None and state.generation != before:
+                    poll = FAST_POLL
+                elif state is not None and (state.complete or spare):
+                    poll = min(SLOW_POLL, poll * POLL_GROWTH)
+                else:
+                    # A forming round: stay responsive, since the last arrival completes it at any moment.
+                    poll = min(4 * FAST_POLL, poll * POLL_GROWTH)
+            except StorageError as exc:
+                errors += 1
+                if errors >= MAX_STORAGE_ERRORS or self._clock() > deadline:
+                    raise
+                log.warning("storage error during join of %s (retrying): %s", me, exc)
+                self._sleep(min(SLOW_POLL, FAST_POLL * 2**errors) * self._rng.uniform(0.5, 1.5))
+                with contextlib.suppress(StorageError):
+                    self.store.put_record("req", me, encode_request(request))
+                    state, snap = self._read()
+
+    def _is_folder(self, state: RendezvousState) -> bool:
+        waiting = [m for m in state.members() if not (state.complete and m in state.participants)]
+        return bool(waiting) and min(waiting, key=lambda i: state.nodes[i]) == self.node_id
+
+    def _fold(
+        self, state: RendezvousState, snap: Snapshot | None, own: JoinRequest | None
+    ) -> tuple[bool, RendezvousState | None, Snapshot | None]:
+        requests = self._requests()
+        if own is not None and all(r.node.node_id != own.node.node_id or r.nonce != own.nonce for r in requests):
+            requests.append(own)  # a listing may lag behind our own write (NFS attribute caches)
+        new = proto.fold_requests(state, requests, self.settings)
+        if new is state:
+            return False, state, snap
+        won, state2, snap2 = self._cas(new, snap)
+        return won, state2, snap2
+
+    def _sweep(
+        self, state: RendezvousState, snap: Snapshot | None, now: float
+    ) -> tuple[bool, RendezvousState | None, Snapshot | None]:
+        members = state.members() - {self.node_id}
+        tags = self._heartbeat_tags()
+        self._liveness.observe(tags, now, members)
+        self._liveness.forget(members)
+        dead = self._liveness.dead(members, now)
+        if not dead:
+            return False, state, snap
+        log.info("removing node(s) without heartbeat for %.1fs: %s", self.settings.liveness_timeout, sorted(dead))
+        new = proto.remove_nodes(state, dead, self.settings)
+        return self._cas(new, snap)
+
+    def _rollback(self, state: RendezvousState, snap: Snapshot | None) -> None:
+        stop = self._clock() + ROLLBACK_WINDOW
+        while self._clock() < stop and self.node_id in state.members():
+            new = proto.remove_nodes(state, [self.node_id], self.settings)
+            try:
+                won, got, snap = self._cas(new, snap)
+            except RendezvousError:
+                return
+            if won or got is None:
+                return
+            state = got
+
+    def _reuse_if_finished(
+        self, state: RendezvousState | None, snap: Snapshot | None
+    ) -> tuple[RendezvousState | None, Snapshot | None]:
+        """A closed run whose nodes are all gone starts afresh; a live closed run stays closed."""
+        if state is None or not state.closed or self.node_id in state.members():
+            return state, snap
+        members = state.members()
+        start = self._clock()
+        while True:
+            tags = self._heartbeat_tags()
+            now = self._clock()
+            self._liveness.observe(tags, now, members)
+            gone = self._liveness.missing(tags, members) | self._liveness.dead(members, now)
+            if gone >= members:
+                break
+            if now - start > self.settings.liveness_timeout + self.settings.keep_alive_interval:
+                return state, snap  # someone of the old job is still alive: the run is really closed
+            self._sleep(min(SLOW_POLL, self.settings.keep_alive_interval / 2))
+            state, snap = self._read()
+            if state is None or not state.closed:
+                return state, snap
+            members = state.members()
+        log.info("run %r was closed and all its nodes are gone: starting it afresh", self.run_id)
+        for name in self.store.list_records("req"):
+            if name in members:
+                with contextlib.suppress(StorageError):
+                    self.store.delete_record("req", name)
+        _, state, snap = self._cas(proto.restart(state, secrets.token_hex(8)), snap)
+        if state is not None and state.closed:
+            state, snap = self._read()
+        return state, snap
+
+    def _info(self, state: RendezvousState) -> RendezvousInfo:
+        order = sorted(state.participants, key=lambda n: state.participants[n])
+        master = state.master or (state.nodes[order[0]].addr, state.nodes[order[0]].port)
+        return RendezvousInfo(
+            round=state.round,
+            rank=state.participants[self.node_id],
+            world_size=len(state.participants),
+            master_addr=master[0],
+            master_port=master[1],
+            participants=tuple(state.nodes[n].addr for n in order),
+            run_id=self.run_id,
+        )
+
+    def _cached_state(self) -> RendezvousState | None:
+        now = self._clock()
+        if self._cached is None or now - self._cached[0] > READ_CACHE:
+            self._cached = (now, self._read()[0])
+        return self._cached[1]
+
+    def num_nodes_waiting(self) -> int:
+        """Nodes waiting to join the next round (not counting spares). Answers from a read at most 1 s old."""
+        with self._lock:
+            state = self._cached_state()
+            return 0 if state is None else len(state.wait_list)
+
+    def is_closed(self) -> bool:
+        """Whether the run is closed (from a read at most 1 s old)."""
+        with self._lock:
+            state = self._cached_state()
+            return state is not None and state.closed
+
+    def set_closed(self) -> None:
+        """Close the run for every node. Idempotent.
+
+        :raises RendezvousTimeoutError: it could not be written within ``close_timeout``.
+        """
+        with self._lock:
+            deadline = self._clock() + self.settings.close_timeout
+            delay = FAST_POLL
+            while True:
+                state, snap = self._read()
+                if state is None:
+                    state = proto.new_state(self.run_id, secrets.token_hex(8))
+                if state.closed:
+                    self._cached = None
+                    return
+                won, _, _ = self._cas(proto.close(state), snap)
+                if won:
+                    self._cached = None
+                    return
+                if self._clock() > deadline:
+                    raise RendezvousTimeoutError(
+                        f"could not close rendezvous {self.run_id!r} within close_timeout="
+                        f"{self.settings.close_timeout:g}s"
+                    )
+                self._sleep(delay * self._rng.uniform(0.5, 1.5))
+                delay = min(SLOW_POLL, delay * 2)
+
+    def _stop_keepalive(self) -> None:
+        if self._keepalive is not None:
+            self._keepalive.stop()
+            self._keepalive = None
+
+    def shutdown(self) -> bool:
+        """Stop the keep-alive, close the run (as torch does) and remove this node's records.
+
+        Returns True on success; False if the run could not be closed (the error is logged).
+        """
+        self._stop_keepalive()
+        try:
+            self.set_closed()
+        except RendezvousError as exc:
+            log.warning("shutdown of %s could not close rendezvous %r: %s", self.node_id, self.run_id, exc)
+            return False
+        # Our records are the proof that we are alive: remove them so that a new job can reuse the run id now.
+        for kind in ("hb", "req"):
+            with contextlib.suppress(RendezvousError):
+                self.ops["delete"] += 1
+                self.store.delete_record(kind, self.node_id)
+        return True
+
+    def __enter__(self) -> RendezvousHandler:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.shutdown()
+
+
+def create_handler(
+    endpoint: str,
+    run_id: str,
+    min_nodes: int,
+    max_nodes: int,
+    *,
+    local_addr: str | None = None,
+    storage_options: dict[str, Any] | None = None,
+    join_timeout: float = 600,
+    last_call_timeout: float = 30,
+    close_timeout: float = 30,
+    keep_alive_interval: float = 5,
+    keep_alive_max_attempt: int = 3,
+    heartbeat_timeout: float = 5,
+    secret: bytes | None = None,
+    clock: Clock = time.monotonic,
+    sleep: Sleep = time.sleep,
+) -> RendezvousHandler:
+    """Create a rendezvous handler for ``run_id`` at ``endpoint`` (see :func:`fsrdzv.open_store`).
+
+    Timeouts are seconds (floats allowed) with torch's defaults. ``secret`` (or the file named by the environment
+    variable ``FSRDZV_SECRET_FILE``) turns on HMAC authentication of every document and record.
+
+    :raises ConfigurationError: an invalid value (negative timeout, min > max, bad run id or endpoint).
+    """
+    settings = Settings(
+        run_id=run_id,
+        min_nodes=min_nodes,
+        max_nodes=max_nodes,
+        join_timeout=join_timeout,
+        last_call_timeout=last_call_timeout,
+        close_timeout=close_timeout,
+        heartbeat_timeout=heartbeat_timeout,
+        keep_alive_interval=keep_alive_interval,
+        keep_alive_max_attempt=keep_alive_max_attempt,
+    )
+    if secret is None:
+        secret = _secret_from_env()
+    store = open_store(endpoint, run_id, storage_options=storage_options, secret=secret)
+    return RendezvousHandler(store, settings, local_addr=local_addr, clock=clock, sleep=sleep)
+
+
+def read_secret_file(path: str) -> bytes:
+    """Read a job secret file (whitespace stripped). Raises ConfigurationError if unusable."""
+    from ._errors import ConfigurationError
+
+    try:
+        with open(path, "rb") as f:
+            secret = f.read().strip()
+    except OSError as exc:
+        raise ConfigurationError(f"cannot read the secret file {path!r}: {exc.strerror}") from None
+    if len(secret) < 16:
+        raise ConfigurationError(f"the secret in {path!r} is shorter than 16 bytes; use a long random value")
+    return secret
+
+
+def _secret_from_env() -> bytes | None:
+    path = os.environ.get("FSRDZV_SECRET_FILE")
+    return read_secret_file(path) if path else None

@@ -1,0 +1,188 @@
+"""Pure protocol transitions: ``(state, inputs, settings) -> new state``. No I/O, no clock reads.
+
+The rules are torch's dynamic rendezvous (join op §7.4, exit op §7.3, sanitizer §6 of the reference), applied
+to *batches*: whoever commits the document folds every pending join request in one compare-and-set, so forming
+N nodes costs O(N) writes instead of N contended CASes of one object.
+
+Deliberate differences from torch 2.13, each for a reason:
+
+* When a round advances, the waiting nodes are moved into the new round in the same write (torch lets each do
+  it on its own next sync: N more CASes). Nodes beyond ``max_nodes`` go to the redundancy list instead of
+  staying in the wait list forever (which would make ``num_nodes_waiting`` stay positive and agents restart in
+  a loop).
+* When a complete round loses a participant, spares are promoted to the wait list in the same write.
+* The last-call period is a generation mark, timed by each observer on its own monotonic clock.
+* The master address and port of rank 0 are recorded for every completed round.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+
+from ._settings import Settings
+from ._state import APPLIED_HISTORY, JoinRequest, NodeInfo, RendezvousState
+
+__all__ = ["close", "complete", "fold_requests", "new_state", "pending", "remove_nodes", "restart"]
+
+
+def new_state(run_id: str, epoch: str, generation: int = 0) -> RendezvousState:
+    return RendezvousState(run_id=run_id, epoch=epoch, generation=generation)
+
+
+def restart(state: RendezvousState, epoch: str) -> RendezvousState:
+    """A fresh incarnation of a finished run (run id reuse): nothing of the old job survives but the generation."""
+    return new_state(state.run_id, epoch, state.generation)
+
+
+def pending(state: RendezvousState, requests: Iterable[JoinRequest]) -> list[JoinRequest]:
+    """Requests not yet folded into ``state`` (by nonce)."""
+    return [r for r in requests if state.applied.get(r.node.node_id) != r.nonce]
+
+
+def _ordered(state: RendezvousState, ids: Iterable[str]) -> list[str]:
+    return sorted(ids, key=lambda i: state.nodes[i])
+
+
+def complete(state: RendezvousState) -> RendezvousState:
+    """Mark the round complete: ranks by sorted node identity; the master is rank 0's address and port."""
+    order = _ordered(state, state.participants)
+    ranks = {node_id: rank for rank, node_id in enumerate(order)}
+    first = state.nodes[order[0]]
+    return state.bump(complete=True, last_call=None, participants=ranks, master=(first.addr, first.port))
+
+
+def _with_last_call(state: RendezvousState, settings: Settings, generation: int) -> RendezvousState:
+    count = len(state.participants)
+    if state.complete:
+        return state
+    if count >= settings.max_nodes:
+        return complete(state)
+    if count >= settings.min_nodes:
+        return state if state.last_call is not None else state.bump(last_call=generation)
+    return state.bump(last_call=None)
+
+
+def _advance_round(state: RendezvousState, settings: Settings, generation: int) -> RendezvousState:
+    """The last participant of a complete round left: start the next round with the waiting nodes."""
+    waiting = _ordered(state, state.wait_list)
+    joining, extra = waiting[: settings.max_nodes], waiting[settings.max_nodes :]
+    state = state.bump(
+        round=state.round + 1,
+        complete=False,
+        last_call=None,
+        master=None,
+        participants=dict.fromkeys(joining, 0),
+        wait_list=(),
+        redundancy_list=tuple(sorted({*state.redundancy_list, *extra})),
+    )
+    return _with_last_call(state, settings, generation)
+
+
+def _after_participant_loss(state: RendezvousState, settings: Settings, generation: int) -> RendezvousState:
+    if state.complete:
+        if not state.participants:
+            return _advance_round(state, settings, generation)
+        if state.redundancy_list and len(state.participants) < settings.max_nodes:
+            # A spare replaces the lost node: as a waiting node it makes every agent re-rendezvous.
+            return state.bump(
+                wait_list=tuple(sorted({*state.wait_list, *state.redundancy_list})), redundancy_list=()
+            )
+        return state
+    return _with_last_call(state, settings, generation)
+
+
+def _drop(state: RendezvousState, node_id: str) -> RendezvousState:
+    participants = {k: v for k, v in state.participants.items() if k != node_id}
+    nodes = {k: v for k, v in state.nodes.items() if k != node_id}
+    return state.bump(
+        participants=participants,
+        wait_list=tuple(x for x in state.wait_list if x != node_id),
+        redundancy_list=tuple(x for x in state.redundancy_list if x != node_id),
+        nodes=nodes,
+    )
+
+
+def _trim_applied(state: RendezvousState) -> RendezvousState:
+    members = state.members()
+    gone = [k for k in state.applied if k not in members]
+    if len(gone) <= APPLIED_HISTORY:
+        return state
+    drop = set(gone[: len(gone) - APPLIED_HISTORY])
+    return state.bump(applied={k: v for k, v in state.applied.items() if k not in drop})
+
+
+def _join_one(state: RendezvousState, node: NodeInfo, settings: Settings, generation: int) -> RendezvousState:
+    node_id = node.node_id
+    nodes = {**state.nodes, node_id: node}
+    if node_id in state.redundancy_list and len(state.participants) < settings.max_nodes:
+        state = state.bump(redundancy_list=tuple(x for x in state.redundancy_list if x != node_id))
+    if node_id in state.participants or node_id in state.redundancy_list:
+        return state.bump(nodes=nodes)
+    if state.complete:
+        if len(state.participants) < settings.max_nodes:
+            if node_id in state.wait_list:
+                return state.bump(nodes=nodes)
+            return state.bump(nodes=nodes, wait_list=(*state.wait_list, node_id))
+        wait = tuple(x for x in state.wait_list if x != node_id)
+        return state.bump(nodes=nodes, wait_list=wait, redundancy_list=(*state.redundancy_list, node_id))
+    # An incomplete round: become a participant (leaving the wait list if there).
+    if len(state.participants) >= settings.max_nodes:  # pragma: no cover - max completes the round at once
+        return state.bump(nodes=nodes, redundancy_list=(*state.redundancy_list, node_id))
+    state = state.bump(
+        nodes=nodes,
+        participants={**state.participants, node_id: 0},
+        wait_list=tuple(x for x in state.wait_list if x != node_id),
+    )
+    return _with_last_call(state, settings, generation)
+
+
+def fold_requests(
+    state: RendezvousState, requests: Iterable[JoinRequest], settings: Settings
+) -> RendezvousState:
+    """Apply every pending join request (sorted by node identity) and bump the generation once.
+
+    A request first takes its node out of the round it was a participant of (torch's exit op), then joins it by
+    torch's join rules. Requests already applied (same nonce) are skipped, so folding is idempotent. Requests
+    on a closed run are left alone: their nodes will see ``closed`` and stop.
+    """
+    todo = sorted(pending(state, requests), key=lambda r: r.node)
+    if state.closed or not todo:
+        return state
+    generation = state.generation + 1
+    applied = dict(state.applied)
+    for request in todo:
+        node_id = request.node.node_id
+        if node_id in state.participants:
+            state = _drop(state, node_id)
+            state = _after_participant_loss(state, settings, generation)
+        state = _join_one(state, request.node, settings, generation)
+        applied[node_id] = request.nonce
+    return _trim_applied(state.bump(applied=applied, generation=generation))
+
+
+def remove_nodes(state: RendezvousState, node_ids: Iterable[str], settings: Settings) -> RendezvousState:
+    """Remove dead (or timed-out) nodes from every list, with torch's participant epilogue."""
+    doomed = [n for n in node_ids if n in state.members()]
+    if not doomed:
+        return state
+    generation = state.generation + 1
+    lost_participant = False
+    for node_id in doomed:
+        lost_participant |= node_id in state.participants
+        state = _drop(state, node_id)
+    if lost_participant:
+        state = _after_participant_loss(state, settings, generation)
+    return _trim_applied(state.bump(generation=generation))
+
+
+def close(state: RendezvousState) -> RendezvousState:
+    if state.closed:
+        return state
+    return state.bump(closed=True, generation=state.generation + 1)
+
+
+def mark_complete(state: RendezvousState, settings: Settings) -> RendezvousState:
+    """Complete the round after its last call expired (a participant's local timer decides when)."""
+    if state.complete or state.closed or not (settings.min_nodes <= len(state.participants) <= settings.max_nodes):
+        return state
+    return complete(state).bump(generation=state.generation + 1)
