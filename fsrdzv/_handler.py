@@ -305,9 +305,14 @@ class RendezvousHandler:
                 if state is None or snap is None:
                     # No document yet: create it with every request seen so far (create-if-absent CAS).
                     base = proto.new_state(settings.run_id, secrets.token_hex(8))
-                    new = proto.fold_requests(base, [*self._requests(), request], settings)
+                    others = [r for r in self._requests() if r.node.node_id != me]
+                    new = proto.fold_requests(base, [*others, request], settings)
                     _, state, snap = self._cas(new, None)
                     continue
+                mine = state.applied.get(me) == request.nonce
+                if mine and state.complete and me in state.participants:
+                    # A completed round is a fact even if someone closed the run right after: report it.
+                    return self._info(state)
                 if state.closed:
                     self._stop_keepalive()
                     if me in state.redundancy_list:
@@ -319,9 +324,6 @@ class RendezvousHandler:
                         f"rendezvous {settings.run_id!r} is closed; start a new job (a finished run id is reused "
                         "once all its nodes are gone)"
                     )
-                mine = state.applied.get(me) == request.nonce
-                if mine and state.complete and me in state.participants:
-                    return self._info(state)
                 spare = me in state.redundancy_list
                 if was_spare and not spare:
                     deadline = now + settings.join_timeout  # torch refreshes the deadline leaving the spare list
@@ -394,8 +396,9 @@ class RendezvousHandler:
         self, state: RendezvousState, snap: Snapshot | None, own: JoinRequest | None
     ) -> tuple[bool, RendezvousState | None, Snapshot | None]:
         requests = self._requests()
-        if own is not None and all(r.node.node_id != own.node.node_id or r.nonce != own.nonce for r in requests):
-            requests.append(own)  # a listing may lag behind our own write (NFS attribute caches)
+        if own is not None:
+            # Our own request as we wrote it: a listing may lag behind our write (NFS attribute caches).
+            requests = [r for r in requests if r.node.node_id != own.node.node_id] + [own]
         new = proto.fold_requests(state, requests, self.settings)
         if new is state:
             return False, state, snap
@@ -461,15 +464,15 @@ class RendezvousHandler:
         return state, snap
 
     def _info(self, state: RendezvousState) -> RendezvousInfo:
-        order = sorted(state.participants, key=lambda n: state.participants[n])
-        master = state.master or (state.nodes[order[0]].addr, state.nodes[order[0]].port)
+        # The roster fixed at completion is the round's world, even if some participants already left it.
+        assert state.master is not None
         return RendezvousInfo(
             round=state.round,
             rank=state.participants[self.node_id],
-            world_size=len(state.participants),
-            master_addr=master[0],
-            master_port=master[1],
-            participants=tuple(state.nodes[n].addr for n in order),
+            world_size=len(state.roster),
+            master_addr=state.master[0],
+            master_port=state.master[1],
+            participants=state.roster,
             run_id=self.run_id,
         )
 

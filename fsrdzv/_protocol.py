@@ -48,7 +48,10 @@ def complete(state: RendezvousState) -> RendezvousState:
     order = _ordered(state, state.participants)
     ranks = {node_id: rank for rank, node_id in enumerate(order)}
     first = state.nodes[order[0]]
-    return state.bump(complete=True, last_call=None, participants=ranks, master=(first.addr, first.port))
+    roster = tuple(state.nodes[n].addr for n in order)
+    return state.bump(
+        complete=True, last_call=None, participants=ranks, master=(first.addr, first.port), roster=roster
+    )
 
 
 def _with_last_call(state: RendezvousState, settings: Settings, generation: int) -> RendezvousState:
@@ -64,31 +67,45 @@ def _with_last_call(state: RendezvousState, settings: Settings, generation: int)
 
 def _advance_round(state: RendezvousState, settings: Settings, generation: int) -> RendezvousState:
     """The last participant of a complete round left: start the next round with the waiting nodes."""
-    waiting = _ordered(state, state.wait_list)
-    joining, extra = waiting[: settings.max_nodes], waiting[settings.max_nodes :]
-    state = state.bump(
-        round=state.round + 1,
-        complete=False,
-        last_call=None,
-        master=None,
-        participants=dict.fromkeys(joining, 0),
-        wait_list=(),
-        redundancy_list=tuple(sorted({*state.redundancy_list, *extra})),
-    )
-    return _with_last_call(state, settings, generation)
+    state = state.bump(round=state.round + 1, complete=False, last_call=None, master=None, roster=(), participants={})
+    return _settle(state, settings, generation)
+
+
+def _settle(state: RendezvousState, settings: Settings, generation: int) -> RendezvousState:
+    """Move nodes that already asked to join to where torch's join rules would put them on their next sync.
+
+    In an incomplete round, waiting nodes and then spares become participants (up to ``max_nodes``; any beyond
+    it become spares rather than waiting forever). In a complete round that lost participants, spares move to
+    the wait list so that every agent sees a waiting node and re-rendezvouses.
+    """
+    if state.closed:
+        return state
+    if not state.complete:
+        room = settings.max_nodes - len(state.participants)
+        candidates = _ordered(state, state.wait_list) + _ordered(state, state.redundancy_list)
+        if candidates and room > 0:
+            joining, extra = candidates[:room], candidates[room:]
+            state = state.bump(
+                participants={**state.participants, **dict.fromkeys(joining, 0)},
+                wait_list=(),
+                redundancy_list=tuple(sorted(extra)),
+            )
+        state = _with_last_call(state, settings, generation)
+        if state.complete and state.wait_list:
+            state = state.bump(
+                redundancy_list=tuple(sorted({*state.redundancy_list, *state.wait_list})), wait_list=()
+            )
+        return state
+    if state.redundancy_list and len(state.participants) < settings.max_nodes:
+        # A spare replaces a lost node: as a waiting node it makes every agent re-rendezvous.
+        return state.bump(wait_list=tuple(sorted({*state.wait_list, *state.redundancy_list})), redundancy_list=())
+    return state
 
 
 def _after_participant_loss(state: RendezvousState, settings: Settings, generation: int) -> RendezvousState:
-    if state.complete:
-        if not state.participants:
-            return _advance_round(state, settings, generation)
-        if state.redundancy_list and len(state.participants) < settings.max_nodes:
-            # A spare replaces the lost node: as a waiting node it makes every agent re-rendezvous.
-            return state.bump(
-                wait_list=tuple(sorted({*state.wait_list, *state.redundancy_list})), redundancy_list=()
-            )
-        return state
-    return _with_last_call(state, settings, generation)
+    if state.complete and not state.participants:
+        return _advance_round(state, settings, generation)
+    return _settle(state, settings, generation)
 
 
 def _drop(state: RendezvousState, node_id: str) -> RendezvousState:
@@ -145,7 +162,9 @@ def fold_requests(
     torch's join rules. Requests already applied (same nonce) are skipped, so folding is idempotent. Requests
     on a closed run are left alone: their nodes will see ``closed`` and stop.
     """
-    todo = sorted(pending(state, requests), key=lambda r: r.node)
+    # One request per node (the last one given wins): a node's record holds only its newest request.
+    latest = {r.node.node_id: r for r in pending(state, requests)}
+    todo = sorted(latest.values(), key=lambda r: r.node)
     if state.closed or not todo:
         return state
     generation = state.generation + 1
@@ -157,6 +176,7 @@ def fold_requests(
             state = _after_participant_loss(state, settings, generation)
         state = _join_one(state, request.node, settings, generation)
         applied[node_id] = request.nonce
+    state = _settle(state, settings, generation)
     return _trim_applied(state.bump(applied=applied, generation=generation))
 
 

@@ -80,6 +80,9 @@ class RendezvousState:
     nodes: Mapping[str, NodeInfo] = field(default_factory=dict)
     #: (addr, port) of rank 0 for the completed round.
     master: tuple[str, int] | None = None
+    #: Addresses of the completed round's participants in rank order, fixed at completion (the round's world,
+    #: even after some of its participants have left to re-join).
+    roster: tuple[str, ...] = ()
     #: node id -> nonce of its last folded join request (idempotent folding).
     applied: Mapping[str, str] = field(default_factory=dict)
 
@@ -140,6 +143,7 @@ def encode_state(state: RendezvousState) -> bytes:
         "wait_list": sorted(state.wait_list),
         "redundancy_list": sorted(state.redundancy_list),
         "master": None if state.master is None else {"addr": state.master[0], "port": state.master[1]},
+        "roster": list(state.roster),
         "nodes": {k: v.to_json() for k, v in sorted(state.nodes.items())},
         "applied": dict(sorted(state.applied.items())),
     }
@@ -182,6 +186,9 @@ def decode_state(data: bytes, where: str) -> RendezvousState:
         applied = _expect(doc, "applied", dict, where)
         master_json = _expect(doc, "master", dict, where, optional=True)
         last_call = _expect(doc, "last_call", int, where, optional=True)
+        roster = _expect(doc, "roster", list, where)
+        if not all(isinstance(x, str) for x in roster):
+            raise StateCorruptError(f"{where}: 'roster' must hold addresses")
         if not all(type(v) is int for v in participants.values()):
             raise StateCorruptError(f"{where}: 'participants' must map node ids to integer ranks")
         if not all(isinstance(x, str) for x in [*wait_list, *redundancy]):
@@ -208,6 +215,7 @@ def decode_state(data: bytes, where: str) -> RendezvousState:
             redundancy_list=tuple(redundancy),
             nodes=nodes,
             master=master,
+            roster=tuple(roster),
             applied=dict(applied),
         )
     except StateCorruptError as exc:

@@ -1,0 +1,136 @@
+"""Harness for tests that run rendezvous nodes as real processes (tests/rdzv_node.py)."""
+
+from __future__ import annotations
+
+import json
+import os
+import queue
+import signal
+import subprocess
+import sys
+import threading
+import time
+from typing import Any
+
+NODE_SCRIPT = os.path.join(os.path.dirname(__file__), "rdzv_node.py")
+
+#: Small timeouts so that liveness and last-call tests take seconds, not minutes.
+FAST: dict[str, Any] = {
+    "keep_alive_interval": 0.3,
+    "keep_alive_max_attempt": 3,
+    "last_call_timeout": 0.5,
+    "join_timeout": 60,
+    "close_timeout": 10,
+}
+
+
+class Node:
+    """One node process; its JSON events are collected by a reader thread."""
+
+    def __init__(
+        self,
+        endpoint: str,
+        run_id: str,
+        min_nodes: int,
+        max_nodes: int,
+        *,
+        addr: str = "127.0.0.1",
+        rounds: int = 1,
+        hold: float = 0.0,
+        shutdown: bool = False,
+        options: dict[str, Any] | None = None,
+        settings: dict[str, Any] | None = None,
+        env: dict[str, str] | None = None,
+    ) -> None:
+        cmd = [
+            sys.executable,
+            NODE_SCRIPT,
+            endpoint,
+            run_id,
+            str(min_nodes),
+            str(max_nodes),
+            "--addr",
+            addr,
+            "--rounds",
+            str(rounds),
+            "--hold",
+            str(hold),
+            "--options",
+            json.dumps(options or {}),
+            "--settings",
+            json.dumps({**FAST, **(settings or {})}),
+        ]
+        if shutdown:
+            cmd.append("--shutdown")
+        self.events: list[dict[str, Any]] = []
+        self._queue: queue.Queue[dict[str, Any]] = queue.Queue()
+        self.proc = subprocess.Popen(
+            cmd,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+            start_new_session=True,
+            env={**os.environ, **(env or {})},
+        )
+        self.stderr: list[str] = []
+        threading.Thread(target=self._read, daemon=True).start()
+        threading.Thread(target=self._read_err, daemon=True).start()
+
+    def _read(self) -> None:
+        assert self.proc.stdout is not None
+        for line in self.proc.stdout:
+            try:
+                event = json.loads(line)
+            except ValueError:
+                continue
+            self.events.append(event)
+            self._queue.put(event)
+
+    def _read_err(self) -> None:
+        assert self.proc.stderr is not None
+        for line in self.proc.stderr:
+            self.stderr.append(line)
+
+    def wait_for(self, event: str, timeout: float = 30.0) -> dict[str, Any]:
+        """Return the next event called ``event`` (earlier events of other kinds are skipped)."""
+        stop = time.monotonic() + timeout
+        while True:
+            left = stop - time.monotonic()
+            if left <= 0:
+                raise AssertionError(f"no {event!r} event within {timeout}s; events={self.events} stderr={self.stderr[-20:]}")
+            try:
+                got = self._queue.get(timeout=left)
+            except queue.Empty:
+                continue
+            if got["event"] == event:
+                return got
+
+    def kill(self) -> None:
+        with_suppress_kill(self.proc)
+
+    def wait(self, timeout: float = 30.0) -> int:
+        try:
+            return self.proc.wait(timeout)
+        except subprocess.TimeoutExpired:
+            self.kill()
+            raise AssertionError(f"node did not exit; events={self.events} stderr={self.stderr[-20:]}") from None
+
+    def ranks(self) -> list[dict[str, Any]]:
+        return [e for e in self.events if e["event"] == "rank"]
+
+
+def with_suppress_kill(proc: subprocess.Popen[str]) -> None:
+    try:
+        os.killpg(proc.pid, signal.SIGKILL)
+    except ProcessLookupError:
+        pass
+    proc.wait(10)
+
+
+def check_round(ranks: list[dict[str, Any]], world: int) -> None:
+    """Ranks of one round are dense, unique and agree on everything shared."""
+    assert sorted(r["rank"] for r in ranks) == list(range(world)), ranks
+    assert {r["world_size"] for r in ranks} == {world}
+    assert len({tuple(r["master"]) for r in ranks}) == 1, ranks
+    assert len({r["round"] for r in ranks}) == 1, ranks
+    assert len({tuple(r["participants"]) for r in ranks}) == 1, ranks
