@@ -31,7 +31,7 @@ import time
 import weakref
 from collections.abc import Callable
 from dataclasses import dataclass, replace
-from typing import Any, Final
+from typing import Any, Final, TypeVar
 
 from . import _protocol as proto
 from ._errors import (
@@ -77,6 +77,7 @@ MAX_STORAGE_ERRORS: Final = 8
 _local_ids = itertools.count()
 _local_ids_lock = threading.Lock()
 
+_T = TypeVar("_T")
 Clock = Callable[[], float]
 Sleep = Callable[[float], None]
 
@@ -173,7 +174,10 @@ class RendezvousHandler:
         self._beat_lock = threading.Lock()
         self._beats = 0
         self._keepalive: _KeepAlive | None = None
-        self._liveness = LivenessTracker(settings.liveness_timeout)
+        # Sweeps happen every interval/2 while waiting; a longer silence means we could not look.
+        self._liveness = LivenessTracker(
+            settings.liveness_timeout, max(settings.liveness_timeout / 2, settings.keep_alive_interval)
+        )
         self._request_cache: dict[str, tuple[str, JoinRequest | None]] = {}
         self._last_call_seen: dict[tuple[str, int, int], float] = {}
         self._cached: tuple[float, RendezvousState | None] | None = None
@@ -282,14 +286,14 @@ class RendezvousHandler:
         me = self.node_id
         start = self._clock()
         deadline = start + settings.join_timeout
-        self._start_keepalive()
-        state, snap = self._read()
-        state, snap = self._reuse_if_finished(state, snap)
+        self._retry(self._start_keepalive, deadline)
+        state, snap = self._retry(self._read, deadline)
+        state, snap = self._retry(lambda: self._reuse_if_finished(state, snap), deadline)
         leave_round = state.round if state is not None and me in state.participants else None
         self._node = replace(self._node, port=_free_port(self._node.addr))
         request = JoinRequest(self._node, secrets.token_hex(8), leave_round)
         self.ops["put"] += 1
-        self.store.put_record("req", me, encode_request(request))
+        self._retry(lambda: self.store.put_record("req", me, encode_request(request)), deadline)
 
         poll = FAST_POLL
         fold_attempts = 0
@@ -388,6 +392,19 @@ class RendezvousHandler:
                     self.store.put_record("req", me, encode_request(request))
                     state, snap = self._read()
 
+    def _retry(self, fn: Callable[[], _T], deadline: float) -> _T:
+        """Run ``fn``, retrying storage errors with jittered back-off (every write here is idempotent)."""
+        errors = 0
+        while True:
+            try:
+                return fn()
+            except StorageError as exc:
+                errors += 1
+                if errors >= MAX_STORAGE_ERRORS or self._clock() > deadline:
+                    raise
+                log.warning("storage error for %s (retrying): %s", self.node_id, exc)
+                self._sleep(min(SLOW_POLL, FAST_POLL * 2**errors) * self._rng.uniform(0.5, 1.5))
+
     def _is_folder(self, state: RendezvousState) -> bool:
         waiting = [m for m in state.members() if not (state.complete and m in state.participants)]
         return bool(waiting) and min(waiting, key=lambda i: state.nodes[i]) == self.node_id
@@ -479,7 +496,7 @@ class RendezvousHandler:
     def _cached_state(self) -> RendezvousState | None:
         now = self._clock()
         if self._cached is None or now - self._cached[0] > READ_CACHE:
-            self._cached = (now, self._read()[0])
+            self._cached = (now, self._retry(self._read, now + self.settings.heartbeat_timeout)[0])
         return self._cached[1]
 
     def num_nodes_waiting(self) -> int:
@@ -503,13 +520,18 @@ class RendezvousHandler:
             deadline = self._clock() + self.settings.close_timeout
             delay = FAST_POLL
             while True:
-                state, snap = self._read()
+                state, snap = self._retry(self._read, deadline)
                 if state is None:
                     state = proto.new_state(self.run_id, secrets.token_hex(8))
                 if state.closed:
                     self._cached = None
                     return
-                won, _, _ = self._cas(proto.close(state), snap)
+                try:
+                    won, _, _ = self._cas(proto.close(state), snap)
+                except StorageError:
+                    if self._clock() > deadline:
+                        raise
+                    won = False  # maybe written, maybe not: the next read tells (closing is idempotent)
                 if won:
                     self._cached = None
                     return

@@ -14,12 +14,25 @@ __all__ = ["LivenessTracker"]
 
 
 class LivenessTracker:
-    def __init__(self, timeout: float) -> None:
+    """Per-observer memory of heartbeat tags.
+
+    :param timeout: seconds without an observed change after which a node is dead.
+    :param max_gap: if this observer itself saw nothing for longer than this (its own storage outage, or it was
+        busy elsewhere), the clocks of all nodes restart from the next listing: time during which the observer
+        could not look is never counted against the others.
+    """
+
+    def __init__(self, timeout: float, max_gap: float | None = None) -> None:
         self.timeout = timeout
+        self.max_gap = timeout / 2 if max_gap is None else max_gap
         self._seen: dict[str, tuple[str | None, float]] = {}
+        self._last: float | None = None
 
     def observe(self, tags: Mapping[str, str], now: float, members: Iterable[str]) -> None:
         """Record one listing of heartbeat tags, taken at local time ``now``, for the given members."""
+        if self._last is not None and now - self._last > self.max_gap:
+            self._seen = {k: (tag, now) for k, (tag, _) in self._seen.items()}
+        self._last = now
         for node_id in members:
             tag = tags.get(node_id)
             previous = self._seen.get(node_id)

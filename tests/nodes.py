@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import queue
@@ -97,7 +98,9 @@ class Node:
         while True:
             left = stop - time.monotonic()
             if left <= 0:
-                raise AssertionError(f"no {event!r} event within {timeout}s; events={self.events} stderr={self.stderr[-20:]}")
+                raise AssertionError(
+                    f"no {event!r} event within {timeout}s; events={self.events} stderr={self.stderr[-20:]}"
+                )
             try:
                 got = self._queue.get(timeout=left)
             except queue.Empty:
@@ -120,10 +123,8 @@ class Node:
 
 
 def with_suppress_kill(proc: subprocess.Popen[str]) -> None:
-    try:
+    with contextlib.suppress(ProcessLookupError):
         os.killpg(proc.pid, signal.SIGKILL)
-    except ProcessLookupError:
-        pass
     proc.wait(10)
 
 

@@ -280,7 +280,15 @@ def test_clock_skew_does_not_cause_false_deaths() -> None:
     )
     store = late.store
     deadline = time.monotonic() + 3 * FAST["keep_alive_interval"] * FAST["keep_alive_max_attempt"]
-    thread = threading.Thread(target=lambda: pytest.raises(fsrdzv.RendezvousError, late.next_rendezvous), daemon=True)
+    outcome: list[BaseException] = []
+
+    def spare() -> None:
+        try:
+            late.next_rendezvous()
+        except fsrdzv.RendezvousError as exc:
+            outcome.append(exc)
+
+    thread = threading.Thread(target=spare, daemon=True)
     thread.start()
     while time.monotonic() < deadline:
         snap = store.read()
@@ -291,6 +299,7 @@ def test_clock_skew_does_not_cause_false_deaths() -> None:
     for h in [*handlers]:
         h.shutdown()
     thread.join(30)
+    assert outcome and isinstance(outcome[0], fsrdzv.RendezvousGracefulExitError)
     late.shutdown()
 
 
