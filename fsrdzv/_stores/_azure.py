@@ -1,0 +1,439 @@
+"""``az://container/prefix`` (also ``abfs://``, ``abfss://``): Azure Blob Storage, through azure-storage-blob.
+
+Layout of one run (as for S3)::
+
+    <prefix>/<run_id>/state                  the document: one block blob, written only with a condition
+    <prefix>/<run_id>/records/<kind>/<name>  per-node records (plain overwrites)
+    <prefix>/.fsrdzv-probe/<uuid>            short-lived objects of the start-up self-test
+
+Compare-and-set is one ``Put Blob``: ``upload_blob(overwrite=False)`` (``If-None-Match: *``) to create, which
+answers 409 ``BlobAlreadyExists`` when it exists; ``upload_blob(overwrite=True, etag=..., match_condition=
+IfNotModified)`` to update, which answers 412 ``ConditionNotMet`` when stale, and 412 or 404 ``BlobNotFound``
+(Azurite) when the blob is gone. All of those are lost races. The version in a token is the ETag, which changes
+on every write, even of identical bytes.
+
+adlfs is not used for the data path (it does not map the 412 and adds a listing cache); its configuration names
+are accepted for parity: ``connection_string``, ``account_name``, ``account_key``, ``sas_token``, ``credential``,
+``anon``, ``tenant_id``/``client_id``/``client_secret``, ``account_host``, plus ``account_url``,
+``client_kwargs`` (passed to ``BlobServiceClient``) and fsrdzv's ``skip_selftest``. Without options, the
+environment is used: ``AZURE_STORAGE_CONNECTION_STRING``, or ``AZURE_STORAGE_ACCOUNT_NAME`` with
+``AZURE_STORAGE_ACCOUNT_KEY`` / ``AZURE_STORAGE_SAS_TOKEN`` / ``DefaultAzureCredential``. ``abfs://`` URLs of the
+form ``container@account.dfs.core.windows.net/prefix`` name the account themselves.
+"""
+
+from __future__ import annotations
+
+import errno
+import logging
+import os
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any, Final, TypeVar
+
+from azure.core import MatchConditions
+from azure.core import exceptions as az_exc
+from azure.storage.blob import BlobPrefix, BlobServiceClient, LinearRetry
+
+from .._errors import ConfigurationError, RendezvousError, StorageError
+from .._store import Store, validate_run_id
+from ._selftest import PROBE_DIR, check_kind, join_key, one_line, split_rest, verify_conditional_writes
+
+__all__ = ["AzureStore"]
+
+log = logging.getLogger("fsrdzv.store.azure")
+
+_T = TypeVar("_T")
+
+_KNOWN_OPTIONS: Final = frozenset(
+    {
+        "connection_string",
+        "account_name",
+        "account_key",
+        "sas_token",
+        "credential",
+        "anon",
+        "tenant_id",
+        "client_id",
+        "client_secret",
+        "account_host",
+        "account_url",
+        "client_kwargs",
+        "skip_selftest",
+    }
+)
+#: Blobs per batch delete request (the service maximum).
+_DELETE_BATCH: Final = 256
+_CONDITIONS: Final = "If-None-Match/If-Match"
+# Keyword arguments that already configure the SDK's retries: when any is given, fsrdzv keeps its hands off.
+_RETRY_KWARGS: Final = frozenset({"retry_policy", "retry_total", "initial_backoff", "increment_base", "backoff"})
+
+_CODE_HINTS: Final[dict[str, tuple[int, str]]] = {
+    "ContainerNotFound": (errno.ENOENT, "the container does not exist; create it, or fix the endpoint"),
+    "AuthenticationFailed": (errno.EACCES, "authentication failed; check the account key, SAS token or credential"),
+    "AuthorizationFailure": (errno.EACCES, "not authorised; check the credential's role on the container"),
+    "AuthorizationPermissionMismatch": (
+        errno.EACCES,
+        "the credential lacks a permission; it needs read, write, delete and list on the container",
+    ),
+    "InvalidAuthenticationInfo": (errno.EACCES, "the credential is not valid for this account"),
+    "AccountIsDisabled": (errno.EACCES, "the storage account is disabled"),
+    "ServerBusy": (errno.EAGAIN, "the service is throttling requests; retry later"),
+}
+
+
+class _Answer(Exception):
+    """An expected non-2xx answer (412, 409 exists, 404 blob): raised by the boundary, handled by callers."""
+
+    def __init__(self, status: int, code: str) -> None:
+        super().__init__(status, code)
+        self.status = status
+        self.code = code
+
+    @property
+    def missing_blob(self) -> bool:
+        return self.status == 404 and self.code == "BlobNotFound"
+
+    @property
+    def lost(self) -> bool:
+        """A condition did not hold: exists on create (409), stale (412), or the blob vanished (404 blob)."""
+        return self.status == 412 or (self.status == 409 and self.code == "BlobAlreadyExists") or self.missing_blob
+
+
+def _error_code(exc: az_exc.HttpResponseError) -> str:
+    code = getattr(exc, "error_code", None)  # set by the storage SDK's error deserialiser, not azure-core
+    return str(getattr(code, "value", code) or "")
+
+
+def _parse_container(bucket: str) -> tuple[str, str | None]:
+    """``container@account.dfs.core.windows.net`` -> (container, blob account URL); plain names pass through."""
+    container, at, host = bucket.partition("@")
+    if not at:
+        return bucket, None
+    if not container or not host:
+        raise ConfigurationError(f"cannot parse container@account from {bucket!r}")
+    if "." not in host:
+        host = f"{host}.blob.core.windows.net"
+    # The dfs endpoint of an account serves the same blobs as its blob endpoint, which the Blob SDK speaks.
+    return container, "https://" + host.replace(".dfs.", ".blob.", 1)
+
+
+def _credential(options: dict[str, Any], account_name: str) -> Any:
+    if options.get("credential") is not None:
+        return options["credential"]
+    if options.get("anon"):
+        return None
+    key = options.get("account_key") or os.environ.get("AZURE_STORAGE_ACCOUNT_KEY")
+    if key:
+        return {"account_name": account_name, "account_key": key}
+    sas = options.get("sas_token") or os.environ.get("AZURE_STORAGE_SAS_TOKEN")
+    if sas:
+        return str(sas)
+    tenant, client, client_secret = (options.get(k) for k in ("tenant_id", "client_id", "client_secret"))
+    try:
+        from azure import identity
+    except ImportError:
+        if tenant or client:
+            raise ConfigurationError(
+                "tenant_id/client_id/client_secret need azure-identity: pip install azure-identity"
+            ) from None
+        return None  # anonymous: public containers only
+    if tenant and client and client_secret:
+        return identity.ClientSecretCredential(tenant, client, client_secret)
+    return identity.DefaultAzureCredential()
+
+
+def _service_client(options: dict[str, Any], url_account: str | None) -> tuple[Any, str]:
+    """A BlobServiceClient and the account URL it talks to, from options first, then the environment."""
+    client_kwargs = dict(options.get("client_kwargs") or {})
+    if not _RETRY_KWARGS & set(client_kwargs):
+        # The SDK default backs off 15 s and more per attempt: 80 s before an unreachable endpoint is reported.
+        # The rendezvous has its own retry policy, so the store fails fast and lets it decide.
+        # (Fractions of a second work at run time; the annotation says int.)
+        client_kwargs["retry_policy"] = LinearRetry(
+            backoff=0.5,  # type: ignore[arg-type]
+            random_jitter_range=0.25,  # type: ignore[arg-type]
+            retry_total=3,
+        )
+    client_kwargs.setdefault("connection_timeout", 10)
+    connection_string = options.get("connection_string")
+    account_name = options.get("account_name")
+    account_url = options.get("account_url") or url_account
+    if not connection_string and not account_name and not account_url:
+        connection_string = os.environ.get("AZURE_STORAGE_CONNECTION_STRING")
+        account_name = os.environ.get("AZURE_STORAGE_ACCOUNT_NAME")
+    if connection_string:
+        client = BlobServiceClient.from_connection_string(connection_string, **client_kwargs)
+        return client, str(client.url).rstrip("/")
+    if not account_url and account_name:
+        host = options.get("account_host") or f"{account_name}.blob.core.windows.net"
+        account_url = host if "://" in host else f"https://{host}"
+    if not account_url:
+        raise ConfigurationError(
+            "no Azure storage account configured: give storage_options connection_string or account_name "
+            "(with account_key, sas_token or a credential), or set AZURE_STORAGE_CONNECTION_STRING or "
+            "AZURE_STORAGE_ACCOUNT_NAME"
+        )
+    if not account_name:
+        account_name = account_url.split("://", 1)[-1].split(".", 1)[0]
+    client = BlobServiceClient(account_url, credential=_credential(options, account_name), **client_kwargs)
+    return client, account_url.rstrip("/")
+
+
+class AzureStore(Store):
+    """A run's document and records under ``az://container/prefix/<run_id>/``.
+
+    :param rest: ``"container/prefix"`` or ``"container@account.dfs.core.windows.net/prefix"``.
+    :param storage_options: see the module docstring; ``skip_selftest=True`` skips the conditional-write check.
+    """
+
+    def __init__(
+        self,
+        rest: str,
+        run_id: str,
+        *,
+        storage_options: dict[str, Any] | None = None,
+        secret: bytes | None = None,
+    ) -> None:
+        bucket, prefix = split_rest(rest, "az")
+        container, url_account = _parse_container(bucket)
+        super().__init__(run_id, "az://" + join_key(container, prefix), secret)
+        options = dict(storage_options or {})
+        unknown = set(options) - _KNOWN_OPTIONS
+        if unknown:
+            raise ConfigurationError(
+                f"unknown storage option(s) {sorted(unknown)} for {self.location}; known: {sorted(_KNOWN_OPTIONS)}"
+            )
+        self.container_name = container
+        self.prefix = prefix
+        self.state_key = join_key(prefix, run_id, "state")
+        self.records_prefix = join_key(prefix, run_id, "records") + "/"
+        self.run_prefix = join_key(prefix, run_id) + "/"
+        self.account_url = url_account or "the configured account"
+        try:
+            self._service, self.account_url = _service_client(options, url_account)
+        except RendezvousError:
+            raise
+        except (ValueError, TypeError) as exc:
+            raise ConfigurationError(f"invalid Azure storage options for {self.location}: {one_line(exc)}") from None
+        self._container = self._service.get_container_client(container)
+        if not options.get("skip_selftest"):
+            verify_conditional_writes(
+                self,
+                cache_key=("az", self.account_url, container, prefix),
+                prefix=prefix,
+                location=self.where,
+                conditions=_CONDITIONS,
+            )
+
+    @property
+    def where(self) -> str:
+        return f"{self.location} (account {self.account_url})"
+
+    # -- the boundary ----------------------------------------------------------------------------------------
+
+    def _call(self, what: str, op: Callable[[], _T]) -> _T:
+        """Run one SDK operation; translate every foreign exception (the one place this module does so)."""
+        try:
+            return op()
+        except RendezvousError:
+            raise
+        except Exception as exc:  # noqa: BLE001 - the boundary: everything foreign is translated here
+            raise self._translate(exc, what) from None
+
+    def _translate(self, exc: Exception, what: str) -> Exception:
+        log.debug("Azure request failed: %s at %s", what, self.where, exc_info=exc)
+        prefix = f"Azure {what} at {self.where} failed"
+        if isinstance(exc, az_exc.HttpResponseError) and exc.status_code:
+            status, code = int(exc.status_code), _error_code(exc)
+            answer = _Answer(status, code)
+            if answer.lost:
+                return answer
+            # The message repeats request ids and the code on further lines; the first line says it all.
+            reason = one_line(next(iter(str(exc.message or exc.reason or "").splitlines()), ""))
+            number, hint = _CODE_HINTS.get(
+                code,
+                (errno.EACCES, "access denied; check the credentials")
+                if status in (401, 403)
+                else (errno.EIO, "check the account and the container"),
+            )
+            if code == "ContainerNotFound":
+                hint = f"create container {self.container_name!r}, or fix the endpoint or account"
+            return StorageError(number, f"{prefix}: {code or status}: {reason}; {hint}")
+        if isinstance(exc, az_exc.ClientAuthenticationError):
+            # No status: the credential itself failed (e.g. DefaultAzureCredential found nothing).
+            return StorageError(
+                errno.EACCES,
+                f"{prefix}: {one_line(exc)}; give account_key, sas_token, connection_string or a credential",
+            )
+        if isinstance(exc, az_exc.ServiceRequestError):
+            return StorageError(
+                errno.ECONNREFUSED,
+                f"{prefix}: cannot connect ({one_line(exc)}); check the connection string / account URL and the "
+                "network",
+            )
+        if isinstance(exc, az_exc.ServiceResponseError):
+            return StorageError(errno.ETIMEDOUT, f"{prefix}: no valid response ({one_line(exc)}); retry later")
+        return StorageError(errno.EIO, f"{prefix}: {type(exc).__name__}: {one_line(exc)}; check the account")
+
+    def _unexpected(self, answer: _Answer, what: str) -> StorageError:
+        return StorageError(
+            errno.EIO, f"Azure {what} at {self.where} failed: unexpected HTTP {answer.status} {answer.code}"
+        )
+
+    # -- raw requests ----------------------------------------------------------------------------------------
+
+    def _get(self, key: str, what: str) -> tuple[bytes, str] | None:
+        def op() -> tuple[bytes, str]:
+            # One GET: the downloader carries the ETag of exactly the bytes it returns.
+            downloader = self._container.get_blob_client(key).download_blob()
+            data: bytes = downloader.readall()
+            return data, str(downloader.properties.etag)
+
+        try:
+            data, etag = self._call(what, op)
+        except _Answer as answer:
+            if answer.missing_blob:
+                return None
+            raise self._unexpected(answer, what) from None
+        return data, etag.strip('"')
+
+    def _put(self, key: str, data: bytes, what: str, *, create: bool = False, etag: str | None = None) -> str | None:
+        """Upload ``data``: only if absent (``create``), only if unchanged (``etag``), or unconditionally."""
+        kwargs: dict[str, Any] = {"overwrite": not create}
+        if etag is not None:
+            kwargs.update(etag=f'"{etag}"', match_condition=MatchConditions.IfNotModified)
+        conditional = create or etag is not None
+        try:
+            response = self._call(what, lambda: self._container.get_blob_client(key).upload_blob(data, **kwargs))
+        except _Answer as answer:
+            if conditional:
+                return None
+            raise self._unexpected(answer, what) from None
+        return str(response["etag"]).strip('"')
+
+    def _delete(self, key: str, what: str) -> None:
+        try:
+            self._call(what, lambda: self._container.get_blob_client(key).delete_blob())
+        except _Answer as answer:
+            if not answer.missing_blob:
+                raise self._unexpected(answer, what) from None
+
+    def _list(self, prefix: str, what: str) -> dict[str, str]:
+        """Every blob under ``prefix`` with its ETag (the SDK follows continuation markers)."""
+
+        def op() -> dict[str, str]:
+            return {b.name: str(b.etag).strip('"') for b in self._container.list_blobs(name_starts_with=prefix)}
+
+        try:
+            return self._call(what, op)
+        except _Answer as answer:
+            raise self._unexpected(answer, what) from None
+
+    # -- the store -------------------------------------------------------------------------------------------
+
+    def _read_raw(self) -> tuple[bytes, str] | None:
+        return self._get(self.state_key, "read of the document")
+
+    def _commit(self, raw: bytes, generation: int, expected: tuple[int, str] | None) -> str | None:
+        what = f"conditional write of generation {generation}"
+        if expected is None:
+            return self._put(self.state_key, raw, what, create=True)
+        if not expected[1]:
+            return None
+        return self._put(self.state_key, raw, what, etag=expected[1])
+
+    def _record_key(self, kind: str, name: str) -> str:
+        return f"{self.records_prefix}{check_kind(kind)}/{name}"
+
+    def _put_record(self, kind: str, name: str, raw: bytes) -> None:
+        self._put(self._record_key(kind, name), raw, f"write of record {kind}/{name}")
+
+    def _read_record(self, kind: str, name: str) -> bytes | None:
+        got = self._get(self._record_key(kind, name), f"read of record {kind}/{name}")
+        return None if got is None else got[0]
+
+    def _list_records(self, kind: str) -> dict[str, str]:
+        prefix = f"{self.records_prefix}{check_kind(kind)}/"
+        blobs = self._list(prefix, f"listing of records {kind}")
+        # Names are escaped and never contain "/"; anything deeper is not a record of this kind.
+        return {key[len(prefix) :]: etag for key, etag in blobs.items() if "/" not in key[len(prefix) :]}
+
+    def _delete_record(self, kind: str, name: str) -> None:
+        self._delete(self._record_key(kind, name), f"delete of record {kind}/{name}")
+
+    def delete_run(self) -> None:
+        names = sorted(self._list(self.run_prefix, "listing of the run"))
+        for start in range(0, len(names), _DELETE_BATCH):
+            self._delete_batch(names[start : start + _DELETE_BATCH])
+
+    def _delete_batch(self, names: list[str]) -> None:
+        what = "batch delete of the run's blobs"
+        try:
+            responses = self._call(
+                what, lambda: list(self._container.delete_blobs(*names, raise_on_any_failure=False))
+            )
+        except (StorageError, _Answer) as exc:
+            # Some accounts and emulators refuse batch requests: fall back to one delete per blob.
+            log.debug("batch delete refused at %s (%s); deleting one by one", self.where, exc)
+            for name in names:
+                self._delete(name, "delete of a run blob")
+            return
+        failed = [(n, r.status_code) for n, r in zip(names, responses, strict=False) if r.status_code not in (202, 404)]
+        if failed:
+            raise StorageError(
+                errno.EIO,
+                f"Azure {what} at {self.where} failed for {len(failed)} blob(s), e.g. {failed[0][0]} "
+                f"(HTTP {failed[0][1]})",
+            )
+
+    def corrupt_for_tests(self, raw: bytes) -> None:
+        """Overwrite the document with raw bytes, unconditionally (conformance tests of corrupt documents)."""
+        self._put(self.state_key, raw, "raw write of the document")
+
+    def close(self) -> None:
+        self._service.close()
+
+    # -- self-test operations (see _selftest) ----------------------------------------------------------------
+
+    def probe_create(self, key: str, data: bytes) -> str | None:
+        return self._put(key, data, "self-test create", create=True)
+
+    def probe_update(self, key: str, data: bytes, version: str) -> str | None:
+        return self._put(key, data, "self-test update", etag=version)
+
+    def probe_delete(self, key: str) -> None:
+        self._delete(key, "self-test delete")
+
+    # -- runs ------------------------------------------------------------------------------------------------
+
+    @classmethod
+    def list_runs(cls, rest: str, *, storage_options: dict[str, Any] | None = None) -> list[str]:
+        """Run ids under ``az://rest`` that hold a document: one delimited listing, then one HEAD per run."""
+        options = dict(storage_options or {})
+        options["skip_selftest"] = True  # listing only reads
+        store = cls(rest, "list-runs", storage_options=options)
+        try:
+            base = store.prefix + "/" if store.prefix else ""
+
+            def walk() -> list[str]:
+                items = store._container.walk_blobs(name_starts_with=base or None, delimiter="/")
+                return [str(item.name) for item in items if isinstance(item, BlobPrefix)]
+
+            candidates = []
+            for name in (p[len(base) :].rstrip("/") for p in store._call("listing of runs", walk)):
+                if name == PROBE_DIR:
+                    continue
+                try:
+                    candidates.append(validate_run_id(name))
+                except ConfigurationError:
+                    continue
+
+            def has_state(run_id: str) -> bool:
+                blob = store._container.get_blob_client(join_key(store.prefix, run_id, "state"))
+                return bool(store._call("check of a run's document", blob.exists))
+
+            with ThreadPoolExecutor(max_workers=8) as pool:
+                found = list(pool.map(has_state, candidates))
+            return sorted(r for r, ok in zip(candidates, found, strict=True) if ok)
+        finally:
+            store.close()
