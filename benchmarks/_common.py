@@ -1,0 +1,334 @@
+"""Shared helpers of the benchmarks: a counting store wrapper, statistics, tables, plots and test servers.
+
+Nothing here is part of fsrdzv's API; the benchmarks import it as a sibling module.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import platform
+import shutil
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+import urllib.request
+from collections.abc import Iterable, Iterator, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+REPO = Path(__file__).resolve().parents[1]
+RESULTS = REPO / "benchmarks" / "results"
+if str(REPO) not in sys.path:
+    sys.path.insert(0, str(REPO))
+
+from fsrdzv._store import Store  # noqa: E402
+
+#: Kinds of raw storage operation that read, and that write.
+READ_KINDS = ("read", "get", "list")
+WRITE_KINDS = ("cas", "put", "delete")
+
+
+class CountingStore(Store):
+    """Forward the raw layer of ``inner`` and count every storage operation by kind.
+
+    It counts what really reaches the storage, including the read a store makes after a lost compare-and-set,
+    and keeps the wall-clock time of every read-type operation (for the per-node read rate).
+    """
+
+    def __init__(self, inner: Store) -> None:
+        super().__init__(inner.run_id, inner.location, inner._secret)
+        self.inner = inner
+        self.ops: dict[str, int] = {"read": 0, "cas": 0, "cas_lost": 0, "put": 0, "get": 0, "list": 0, "delete": 0}
+        self.read_times: list[float] = []
+        self.doc_writes = 0
+        self._lock = threading.Lock()
+
+    def _count(self, kind: str) -> None:
+        with self._lock:
+            self.ops[kind] += 1
+            if kind in READ_KINDS:
+                self.read_times.append(time.time())
+
+    def _read_raw(self) -> tuple[bytes, str] | None:
+        self._count("read")
+        return self.inner._read_raw()
+
+    def _commit(self, raw: bytes, generation: int, expected: tuple[int, str] | None) -> str | None:
+        self._count("cas")
+        version = self.inner._commit(raw, generation, expected)
+        if version is None:
+            self._count("cas_lost")
+        else:
+            with self._lock:
+                self.doc_writes += 1
+        return version
+
+    def _put_record(self, kind: str, name: str, raw: bytes) -> None:
+        self._count("put")
+        self.inner._put_record(kind, name, raw)
+
+    def _read_record(self, kind: str, name: str) -> bytes | None:
+        self._count("get")
+        return self.inner._read_record(kind, name)
+
+    def _list_records(self, kind: str) -> dict[str, str]:
+        self._count("list")
+        return self.inner._list_records(kind)
+
+    def _delete_record(self, kind: str, name: str) -> None:
+        self._count("delete")
+        self.inner._delete_record(kind, name)
+
+    def delete_run(self) -> None:
+        self.inner.delete_run()
+
+    def close(self) -> None:
+        self.inner.close()
+
+
+def reads(ops: dict[str, int]) -> int:
+    return sum(ops.get(k, 0) for k in READ_KINDS)
+
+
+def writes(ops: dict[str, int]) -> int:
+    return sum(ops.get(k, 0) for k in WRITE_KINDS)
+
+
+def max_rate(times: Sequence[float], start: float, end: float, window: float = 1.0) -> float:
+    """Largest number of events within any ``window`` seconds of ``[start, end]``, per second.
+
+    A node that waits less than a window is judged over the window anyway (events / window), so a last arrival
+    that reads twice in 10 ms counts 2/s, not 200/s.
+    """
+    inside = sorted(t for t in times if start - 1e-6 <= t <= end + 1e-6)
+    best = 0
+    j = 0
+    for i, t in enumerate(inside):
+        while inside[j] < t - window:
+            j += 1
+        best = max(best, i - j + 1)
+    return best / window
+
+
+# -- statistics and tables -------------------------------------------------------------------------------------
+
+
+@dataclass
+class Series:
+    """Values of one measurement over repetitions."""
+
+    values: list[float] = field(default_factory=list)
+
+    def add(self, value: float) -> None:
+        self.values.append(value)
+
+    @property
+    def median(self) -> float:
+        return statistics.median(self.values) if self.values else float("nan")
+
+    @property
+    def lo(self) -> float:
+        return min(self.values) if self.values else float("nan")
+
+    @property
+    def hi(self) -> float:
+        return max(self.values) if self.values else float("nan")
+
+    def fmt(self, unit: str = "s", digits: int = 3) -> str:
+        if not self.values:
+            return "—"
+        if unit == "s":
+            return f"{self.median:.{digits}f} ({self.lo:.{digits}f}–{self.hi:.{digits}f})"
+        return f"{self.median:.0f} ({self.lo:.0f}–{self.hi:.0f})"
+
+
+def markdown_table(headers: Sequence[str], rows: Iterable[Sequence[object]]) -> str:
+    """A GitHub-flavoured markdown table."""
+    lines = ["| " + " | ".join(headers) + " |", "|" + "|".join("---" for _ in headers) + "|"]
+    for row in rows:
+        lines.append("| " + " | ".join(str(c) for c in row) + " |")
+    return "\n".join(lines)
+
+
+def machine_note() -> str:
+    """One line describing the machine and its load (timings on a shared 2-vCPU VM are noisy)."""
+    cpu = "unknown CPU"
+    with contextlib.suppress(OSError):
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    mem = ""
+    with contextlib.suppress(OSError, ValueError, IndexError):
+        kb = int(Path("/proc/meminfo").read_text().split()[1])
+        mem = f", {kb / 2**20:.0f} GiB RAM"
+    load = "n/a"
+    with contextlib.suppress(OSError):
+        load = " ".join(f"{x:.2f}" for x in os.getloadavg())
+    try:
+        import torch
+
+        torch_version = torch.__version__
+    except ImportError:  # pragma: no cover - torch is in the dev environment
+        torch_version = "not installed"
+    return (
+        f"{os.cpu_count()} vCPU ({cpu}){mem}, {platform.system()} {platform.release()}, "
+        f"Python {platform.python_version()}, torch {torch_version}; load average at the end {load}; "
+        f"{time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}"
+    )
+
+
+def write_result(name: str, text: str) -> Path:
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    path = RESULTS / name
+    path.write_text(text)
+    return path
+
+
+def plot_against_n(
+    path: Path,
+    title: str,
+    ylabel: str,
+    series: dict[str, dict[int, Series]],
+    *,
+    logy: bool = True,
+    logx: bool = True,
+    reference: tuple[str, dict[int, float]] | None = None,
+) -> None:
+    """One line per system: median against N with min/max error bars. Writes a PNG (Agg backend)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 4.2), dpi=110)
+    for label, by_n in series.items():
+        ns = sorted(n for n, s in by_n.items() if s.values)
+        if not ns:
+            continue
+        med = [by_n[n].median for n in ns]
+        lo = [by_n[n].median - by_n[n].lo for n in ns]
+        hi = [by_n[n].hi - by_n[n].median for n in ns]
+        ax.errorbar(ns, med, yerr=[lo, hi], marker="o", capsize=3, label=label)
+    if reference is not None:
+        label, points = reference
+        ns = sorted(points)
+        ax.plot(ns, [points[n] for n in ns], linestyle="--", color="grey", label=label)
+    if logy:
+        ax.set_yscale("log")
+    if logx:
+        ax.set_xscale("log", base=2)
+    all_ns = sorted({n for by_n in series.values() for n in by_n})
+    ax.set_xticks(all_ns)
+    ax.set_xticklabels([str(n) for n in all_ns])
+    ax.set_xlabel("nodes (N)")
+    ax.set_ylabel(ylabel)
+    ax.set_title(title)
+    ax.grid(True, which="both", alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path)
+    plt.close(fig)
+
+
+# -- servers ----------------------------------------------------------------------------------------------------
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port: int = s.getsockname()[1]
+        return port
+
+
+def _wait_http(url: str, timeout: float = 30.0) -> bool:
+    stop = time.monotonic() + timeout
+    while time.monotonic() < stop:
+        try:
+            with urllib.request.urlopen(url, timeout=1):  # noqa: S310 - loopback test server
+                return True
+        except urllib.error.HTTPError:
+            return True
+        except OSError:
+            time.sleep(0.05)
+    return False
+
+
+class ServerUnavailable(RuntimeError):
+    pass
+
+
+@contextlib.contextmanager
+def moto_server() -> Iterator[tuple[str, dict[str, Any]]]:
+    """A moto S3 server on 127.0.0.1 with a fresh bucket: yields ``(endpoint, storage_options)``."""
+    exe = shutil.which("moto_server", path=os.path.dirname(sys.executable)) or shutil.which("moto_server")
+    if exe is None:
+        raise ServerUnavailable("moto_server is not installed (pip install 'moto[server]')")
+    port = free_port()
+    proc = subprocess.Popen(
+        [exe, "-H", "127.0.0.1", "-p", str(port)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+    )
+    try:
+        url = f"http://127.0.0.1:{port}"
+        if not _wait_http(url + "/moto-api/"):
+            raise ServerUnavailable(f"moto_server did not answer on {url}")
+        import boto3
+
+        boto3.client(
+            "s3", endpoint_url=url, aws_access_key_id="testing", aws_secret_access_key="testing", region_name="us-east-1"
+        ).create_bucket(Bucket="fsrdzv-bench")
+        options = {
+            "key": "testing",
+            "secret": "testing",
+            "client_kwargs": {"endpoint_url": url, "region_name": "us-east-1"},
+        }
+        yield "s3://fsrdzv-bench/rdzv", options
+    finally:
+        proc.terminate()
+        with contextlib.suppress(subprocess.TimeoutExpired):
+            proc.wait(timeout=10)
+        if proc.poll() is None:
+            proc.kill()
+
+
+@contextlib.contextmanager
+def etcd_server() -> Iterator[tuple[str, int]]:
+    """Debian's etcd 3.4 with the v2 API on loopback: yields ``(host, client_port)``."""
+    exe = shutil.which("etcd")
+    if exe is None:
+        raise ServerUnavailable("etcd is not installed (apt-get install -y etcd-server etcd-client)")
+    data = tempfile.mkdtemp(prefix="fsrdzv-bench-etcd-")
+    cport, pport = free_port(), free_port()
+    proc = subprocess.Popen(
+        [
+            exe,
+            "--name", "fsrdzv-bench",
+            "--data-dir", os.path.join(data, "etcd"),
+            "--listen-client-urls", f"http://127.0.0.1:{cport}",
+            "--advertise-client-urls", f"http://127.0.0.1:{cport}",
+            "--listen-peer-urls", f"http://127.0.0.1:{pport}",
+            "--initial-advertise-peer-urls", f"http://127.0.0.1:{pport}",
+            "--initial-cluster", f"fsrdzv-bench=http://127.0.0.1:{pport}",
+            "--enable-v2=true",
+        ],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )  # fmt: skip
+    try:
+        if not _wait_http(f"http://127.0.0.1:{cport}/health"):
+            raise ServerUnavailable("etcd did not become healthy")
+        yield "127.0.0.1", cport
+    finally:
+        proc.terminate()
+        with contextlib.suppress(subprocess.TimeoutExpired):
+            proc.wait(timeout=10)
+        if proc.poll() is None:
+            proc.kill()
+        shutil.rmtree(data, ignore_errors=True)

@@ -1,0 +1,448 @@
+"""Formation benchmark: N real local processes (min = max = N) against fsrdzv and torch's own rendezvous.
+
+    .venv/bin/python benchmarks/formation.py --nodes 4 16 32 64 --repeat 5
+
+For every N, repetition and system, N processes are forked; each creates its handler, waits on a barrier, notes
+``time.time()`` (its arrival), calls ``next_rendezvous()`` and notes the time again when it holds its rank. All
+processes run on this host, so their wall clocks are the same clock. A formation's time is
+``max(done) - max(arrival)``: from the last arrival until every node holds its rank.
+
+Systems (each measured in the same run, interleaved so that they share the machine's noise):
+
+* ``fsrdzv-dir``: fsrdzv on a directory of the local disk (ext4, fsync on); ``fsrdzv-tmpfs``: on /dev/shm;
+  ``fsrdzv-s3``: on S3 served by moto on 127.0.0.1 (needs fsrdzv's S3 store);
+* ``torch-c10d-tcp``: torch 2.13 ``DynamicRendezvousHandler`` with ``C10dRendezvousBackend`` on a TCPStore hosted
+  by node 0 (what ``--rdzv-backend=c10d`` does); ``torch-c10d-file``: the same on a FileStore;
+* ``torch-etcd-v2``: torch's ``etcd-v2`` backend against Debian's etcd 3.4 with ``--enable-v2``.
+
+Both sides use torch's defaults (join 600 s, last call 30 s — irrelevant at min = max —, keep-alive 5 s x 3).
+
+Storage operations: fsrdzv's are counted below the handler by a wrapper around the store (every document read,
+compare-and-set, record put/get/list/delete that reaches the storage). torch's are its backend's ``get_state``
+and ``set_state`` calls (the state reads and compare-and-sets; the two MASTER_ADDR/PORT bootstrap keys per node
+that torch reads from the same store are not counted). "max reads/s" is the largest number of read operations a
+single node made within any one-second window while it waited.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import multiprocessing
+import multiprocessing.synchronize
+import os
+import queue
+import shutil
+import signal
+import sys
+import tempfile
+import time
+import traceback
+import uuid
+from dataclasses import dataclass, field
+from typing import Any
+
+from _common import (
+    RESULTS,
+    CountingStore,
+    Series,
+    ServerUnavailable,
+    etcd_server,
+    free_port,
+    machine_note,
+    markdown_table,
+    max_rate,
+    moto_server,
+    plot_against_n,
+    reads,
+    write_result,
+    writes,
+)
+
+SYSTEMS = ("fsrdzv-dir", "fsrdzv-tmpfs", "fsrdzv-s3", "torch-c10d-tcp", "torch-c10d-file", "torch-etcd-v2")
+BASELINE = "torch-c10d-tcp"
+#: Seconds a formation may take before it is abandoned (torch's join timeout is 600 s; this run has no patience).
+FORMATION_TIMEOUT = 120.0
+
+CTX = multiprocessing.get_context("fork")
+
+
+@dataclass
+class Target:
+    """Where one formation runs."""
+
+    system: str
+    run_id: str
+    nodes: int
+    endpoint: str = ""
+    options: dict[str, Any] = field(default_factory=dict)
+    port: int = 0
+
+
+# -- the node processes ----------------------------------------------------------------------------------------
+
+
+def _fsrdzv_handler(t: Target) -> tuple[Any, Any]:
+    from fsrdzv._handler import RendezvousHandler
+    from fsrdzv._settings import Settings
+    from fsrdzv._stores import open_store
+
+    store = CountingStore(open_store(t.endpoint, t.run_id, storage_options=t.options))
+    handler = RendezvousHandler(store, Settings(t.run_id, t.nodes, t.nodes), local_addr="127.0.0.1")
+    return handler, store
+
+
+class _TorchCounter:
+    """Counts the backend's state reads and writes (and when the reads happened)."""
+
+    def __init__(self, backend: Any) -> None:
+        self.ops = {"read": 0, "cas": 0}
+        self.read_times: list[float] = []
+        get_state, set_state = backend.get_state, backend.set_state
+
+        def counted_get() -> Any:
+            self.ops["read"] += 1
+            self.read_times.append(time.time())
+            return get_state()
+
+        def counted_set(state: bytes, token: Any = None) -> Any:
+            self.ops["cas"] += 1
+            return set_state(state, token)
+
+        backend.get_state = counted_get
+        backend.set_state = counted_set
+
+
+def _torch_handler(t: Target, index: int) -> tuple[Any, Any]:
+    from torch.distributed.elastic.rendezvous import RendezvousParameters
+    from torch.distributed.elastic.rendezvous.dynamic_rendezvous import create_handler
+
+    if t.system == "torch-etcd-v2":
+        from torch.distributed.elastic.rendezvous import etcd_rendezvous_backend as etcd_backend
+
+        params = RendezvousParameters("etcd-v2", t.endpoint, t.run_id, t.nodes, t.nodes, local_addr="127.0.0.1")
+        backend, store = etcd_backend.create_backend(params)
+    else:
+        from torch.distributed.elastic.rendezvous import c10d_rendezvous_backend as c10d
+
+        extra: dict[str, Any] = {"store_type": "tcp", "is_host": index == 0, "read_timeout": 120}
+        if t.system == "torch-c10d-file":
+            extra = {"store_type": "file"}
+        params = RendezvousParameters("c10d", t.endpoint, t.run_id, t.nodes, t.nodes, local_addr="127.0.0.1", **extra)
+        backend, store = c10d.create_backend(params)
+    counter = _TorchCounter(backend)
+    handler = create_handler(store, backend, params)
+    return handler, counter
+
+
+def _node(
+    t: Target,
+    index: int,
+    start: multiprocessing.synchronize.Barrier,
+    done: multiprocessing.synchronize.Barrier,
+    results: multiprocessing.Queue,  # type: ignore[type-arg]
+) -> None:
+    code = 0
+    try:
+        if t.system.startswith("fsrdzv"):
+            handler, counter = _fsrdzv_handler(t)
+        else:
+            handler, counter = _torch_handler(t, index)
+        start.wait(timeout=FORMATION_TIMEOUT)
+        arrival = time.time()
+        info = handler.next_rendezvous()
+        finished = time.time()
+        results.put(
+            {
+                "index": index,
+                "arrival": arrival,
+                "done": finished,
+                "rank": info.rank,
+                "world": info.world_size,
+                "ops": dict(counter.ops),
+                "doc_writes": getattr(counter, "doc_writes", counter.ops.get("cas", 0)),
+                "read_rate": max_rate(counter.read_times, arrival, finished),
+                "wait": finished - arrival,
+            }
+        )
+        # Nobody leaves before everyone holds a rank: a node that closed the run early would disturb the others.
+        done.wait(timeout=FORMATION_TIMEOUT)
+    except BaseException as exc:  # report every failure to the driver, then die
+        results.put({"index": index, "error": f"{type(exc).__name__}: {exc}", "trace": traceback.format_exc()})
+        code = 1
+    finally:
+        # Flush the queue's feeder thread first: os._exit would drop a result still in its buffer.
+        results.close()
+        results.join_thread()
+        sys.stdout.flush()
+        os._exit(code)  # skip interpreter teardown (torch's and fsrdzv's daemon threads, atexit hooks)
+
+
+# -- the driver -----------------------------------------------------------------------------------------------
+
+
+@dataclass
+class Outcome:
+    seconds: float
+    reads: int
+    writes: int
+    doc_writes: int
+    read_rate: float
+    ranks_ok: bool
+    by_kind: dict[str, int]
+
+
+def run_formation(t: Target) -> Outcome:
+    start = CTX.Barrier(t.nodes)
+    done = CTX.Barrier(t.nodes)
+    results: multiprocessing.Queue = CTX.Queue()  # type: ignore[type-arg]
+    procs = [CTX.Process(target=_node, args=(t, i, start, done, results), daemon=True) for i in range(t.nodes)]
+    for p in procs:
+        p.start()
+    got: list[dict[str, Any]] = []
+    deadline = time.monotonic() + FORMATION_TIMEOUT + 30
+    try:
+        while len(got) < t.nodes:
+            try:
+                item = results.get(timeout=max(0.1, deadline - time.monotonic()))
+            except queue.Empty:
+                raise RuntimeError(f"{t.system} N={t.nodes}: only {len(got)} of {t.nodes} nodes finished") from None
+            if "error" in item:
+                raise RuntimeError(f"{t.system} N={t.nodes}: node {item['index']} failed: {item['error']}")
+            got.append(item)
+    finally:
+        for p in procs:
+            p.join(timeout=30)
+        for p in procs:
+            if p.is_alive() and p.pid is not None:
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(p.pid, signal.SIGKILL)
+                p.join(timeout=5)
+        results.close()
+    ranks = sorted(r["rank"] for r in got)
+    ok = ranks == list(range(t.nodes)) and all(r["world"] == t.nodes for r in got)
+    return Outcome(
+        seconds=max(r["done"] for r in got) - max(r["arrival"] for r in got),
+        reads=sum(reads(r["ops"]) for r in got),
+        writes=sum(writes(r["ops"]) for r in got),
+        doc_writes=sum(r["doc_writes"] for r in got),
+        read_rate=max(r["read_rate"] for r in got),
+        ranks_ok=ok,
+        by_kind={k: sum(r["ops"].get(k, 0) for r in got) for k in got[0]["ops"]},
+    )
+
+
+@dataclass
+class Cell:
+    seconds: Series = field(default_factory=Series)
+    reads: Series = field(default_factory=Series)
+    writes: Series = field(default_factory=Series)
+    doc_writes: Series = field(default_factory=Series)
+    read_rate: Series = field(default_factory=Series)
+    error: str = ""
+
+
+def _prepare(systems: list[str], stack: contextlib.ExitStack, unavailable: dict[str, str]) -> dict[str, Any]:
+    """Start what the systems need; a system that cannot run is recorded with the reason, never faked."""
+    env: dict[str, Any] = {}
+    if any(s.startswith("fsrdzv") for s in systems):
+        import fsrdzv  # noqa: F401 - import before forking, so the children do not pay for it
+    if "fsrdzv-dir" in systems:
+        env["dir"] = stack.enter_context(tempfile.TemporaryDirectory(prefix="fsrdzv-bench-", dir="/var/tmp"))
+    if "fsrdzv-tmpfs" in systems:
+        if os.path.isdir("/dev/shm"):
+            env["tmpfs"] = stack.enter_context(tempfile.TemporaryDirectory(prefix="fsrdzv-bench-", dir="/dev/shm"))
+        else:
+            unavailable["fsrdzv-tmpfs"] = "no /dev/shm"
+    if "fsrdzv-s3" in systems:
+        try:
+            from fsrdzv._stores import open_store
+
+            endpoint, options = stack.enter_context(moto_server())
+            probe = open_store(endpoint, "probe", storage_options=options)
+            probe.read()
+            env["s3"] = (endpoint, options)
+        except Exception as exc:  # report why, whatever it is
+            unavailable["fsrdzv-s3"] = f"not run: {type(exc).__name__}: {exc}".replace("\n", " ")[:200]
+    if any(s.startswith("torch") for s in systems):
+        # Import torch's rendezvous before forking so that each child does not spend seconds importing it.
+        from torch.distributed.elastic.rendezvous import (  # noqa: F401
+            c10d_rendezvous_backend,
+            dynamic_rendezvous,
+        )
+    if "torch-c10d-file" in systems:
+        env["tfile"] = stack.enter_context(tempfile.TemporaryDirectory(prefix="fsrdzv-bench-tfile-", dir="/var/tmp"))
+    if "torch-etcd-v2" in systems:
+        try:
+            from torch.distributed.elastic.rendezvous import etcd_rendezvous_backend  # noqa: F401
+
+            host, port = stack.enter_context(etcd_server())
+            env["etcd"] = f"{host}:{port}"
+        except (ImportError, ServerUnavailable, OSError) as exc:
+            unavailable["torch-etcd-v2"] = f"not run: {type(exc).__name__}: {exc}"[:200]
+    return env
+
+
+def _target(system: str, n: int, env: dict[str, Any]) -> Target:
+    run_id = f"bench-{system}-{n}-{uuid.uuid4().hex[:8]}"
+    if system == "fsrdzv-dir":
+        return Target(system, run_id, n, env["dir"])
+    if system == "fsrdzv-tmpfs":
+        return Target(system, run_id, n, env["tmpfs"])
+    if system == "fsrdzv-s3":
+        endpoint, options = env["s3"]
+        return Target(system, run_id, n, endpoint, options)
+    if system == "torch-c10d-tcp":
+        port = free_port()
+        return Target(system, run_id, n, f"127.0.0.1:{port}", port=port)
+    if system == "torch-c10d-file":
+        return Target(system, run_id, n, os.path.join(env["tfile"], run_id))
+    if system == "torch-etcd-v2":
+        return Target(system, run_id, n, env["etcd"])
+    raise ValueError(system)
+
+
+def report(cells: dict[tuple[str, int], Cell], systems: list[str], nodes: list[int], unavailable: dict[str, str]) -> str:
+    headers = [
+        "system",
+        "N",
+        "formation s, median (min–max)",
+        "torch c10d-tcp / this",
+        "writes per formation",
+        "writes / N",
+        "reads per formation",
+        "max reads/s of a waiting node",
+        "document CAS won",
+    ]
+    rows: list[list[object]] = []
+    for system in systems:
+        if system in unavailable:
+            rows.append([system, "all", unavailable[system], "", "", "", "", "", ""])
+            continue
+        for n in nodes:
+            cell = cells.get((system, n))
+            if cell is None:
+                continue
+            if cell.error and not cell.seconds.values:
+                rows.append([system, n, f"failed: {cell.error[:120]}", "", "", "", "", "", ""])
+                continue
+            base = cells.get((BASELINE, n))
+            ratio = ""
+            if base is not None and base.seconds.values and cell.seconds.median > 0:
+                ratio = f"{base.seconds.median / cell.seconds.median:.1f}x"
+            rows.append(
+                [
+                    system,
+                    n,
+                    cell.seconds.fmt() + (f" ({cell.error[:60]})" if cell.error else ""),
+                    ratio,
+                    cell.writes.fmt("n"),
+                    f"{cell.writes.median / n:.2f}",
+                    cell.reads.fmt("n"),
+                    f"{cell.read_rate.hi:.0f}",
+                    f"{cell.doc_writes.median:.0f}",
+                ]
+            )
+    return markdown_table(headers, rows)
+
+
+def targets(cells: dict[tuple[str, int], Cell]) -> list[str]:
+    out = []
+    for system in ("fsrdzv-dir", "fsrdzv-tmpfs", "fsrdzv-s3"):
+        cell = cells.get((system, 32))
+        if cell is None or not cell.seconds.values:
+            continue
+        med = cell.seconds.median
+        out.append(f"- {system} N=32 median {med:.3f} s: {'met' if med <= 0.1 else 'MISSED'} (target <= 0.1 s)")
+        base = cells.get((BASELINE, 32))
+        if base is not None and base.seconds.values:
+            speedup = base.seconds.median / med
+            verdict = "met" if speedup >= 15 else "MISSED"
+            out.append(f"  - {speedup:.1f}x faster than torch c10d TCPStore in the same run: {verdict} (target >= 15x)")
+        w = cell.writes.hi
+        out.append(f"  - writes per formation max {w:.0f} = {w / 32:.2f} N: {'met' if w <= 4 * 32 else 'MISSED'} (<= 4N)")
+        r = cell.read_rate.hi
+        out.append(f"  - max reads/s of a waiting node {r:.0f}: {'met' if r <= 20 else 'MISSED'} (<= 20/s)")
+    return out
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--nodes", type=int, nargs="+", default=[4, 16, 32, 64])
+    parser.add_argument("--repeat", type=int, default=5)
+    parser.add_argument("--systems", nargs="+", default=list(SYSTEMS), choices=SYSTEMS)
+    parser.add_argument("--out", default="formation", help="base name of the files under benchmarks/results/")
+    parser.add_argument("--no-files", action="store_true", help="print only; write no result files")
+    args = parser.parse_args(argv)
+
+    unavailable: dict[str, str] = {}
+    cells: dict[tuple[str, int], Cell] = {}
+    with contextlib.ExitStack() as stack:
+        env = _prepare(args.systems, stack, unavailable)
+        runnable = [s for s in args.systems if s not in unavailable]
+        for reason in unavailable.items():
+            print("unavailable:", *reason, flush=True)
+        for n in args.nodes:
+            for rep in range(args.repeat):
+                for system in runnable:
+                    cell = cells.setdefault((system, n), Cell())
+                    if cell.error and not cell.seconds.values and rep > 0:
+                        continue  # it failed every time so far: do not spend minutes failing again
+                    t = _target(system, n, env)
+                    try:
+                        o = run_formation(t)
+                    except RuntimeError as exc:
+                        cell.error = str(exc)
+                        print(f"N={n:3d} rep {rep} {system:16s} FAILED {exc}", flush=True)
+                        continue
+                    finally:
+                        if system == "torch-c10d-file":
+                            with contextlib.suppress(OSError):
+                                os.unlink(t.endpoint)
+                        if system in ("fsrdzv-dir", "fsrdzv-tmpfs"):
+                            shutil.rmtree(os.path.join(t.endpoint, t.run_id), ignore_errors=True)
+                    if not o.ranks_ok:
+                        cell.error = "ranks were not 0..N-1"
+                    cell.seconds.add(o.seconds)
+                    cell.reads.add(o.reads)
+                    cell.writes.add(o.writes)
+                    cell.doc_writes.add(o.doc_writes)
+                    cell.read_rate.add(o.read_rate)
+                    print(
+                        f"N={n:3d} rep {rep} {system:16s} {o.seconds:8.3f} s  writes {o.writes:5d}  reads {o.reads:6d}"
+                        f"  doc CAS {o.doc_writes:4d}  max reads/s {o.read_rate:4.0f}  {o.by_kind}",
+                        flush=True,
+                    )
+    table = report(cells, args.systems, args.nodes, unavailable)
+    verdicts = targets(cells)
+    note = machine_note()
+    command = "python benchmarks/formation.py " + " ".join(sys.argv[1:] if argv is None else argv)
+    text = (
+        f"# Formation: N local processes, min = max = N\n\n`{command.strip()}`\n\nMachine: {note}\n\n{table}\n\n"
+        + "\n".join(verdicts)
+        + "\n"
+    )
+    print()
+    print(text)
+    if not args.no_files:
+        write_result(f"{args.out}.md", text)
+        series_t = {s: {n: cells[(s, n)].seconds for n in args.nodes if (s, n) in cells} for s in args.systems}
+        series_w = {s: {n: cells[(s, n)].writes for n in args.nodes if (s, n) in cells} for s in args.systems}
+        plot_against_n(
+            RESULTS / f"{args.out}_time.png",
+            "Formation time, last arrival to all ranks (min=max=N, local processes)",
+            "seconds (median, min–max)",
+            series_t,
+        )
+        plot_against_n(
+            RESULTS / f"{args.out}_writes.png",
+            "Storage writes per formation",
+            "writes (median, min–max)",
+            series_w,
+            reference=("4N", {n: 4.0 * n for n in args.nodes}),
+        )
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
