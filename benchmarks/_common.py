@@ -144,8 +144,8 @@ class Series:
         if not self.values:
             return "—"
         if unit == "s":
-            return f"{self.median:.{digits}f} ({self.lo:.{digits}f}–{self.hi:.{digits}f})"
-        return f"{self.median:.0f} ({self.lo:.0f}–{self.hi:.0f})"
+            return f"{self.median:.{digits}f} ({self.lo:.{digits}f}-{self.hi:.{digits}f})"
+        return f"{self.median:.0f} ({self.lo:.0f}-{self.hi:.0f})"
 
 
 def markdown_table(headers: Sequence[str], rows: Iterable[Sequence[object]]) -> str:
@@ -252,7 +252,7 @@ def _wait_http(url: str, timeout: float = 30.0) -> bool:
     stop = time.monotonic() + timeout
     while time.monotonic() < stop:
         try:
-            with urllib.request.urlopen(url, timeout=1):  # noqa: S310 - loopback test server
+            with urllib.request.urlopen(url, timeout=1):
                 return True
         except urllib.error.HTTPError:
             return True
@@ -282,7 +282,11 @@ def moto_server() -> Iterator[tuple[str, dict[str, Any]]]:
         import boto3
 
         boto3.client(
-            "s3", endpoint_url=url, aws_access_key_id="testing", aws_secret_access_key="testing", region_name="us-east-1"
+            "s3",
+            endpoint_url=url,
+            aws_access_key_id="testing",
+            aws_secret_access_key="testing",
+            region_name="us-east-1",
         ).create_bucket(Bucket="fsrdzv-bench")
         options = {
             "key": "testing",

@@ -302,11 +302,13 @@ def _target(system: str, n: int, env: dict[str, Any]) -> Target:
     raise ValueError(system)
 
 
-def report(cells: dict[tuple[str, int], Cell], systems: list[str], nodes: list[int], unavailable: dict[str, str]) -> str:
+def report(
+    cells: dict[tuple[str, int], Cell], systems: list[str], nodes: list[int], unavailable: dict[str, str]
+) -> str:
     headers = [
         "system",
         "N",
-        "formation s, median (min–max)",
+        "formation s, median (min-max)",
         "torch c10d-tcp / this",
         "writes per formation",
         "writes / N",
@@ -360,7 +362,9 @@ def targets(cells: dict[tuple[str, int], Cell]) -> list[str]:
             verdict = "met" if speedup >= 15 else "MISSED"
             out.append(f"  - {speedup:.1f}x faster than torch c10d TCPStore in the same run: {verdict} (target >= 15x)")
         w = cell.writes.hi
-        out.append(f"  - writes per formation max {w:.0f} = {w / 32:.2f} N: {'met' if w <= 4 * 32 else 'MISSED'} (<= 4N)")
+        out.append(
+            f"  - writes per formation max {w:.0f} = {w / 32:.2f} N: {'met' if w <= 4 * 32 else 'MISSED'} (<= 4N)"
+        )
         r = cell.read_rate.hi
         out.append(f"  - max reads/s of a waiting node {r:.0f}: {'met' if r <= 20 else 'MISSED'} (<= 20/s)")
     return out
@@ -431,13 +435,13 @@ def main(argv: list[str] | None = None) -> int:
         plot_against_n(
             RESULTS / f"{args.out}_time.png",
             "Formation time, last arrival to all ranks (min=max=N, local processes)",
-            "seconds (median, min–max)",
+            "seconds (median, min-max)",
             series_t,
         )
         plot_against_n(
             RESULTS / f"{args.out}_writes.png",
             "Storage writes per formation",
-            "writes (median, min–max)",
+            "writes (median, min-max)",
             series_w,
             reference=("4N", {n: 4.0 * n for n in args.nodes}),
         )
