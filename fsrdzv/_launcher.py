@@ -1,0 +1,447 @@
+"""The elastic launcher behind ``fsrdzv run``: any program, torch's agent loop, fsrdzv's rendezvous.
+
+One launcher runs on every node. It loops:
+
+1. **Join** the next round (:meth:`RendezvousHandler.next_rendezvous`; the handler heartbeats on its own thread
+   from then on, also while the program runs).
+2. **Run** the command in a new process group with ``RANK``, ``WORLD_SIZE``, ``MASTER_ADDR``, ``MASTER_PORT``,
+   ``FSRDZV_ROUND`` and ``FSRDZV_RUN_ID`` (plus ``LOCAL_RANK=0``, ``LOCAL_WORLD_SIZE=1``, ``GROUP_RANK``,
+   ``FSRDZV_RESTART_COUNT``, ``FSRDZV_MAX_RESTARTS`` and ``FSRDZV_NODE_ID``) set.
+3. **Monitor**, every ``monitor_interval``: one read of the document (nodes waiting, as
+   ``num_nodes_waiting()`` counts them; a new round or epoch; this node dropped; the run closed) and the
+   heartbeat records of a few peers (a participant dies when its record stops changing for
+   ``keep_alive_interval x keep_alive_max_attempt`` seconds of *this* host's monotonic clock, the handler's rule).
+4. On a **membership change** it stops the command (SIGTERM to the whole group, SIGKILL after ``stop_timeout``)
+   and goes back to 1. This is free, as in torch. A **failed** command also goes back to 1 and uses one of the
+   ``max_restarts``. A command that **succeeds** closes the run, so the other nodes stop when their own command
+   ends. A final failure closes the run too (torch does the same: the job failed).
+
+Signals: SIGTERM and SIGINT are forwarded to the command's process group; the launcher then exits with the
+command's status and leaves the run open, so that the remaining nodes can re-form (torch's agent does not close
+the rendezvous on a signal either). A signal while no command runs ends the launcher at once (128 + signal).
+
+Peers are watched in a ring (each node reads the heartbeat records of the ``watch_peers`` next ranks), so the
+monitoring costs O(1) reads per node instead of O(N). Some live node always watches the first of any set of dead
+nodes, and a death it sees makes every node re-form, after which the handlers' own sweeps remove the rest.
+
+On Linux the command gets ``PR_SET_PDEATHSIG = SIGKILL`` through a tiny exec shim, so that a launcher killed with
+SIGKILL (a node "dying" in tests, an OOM kill) never leaves its command running alone. The death signal follows
+the thread that started the child: :meth:`Launcher.run` must run on the thread that lives longest (the main one).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from types import FrameType
+from typing import Any, Final
+
+from . import _protocol as proto
+from ._errors import (
+    RendezvousClosedError,
+    RendezvousError,
+    RendezvousGracefulExitError,
+    RendezvousStateError,
+    StorageError,
+)
+from ._handler import RendezvousHandler, RendezvousInfo, create_handler
+from ._liveness import LivenessTracker
+from ._state import RendezvousState, decode_state, encode_state
+
+__all__ = ["LaunchConfig", "Launcher", "exit_status"]
+
+log = logging.getLogger("fsrdzv.run")
+
+#: How often the launcher wakes up to poll the command and pending signals (s); the storage checks run every
+#: ``monitor_interval`` on top of that.
+TICK: Final = 0.05
+
+#: Runs between fork and the command's exec on Linux: ask the kernel to SIGKILL the command when the launcher dies,
+#: then exec. If the launcher already died before prctl took effect, exit instead of running orphaned.
+_PDEATHSIG_SHIM: Final = (
+    "import ctypes,os,sys\n"
+    "try:\n"
+    "    ctypes.CDLL(None, use_errno=True).prctl(1, 9)\n"
+    "except Exception:\n"
+    "    pass\n"
+    "if os.getppid() != int(sys.argv[1]):\n"
+    "    sys.exit(137)\n"
+    "try:\n"
+    "    os.execvp(sys.argv[2], sys.argv[2:])\n"
+    "except OSError as e:\n"
+    "    sys.stderr.write('fsrdzv run: cannot execute %r: %s\\n' % (sys.argv[2], e.strerror))\n"
+    "    sys.exit(127)\n"
+)
+
+
+def exit_status(returncode: int) -> int:
+    """A ``Popen.returncode`` as a shell exit status: a death by signal N becomes 128 + N."""
+    return 128 - returncode if returncode < 0 else returncode
+
+
+@dataclass(frozen=True)
+class LaunchConfig:
+    """Everything ``fsrdzv run`` needs. Times are seconds; see ``fsrdzv run --help`` for each."""
+
+    endpoint: str
+    run_id: str
+    min_nodes: int
+    max_nodes: int
+    cmd: Sequence[str]
+    max_restarts: int = 0
+    local_addr: str | None = None
+    storage_options: Mapping[str, Any] = field(default_factory=dict)
+    secret: bytes | None = None
+    join_timeout: float = 600.0
+    last_call_timeout: float = 30.0
+    close_timeout: float = 30.0
+    keep_alive_interval: float = 5.0
+    keep_alive_max_attempt: int = 3
+    heartbeat_timeout: float = 5.0
+    monitor_interval: float = 1.0
+    stop_timeout: float = 10.0
+    watch_peers: int = 2
+
+
+class _Interrupted(Exception):
+    """A SIGTERM/SIGINT arrived while no command was running."""
+
+    def __init__(self, signum: int) -> None:
+        super().__init__(signum)
+        self.signum = signum
+
+
+@dataclass
+class _Outcome:
+    kind: str  # "exited" (the command ended on its own), "signalled" (after a forwarded signal), "membership"
+    code: int = 0
+    reason: str = ""
+
+
+class Launcher:
+    """Run ``config.cmd`` elastically. Create, then call :meth:`run` on the main thread; it returns the exit status."""
+
+    def __init__(
+        self,
+        config: LaunchConfig,
+        handler: RendezvousHandler | None = None,
+        *,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self.config = config
+        self.handler = handler or create_handler(
+            config.endpoint,
+            config.run_id,
+            config.min_nodes,
+            config.max_nodes,
+            local_addr=config.local_addr,
+            storage_options=dict(config.storage_options),
+            join_timeout=config.join_timeout,
+            last_call_timeout=config.last_call_timeout,
+            close_timeout=config.close_timeout,
+            keep_alive_interval=config.keep_alive_interval,
+            keep_alive_max_attempt=config.keep_alive_max_attempt,
+            heartbeat_timeout=config.heartbeat_timeout,
+            secret=config.secret,
+        )
+        self._clock = clock
+        self._child: subprocess.Popen[bytes] | None = None
+        self._pending_signal: int | None = None
+        self._forwarded_at: float | None = None
+        self._killed = False
+        self._closed_seen = False
+        self.restarts = 0
+        #: Completed rounds this launcher ran the command in (tests and the demo read it).
+        self.rounds: list[RendezvousInfo] = []
+
+    # -- signals -------------------------------------------------------------------------------------------
+
+    def _on_signal(self, signum: int, frame: FrameType | None) -> None:
+        child = self._child
+        if child is not None and child.poll() is None:
+            # Forwarding happens in the monitor loop, not here: a handler must not block or race the loop.
+            if self._pending_signal is not None or self._forwarded_at is not None:
+                self._kill_group(signal.SIGKILL)  # a second signal: the user means it
+            self._pending_signal = signum
+            return
+        raise _Interrupted(signum)
+
+    @contextlib.contextmanager
+    def _signals(self) -> Any:
+        if threading.current_thread() is not threading.main_thread():
+            yield
+            return
+        previous = {s: signal.signal(s, self._on_signal) for s in (signal.SIGTERM, signal.SIGINT)}
+        try:
+            yield
+        finally:
+            for s, handler in previous.items():
+                signal.signal(s, handler)
+
+    # -- the loop ------------------------------------------------------------------------------------------
+
+    def run(self) -> int:
+        """Join, run, monitor and re-form until the command succeeds or fails for good; return the exit status.
+
+        :raises RendezvousError: the first join failed (timeout, closed run, storage, configuration); the CLI turns
+            it into a one-line error.
+        """
+        with self._signals():
+            try:
+                return self._loop()
+            except _Interrupted as exc:
+                name = signal.Signals(exc.signum).name
+                log.info("%s while no command was running: leaving run %r open and exiting", name, self.config.run_id)
+                return 128 + exc.signum
+            finally:
+                self._stop_child("the launcher is exiting")
+
+    def _loop(self) -> int:
+        config = self.config
+        last_failure: int | None = None
+        while True:
+            if self._pending_signal is not None:
+                # It arrived while the previous command was being stopped: honour it before joining again.
+                raise _Interrupted(self._pending_signal)
+            try:
+                info = self.handler.next_rendezvous()
+            except RendezvousGracefulExitError:
+                log.info("the run closed while this node waited as a spare: nothing to do")
+                return 0
+            except RendezvousClosedError:
+                if last_failure is not None:
+                    log.info("run %r was closed by another node: not restarting; exit %d", config.run_id, last_failure)
+                    return last_failure
+                if self.rounds:
+                    log.error("run %r was closed by another node while this node re-formed", config.run_id)
+                    return 1
+                raise
+            self.rounds.append(info)
+            ids, epoch = self._round_members(info)
+            log.info(
+                "round %d complete: rank %d of %d, master %s:%d; starting the command%s",
+                info.round,
+                info.rank,
+                info.world_size,
+                info.master_addr,
+                info.master_port,
+                f" (restart {self.restarts} of {config.max_restarts})" if self.restarts else "",
+            )
+            self._start_child(info)
+            outcome = self._monitor(info, ids, epoch)
+            if outcome.kind == "membership":
+                log.info("re-forming: %s", outcome.reason)
+                self._stop_child(outcome.reason)
+                last_failure = None
+                continue
+            code = outcome.code
+            if outcome.kind == "signalled":
+                log.info(
+                    "the command exited with %d after the forwarded signal; run %r stays open", code, config.run_id
+                )
+                return code
+            if code == 0:
+                log.info("the command succeeded: closing run %r", config.run_id)
+                self._close()
+                return 0
+            if self._closed_seen:
+                log.info("the command failed with %d and run %r is closed: not restarting", code, config.run_id)
+                return code
+            if self.restarts < config.max_restarts:
+                self.restarts += 1
+                last_failure = code
+                log.warning("the command failed with %d: restart %d of %d", code, self.restarts, config.max_restarts)
+                continue
+            log.error(
+                "the command failed with %d and no restart is left (max %d): closing run %r",
+                code,
+                config.max_restarts,
+                config.run_id,
+            )
+            self._close()
+            return code
+
+    def _close(self) -> None:
+        # shutdown() closes the run for every node and removes this node's records (an idempotent close).
+        if not self.handler.shutdown():
+            log.warning("could not close run %r; the other nodes will notice this node's absence", self.config.run_id)
+
+    def _read(self) -> tuple[RendezvousState | None, str | None]:
+        store = self.handler.store
+        snap = store.read()
+        if snap is None:
+            return None, None
+        return decode_state(snap.data, store.describe("document")), snap.token
+
+    def _round_members(self, info: RendezvousInfo) -> tuple[list[str], str | None]:
+        """Node ids of the round's participants in rank order, and the document's epoch."""
+        try:
+            state, _ = self._read()
+        except RendezvousError as exc:
+            log.warning("could not read the round's members (peers are not watched this round): %s", exc)
+            return [], None
+        if state is None or state.round != info.round:
+            return [], None if state is None else state.epoch
+        return sorted(state.participants, key=lambda n: state.participants[n]), state.epoch
+
+    def _peers(self, ids: Sequence[str]) -> list[str]:
+        me = self.handler.node_id
+        if me not in ids:
+            return [n for n in ids if n != me]
+        count = len(ids) - 1 if self.config.watch_peers <= 0 else min(self.config.watch_peers, len(ids) - 1)
+        i = ids.index(me)
+        return [ids[(i + k) % len(ids)] for k in range(1, count + 1)]
+
+    # -- the command ---------------------------------------------------------------------------------------
+
+    def _start_child(self, info: RendezvousInfo) -> None:
+        config = self.config
+        env = dict(os.environ)
+        env.update(
+            {
+                "RANK": str(info.rank),
+                "GROUP_RANK": str(info.rank),
+                "WORLD_SIZE": str(info.world_size),
+                "LOCAL_RANK": "0",
+                "LOCAL_WORLD_SIZE": "1",
+                "MASTER_ADDR": info.master_addr,
+                "MASTER_PORT": str(info.master_port),
+                "FSRDZV_ROUND": str(info.round),
+                "FSRDZV_RUN_ID": config.run_id,
+                "FSRDZV_RESTART_COUNT": str(self.restarts),
+                "FSRDZV_MAX_RESTARTS": str(config.max_restarts),
+                "FSRDZV_NODE_ID": self.handler.node_id,
+            }
+        )
+        argv = list(config.cmd)
+        if sys.platform == "linux":
+            argv = [sys.executable, "-I", "-S", "-c", _PDEATHSIG_SHIM, str(os.getpid()), *argv]
+        self._pending_signal = None
+        self._forwarded_at = None
+        self._killed = False
+        # A new session: the command and everything it starts form one process group that we can stop as a
+        # whole, and a Ctrl-C on the terminal reaches only the launcher, which forwards it exactly once.
+        self._child = subprocess.Popen(argv, env=env, start_new_session=True)
+
+    def _kill_group(self, sig: int) -> None:
+        child = self._child
+        if child is None:
+            return
+        with contextlib.suppress(ProcessLookupError, PermissionError):
+            os.killpg(child.pid, sig)
+
+    def _stop_child(self, why: str) -> None:
+        """Stop the command's whole process group: SIGTERM, then SIGKILL after ``stop_timeout``."""
+        child = self._child
+        if child is None:
+            return
+        if child.poll() is None:
+            log.info("stopping the command (pid %d): %s", child.pid, why)
+            self._kill_group(signal.SIGTERM)
+            try:
+                child.wait(timeout=self.config.stop_timeout)
+            except subprocess.TimeoutExpired:
+                log.warning("the command ignored SIGTERM for %.1fs: SIGKILL", self.config.stop_timeout)
+                self._kill_group(signal.SIGKILL)
+                child.wait()
+        # Whatever the command left behind in its group (background helpers) must not outlive the round.
+        self._kill_group(signal.SIGKILL)
+        self._child = None
+
+    def _monitor(self, info: RendezvousInfo, ids: list[str], epoch: str | None) -> _Outcome:
+        child = self._child
+        assert child is not None
+        config = self.config
+        tracker = LivenessTracker(self.handler.settings.liveness_timeout)
+        peers = self._peers(ids)
+        next_check = self._clock() + config.monitor_interval
+        storage_warned = False
+        while True:
+            try:
+                code = child.wait(timeout=TICK)
+            except subprocess.TimeoutExpired:
+                code = None
+            if code is not None:
+                status = exit_status(code)
+                if self._forwarded_at is not None:
+                    return _Outcome("signalled", status)
+                return _Outcome("exited", status)
+            now = self._clock()
+            if self._pending_signal is not None:
+                signum, self._pending_signal = self._pending_signal, None
+                log.info("forwarding %s to the command (pid %d)", signal.Signals(signum).name, child.pid)
+                self._kill_group(signum)
+                self._forwarded_at = now
+                continue
+            if self._forwarded_at is not None:
+                if not self._killed and now - self._forwarded_at > config.stop_timeout:
+                    log.warning("the command did not exit %.1fs after the signal: SIGKILL", config.stop_timeout)
+                    self._kill_group(signal.SIGKILL)
+                    self._killed = True
+                continue
+            if self._closed_seen or now < next_check:
+                continue
+            next_check = now + config.monitor_interval
+            try:
+                reason = self._membership_change(info, epoch, peers, tracker, now)
+                storage_warned = False
+            except StorageError as exc:
+                # The command may well be fine; keep it running and look again next time.
+                if not storage_warned:
+                    log.warning("cannot check the membership (will retry): %s", exc)
+                    storage_warned = True
+                continue
+            if reason:
+                return _Outcome("membership", reason=reason)
+
+    def _membership_change(
+        self, info: RendezvousInfo, epoch: str | None, peers: list[str], tracker: LivenessTracker, now: float
+    ) -> str | None:
+        """Why the current round is over, or None while it still stands."""
+        me = self.handler.node_id
+        try:
+            state, token = self._read()
+        except RendezvousStateError as exc:
+            log.error("the document became unreadable; the command keeps running: %s", exc)
+            return None
+        if state is None:
+            return "the rendezvous document disappeared (fsrdzv reset or gc?)"
+        if state.closed:
+            self._closed_seen = True
+            log.info("run %r was closed by another node: waiting for the command to finish", self.config.run_id)
+            return None
+        if (epoch is not None and state.epoch != epoch) or state.round != info.round or me not in state.participants:
+            return f"round {info.round} is over (the document is at round {state.round})"
+        if state.wait_list:
+            return f"{len(state.wait_list)} node(s) waiting to join"
+        if not peers:
+            return None
+        tags: dict[str, str] = {}
+        store = self.handler.store
+        for peer in peers:
+            try:
+                raw = store.read_record("hb", peer)
+            except RendezvousStateError as exc:
+                raw = str(exc).encode()  # a garbage record is a change, not a heartbeat we can trust
+            if raw is not None:
+                tags[peer] = raw.hex()
+        tracker.observe(tags, now, peers)
+        dead = tracker.dead(peers, now)
+        if not dead:
+            return None
+        # Remove them at once (the handler's own rule, already timed here), so the next round needs no second wait.
+        new = proto.remove_nodes(state, dead, self.handler.settings)
+        with contextlib.suppress(RendezvousError):
+            store.compare_and_set(encode_state(new), token)
+        return (
+            f"participant(s) {', '.join(sorted(dead))} stopped heartbeating for "
+            f"{self.handler.settings.liveness_timeout:g}s"
+        )
