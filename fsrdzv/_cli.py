@@ -345,9 +345,9 @@ def cmd_status(args: argparse.Namespace) -> int:
     observer = HeartbeatObserver()
     if args.watch:
         return _watch(args, store, endpoint, observer)
-    doc = collect_status(store, endpoint, observer=observer, observe=args.observe)
-    if not doc["exists"] and not doc["unlisted"]:
+    if not _run_exists(store):  # before the observation window: a typo should not cost a wait
         raise _not_found(endpoint, run_id, args.storage_options)
+    doc = collect_status(store, endpoint, observer=observer, observe=args.observe)
     if args.json:
         _print_json(doc)
     else:
@@ -1037,7 +1037,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         if isinstance(exc, KeyboardInterrupt):
             message = "interrupted"
         elif isinstance(exc, (CliError, RendezvousError)):
-            message = _one_line(str(exc))
+            # StorageError is an OSError too: print its message without the "[Errno N]" prefix.
+            text = exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc)
+            message = _one_line(text)
         elif isinstance(exc, OSError):
             message = f"storage or system error: {_one_line(str(exc))}; check the endpoint and your credentials"
         else:

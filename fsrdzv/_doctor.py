@@ -40,7 +40,7 @@ from dataclasses import dataclass, field
 from typing import Any, Final
 
 from ._errors import ConfigurationError
-from ._status import info_mtime
+from ._status import fsspec_options, info_mtime
 from ._store import Store
 from ._stores import open_store, split_endpoint
 
@@ -387,14 +387,16 @@ def mount_findings(entry: MountEntry) -> list[tuple[str, str]]:
     return out
 
 
-def _existing_ancestor(path: str) -> str:
+def _resolve(path: str) -> str:
+    """``path`` with symlinks resolved in the part that exists (the endpoint's last levels may not exist yet)."""
     path = os.path.abspath(os.path.expanduser(path))
-    while not os.path.exists(path):
-        parent = os.path.dirname(path)
-        if parent == path:
+    head, rest = path, ""
+    while not os.path.exists(head):
+        parent, name = os.path.split(head)
+        if parent == head:
             break
-        path = parent
-    return os.path.realpath(path)
+        head, rest = parent, os.path.join(name, rest) if rest else name
+    return os.path.join(os.path.realpath(head), rest) if rest else os.path.realpath(head)
 
 
 def check_mount(root: str, mountinfo: str | None) -> Check:
@@ -404,7 +406,7 @@ def check_mount(root: str, mountinfo: str | None) -> Check:
             text = f.read()
     except OSError as exc:
         return Check("mount", "skip", f"cannot read {path} ({exc.strerror}); mount options not checked")
-    target = _existing_ancestor(root)
+    target = _resolve(root)
     entry = find_mount(parse_mountinfo(text), target)
     if entry is None:
         return Check("mount", "skip", f"no mount in {path} holds {target}")
@@ -467,7 +469,7 @@ def check_clock_object(endpoint: str, storage_options: Mapping[str, Any], run_id
     try:
         import fsspec
 
-        fs = fsspec.filesystem(scheme, skip_instance_cache=True, **dict(storage_options))
+        fs = fsspec.filesystem(scheme, skip_instance_cache=True, **fsspec_options(storage_options))
     except Exception as exc:  # noqa: BLE001 - the clock check is optional; report why it could not run
         return Check("clock", "skip", f"cannot open {scheme}:// through fsspec to read object times: {exc}")
     probe = f"{rest}/{run_id}/clock-probe"

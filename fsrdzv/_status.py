@@ -33,6 +33,7 @@ __all__ = [
     "STATUS_SCHEMA",
     "HeartbeatObserver",
     "collect_status",
+    "fsspec_options",
     "info_mtime",
     "last_modified",
     "read_state",
@@ -246,6 +247,15 @@ def info_mtime(info: Mapping[str, Any]) -> float | None:
     return None
 
 
+#: Storage options that fsrdzv's stores consume themselves and fsspec would refuse.
+_FSRDZV_ONLY_OPTIONS: Final = frozenset({"skip_selftest"})
+
+
+def fsspec_options(storage_options: Mapping[str, Any] | None) -> dict[str, Any]:
+    """``storage_options`` as fsspec takes them (without fsrdzv's own keys)."""
+    return {k: v for k, v in (storage_options or {}).items() if k not in _FSRDZV_ONLY_OPTIONS}
+
+
 def _file_last_modified(path: str) -> float | None:
     newest: float | None = None
     for root, _dirs, files in os.walk(path):
@@ -273,7 +283,7 @@ def last_modified(store: Store, endpoint: str, storage_options: Mapping[str, Any
     try:
         import fsspec
 
-        fs = fsspec.filesystem(scheme, skip_instance_cache=True, **dict(storage_options or {}))
+        fs = fsspec.filesystem(scheme, skip_instance_cache=True, **fsspec_options(storage_options))
         found = fs.find(f"{rest}/{store.run_id}", detail=True)
     except Exception:  # noqa: BLE001 - the age is optional information; any failure means "unknown"
         return None
