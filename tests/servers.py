@@ -74,6 +74,11 @@ class Endpoint(NamedTuple):
         return StoreSpec(self.url, dict(self.storage_options), dict(self.env) if with_env else {})
 
 
+def in_ci() -> bool:
+    """True when the environment says this is a CI run (``CI`` set to anything but empty/0/false/no)."""
+    return os.environ.get("CI", "").strip().lower() not in {"", "0", "false", "no"}
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
