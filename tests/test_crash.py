@@ -163,12 +163,7 @@ def test_sigkill_writer_mid_cas_100_times(tmp_path: Any, caplog: pytest.LogCaptu
     assert int(final.data) == confirmed + own + committed_in_flight == final.generation - 1
     assert slowest_next_cas < 5.0
     assert not [r for r in caplog.records if "unavailable" in r.getMessage()], "a CAS fell back to lock-less mode"
-    leftovers = [
-        n
-        for d in (run_dir, os.path.join(run_dir, "log"))
-        for n in os.listdir(d)
-        if n.startswith(".tmp.")
-    ]
+    leftovers = [n for d in (run_dir, os.path.join(run_dir, "log")) for n in os.listdir(d) if n.startswith(".tmp.")]
     print(
         f"\n{KILLS} SIGKILLs in {time.monotonic() - started:.1f}s: {killed_inside_cas} inside compare_and_set, "
         f"{committed_in_flight} after the commit point but before the reply, {state_behind_log} between the "
@@ -292,4 +287,3 @@ def test_node_sigkilled_after_formation_next_round_forms_without_it(tmp_path: An
             assert n.wait(30) == 0
     finally:
         _kill_all(nodes)
-
