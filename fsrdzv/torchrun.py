@@ -69,8 +69,8 @@ from torch.distributed.elastic.rendezvous import (
 from torch.distributed.elastic.rendezvous.dynamic_rendezvous import RendezvousBackend
 
 from . import _errors as fe
+from ._handler import READ_CACHE, read_secret_file
 from ._handler import create_handler as _core_create_handler
-from ._handler import read_secret_file
 from ._store import Store as FsStore
 from ._stores import open_store, split_endpoint
 
@@ -491,6 +491,7 @@ class FsRendezvousHandler(RendezvousHandler):
         self._server: TCPStore | None = None
         self._server_round: int | None = None
         self._last_warning = -math.inf
+        self._quiet_until = -math.inf
 
     # -- torch's interface --------------------------------------------------------------------------------------
 
@@ -521,6 +522,10 @@ class FsRendezvousHandler(RendezvousHandler):
             raise
         # Every member of the new round has left the previous one, so nobody uses the previous server any more.
         self._release_server()
+        # The core answers num_nodes_waiting from a read up to READ_CACHE seconds old, which can predate this round
+        # and still list this very node (or a peer) as waiting: the agent would restart a round that just formed,
+        # and the peers' restarts would then feed each other. A node that arrives now is seen a moment later.
+        self._quiet_until = time.monotonic() + READ_CACHE
         store = self._round_store(info)
         return RendezvousInfo(
             store,
@@ -542,6 +547,8 @@ class FsRendezvousHandler(RendezvousHandler):
         # ends the agent and closes the run for everyone; on an object store a passing outage or throttling
         # would then kill a healthy job. A storage failure here only delays noticing new nodes, so it answers
         # "nobody waiting" and warns (at most every WARN_INTERVAL s). A corrupt document still raises.
+        if time.monotonic() < self._quiet_until:
+            return 0
         try:
             with torch_errors():
                 waiting = self._core.num_nodes_waiting()

@@ -12,7 +12,6 @@ import subprocess
 import sys
 import threading
 import uuid
-from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -42,6 +41,7 @@ from fsrdzv.torchrun import (
     handler_creator,
     parse_config,
 )
+from tests.servers import Endpoint
 
 pytestmark = pytest.mark.torch
 
@@ -53,69 +53,19 @@ REPO = Path(__file__).resolve().parents[1]
 # ---------------------------------------------------------------------------------------------------------------
 
 
-@dataclass
-class S3:
-    url: str
-    storage_options: dict[str, Any]
-
-
-@pytest.fixture(scope="module")
-def s3_server() -> Iterator[S3]:
-    """An S3 endpoint on moto: the shared ``s3_endpoint`` fixture's server when tests/servers.py has one."""
-    pytest.importorskip("s3fs")
-    try:
-        import fsrdzv._stores._s3  # noqa: F401
-    except ImportError:
-        pytest.skip("the S3 store (fsrdzv/_stores/_s3.py) is not available")
-    try:
-        from tests.servers import start_server
-    except ImportError:
-        start_server = None
-    if start_server is not None:
-        server = start_server("s3")
-        try:
-            endpoint = server.endpoint()
-            yield S3(endpoint.url, dict(endpoint.storage_options))
-        finally:
-            server.stop()
-        return
-    # Fallback: moto in this process.
-    import boto3
-    from moto.server import ThreadedMotoServer
-
-    moto = ThreadedMotoServer(ip_address="127.0.0.1", port=0)
-    moto.start()
-    host, port = moto.get_host_and_port()
-    url = f"http://{host}:{port}"
-    bucket = "fsrdzv-" + uuid.uuid4().hex[:8]
-    boto3.client(
-        "s3", endpoint_url=url, aws_access_key_id="testing", aws_secret_access_key="testing", region_name="us-east-1"
-    ).create_bucket(Bucket=bucket)
-    try:
-        yield S3(
-            f"s3://{bucket}/rdzv",
-            {"key": "testing", "secret": "testing", "client_kwargs": {"endpoint_url": url, "region_name": "us-east-1"}},
-        )
-    finally:
-        moto.stop()
-
-
 @pytest.fixture(params=["dir", "s3"])
 def backend(request: pytest.FixtureRequest, tmp_path: Path) -> FsRendezvousBackend:
     run_id = "run-" + uuid.uuid4().hex[:8]
     if request.param == "dir":
         return FsRendezvousBackend(str(tmp_path / "rdzv"), run_id)
-    s3: S3 = request.getfixturevalue("s3_server")
+    s3: Endpoint = request.getfixturevalue("s3_endpoint")  # moto, from conftest.py
     return FsRendezvousBackend(s3.url, run_id, s3.storage_options)
 
 
 def _corrupt(backend: FsRendezvousBackend) -> None:
     """Write bytes that are not an fsrdzv document where the document lives, bypassing fsrdzv."""
     store: Any = backend.store
-    if hasattr(store, "corrupt_for_tests"):
-        store.corrupt_for_tests(b"this is not an fsrdzv document")
-    else:  # an object store: overwrite the document object with its own raw write
-        store._write_raw_for_tests(b"this is not an fsrdzv document")
+    store.corrupt_for_tests(b"this is not an fsrdzv document")
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -447,7 +397,7 @@ class TestHandler:
         ],
     )
     def test_errors_are_mapped_to_torchs(self, ours: Exception, theirs: type[Exception]) -> None:
-        handler = FsRendezvousHandler(FakeCore(ours))  # type: ignore[arg-type]
+        handler = FsRendezvousHandler(FakeCore(ours))
         with pytest.raises(theirs, match=str(ours)) as info:
             handler.next_rendezvous()
         assert type(info.value) is theirs
@@ -455,7 +405,7 @@ class TestHandler:
 
     def test_spare_exits_with_status_0_under_torchrun(self) -> None:
         exc = fsrdzv.RendezvousGracefulExitError("closed while spare")
-        handler = FsRendezvousHandler(FakeCore(exc), graceful_exit="exit")  # type: ignore[arg-type]
+        handler = FsRendezvousHandler(FakeCore(exc), graceful_exit="exit")
         with pytest.raises(GracefulExit) as info:
             handler.next_rendezvous()
         assert isinstance(info.value, SystemExit)
@@ -464,7 +414,7 @@ class TestHandler:
 
     def test_spare_raises_torchs_graceful_exit_when_asked(self) -> None:
         exc = fsrdzv.RendezvousGracefulExitError("closed while spare")
-        handler = FsRendezvousHandler(FakeCore(exc), graceful_exit="raise")  # type: ignore[arg-type]
+        handler = FsRendezvousHandler(FakeCore(exc), graceful_exit="raise")
         with pytest.raises(RendezvousGracefulExitError):
             handler.next_rendezvous()
 
@@ -475,7 +425,7 @@ class TestHandler:
     def test_rank_0_hosts_a_fresh_store_every_round(self) -> None:
         p0, p1 = _port(), _port()
         core = FakeCore(Info(0, 0, 2, "127.0.0.1", p0), Info(1, 0, 2, "127.0.0.1", p1))
-        handler = FsRendezvousHandler(core, store_timeout=5)  # type: ignore[arg-type]
+        handler = FsRendezvousHandler(core, store_timeout=5)
 
         first = handler.next_rendezvous()
         assert (first.rank, first.world_size) == (0, 2)
@@ -501,8 +451,8 @@ class TestHandler:
 
     def test_other_ranks_connect_to_rank_0s_store(self) -> None:
         port = _port()
-        rank0 = FsRendezvousHandler(FakeCore(Info(3, 0, 2, "127.0.0.1", port)), store_timeout=5)  # type: ignore[arg-type]
-        rank1 = FsRendezvousHandler(FakeCore(Info(3, 1, 2, "127.0.0.1", port)), store_timeout=10)  # type: ignore[arg-type]
+        rank0 = FsRendezvousHandler(FakeCore(Info(3, 0, 2, "127.0.0.1", port)), store_timeout=5)
+        rank1 = FsRendezvousHandler(FakeCore(Info(3, 1, 2, "127.0.0.1", port)), store_timeout=10)
         got: dict[str, Any] = {}
         # Rank 1 may come back from the rendezvous before rank 0's server is up: its client retries.
         t = threading.Thread(target=lambda: got.setdefault("info", rank1.next_rendezvous()))
@@ -517,7 +467,7 @@ class TestHandler:
         rank1.shutdown()
 
     def test_unreachable_rank_0_is_a_connection_error(self) -> None:
-        handler = FsRendezvousHandler(FakeCore(Info(0, 1, 2, "127.0.0.1", _port())), store_timeout=1)  # type: ignore[arg-type]
+        handler = FsRendezvousHandler(FakeCore(Info(0, 1, 2, "127.0.0.1", _port())), store_timeout=1)
         with pytest.raises(RendezvousConnectionError, match="rank 0's TCPStore"):
             handler.next_rendezvous()
 
@@ -528,13 +478,13 @@ class TestHandler:
             taken.bind(("127.0.0.1", 0))
             taken.listen(1)
             port = taken.getsockname()[1]
-            handler = FsRendezvousHandler(FakeCore(Info(0, 0, 1, "127.0.0.1", port)), store_timeout=1)  # type: ignore[arg-type]
+            handler = FsRendezvousHandler(FakeCore(Info(0, 0, 1, "127.0.0.1", port)), store_timeout=1)
             with pytest.raises(RendezvousConnectionError, match="starting the TCPStore server"):
                 handler.next_rendezvous()
 
     def test_num_nodes_waiting_survives_storage_outages(self, caplog: pytest.LogCaptureFixture) -> None:
         core = FakeCore()
-        handler = FsRendezvousHandler(core)  # type: ignore[arg-type]
+        handler = FsRendezvousHandler(core)
         core.waiting = 2
         assert handler.num_nodes_waiting() == 2
         core.waiting = fsrdzv.StorageError("503 slow down")
@@ -545,9 +495,22 @@ class TestHandler:
         with pytest.raises(RendezvousStateError):
             handler.num_nodes_waiting()
 
+    def test_waiting_nodes_read_before_the_round_formed_are_not_reported(self) -> None:
+        # The core's answer may come from a read that predates the round (cached for READ_CACHE seconds) and still
+        # list a node that is now a participant; the agent would restart the round it just formed.
+        port = _port()
+        core = FakeCore(Info(0, 0, 1, "127.0.0.1", port))
+        core.waiting = 1
+        handler = FsRendezvousHandler(core, store_timeout=5)
+        handler.next_rendezvous()
+        assert handler.num_nodes_waiting() == 0
+        handler._quiet_until = 0.0  # the quiet period is over
+        assert handler.num_nodes_waiting() == 1
+        handler.shutdown()
+
     def test_shutdown_reports_failure_as_false(self) -> None:
         core = FakeCore()
-        handler = FsRendezvousHandler(core)  # type: ignore[arg-type]
+        handler = FsRendezvousHandler(core)
         assert handler.shutdown() is True
         core.shutdown_result = fsrdzv.RendezvousTimeoutError("could not close")
         assert handler.shutdown() is False
@@ -557,7 +520,7 @@ class TestHandler:
 
     def test_closed_state_is_passed_through(self) -> None:
         core = FakeCore()
-        handler = FsRendezvousHandler(core)  # type: ignore[arg-type]
+        handler = FsRendezvousHandler(core)
         assert handler.is_closed() is False
         handler.set_closed()
         assert handler.is_closed() is True

@@ -1,8 +1,9 @@
 """Launch real ``torchrun`` agents for the end-to-end tests, and make sure none outlives its test.
 
-Every agent runs ``python -m torch.distributed.run`` in a new session (its own process group), so that a test can
-SIGKILL a whole node (agent plus workers) at once, and the fixture kills every group it started when the test
-ends, passed or failed.
+torch starts every worker in a session of its own, so killing an agent's process group leaves its workers running
+(and still all-reducing with the other nodes). A "node death" here therefore freezes and kills the agent's whole
+process tree, and every process of a test carries a tag in its environment by which the cleanup finds and kills
+whatever is left, orphans included, when the test ends, passed or failed.
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ import signal
 import subprocess
 import sys
 import time
+import uuid
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
@@ -37,6 +39,7 @@ class Agent:
             argv, stdout=self._log, stderr=subprocess.STDOUT, env=env, cwd=str(log_path.parent), start_new_session=True
         )
         self.started = time.monotonic()
+        self.killed = False
 
     def wait(self, timeout: float) -> int:
         try:
@@ -46,17 +49,19 @@ class Agent:
 
     def kill(self) -> None:
         """SIGKILL the whole node: the agent and its workers, as if the machine died."""
-        with contextlib.suppress(ProcessLookupError):
-            os.killpg(self.proc.pid, signal.SIGKILL)
+        self.killed = True
+        # Freeze first: an agent that saw its workers die would react, and a dead agent's workers get reparented.
+        tree = [self.proc.pid, *_descendants(self.proc.pid)]
+        for sig in (signal.SIGSTOP, signal.SIGKILL):
+            for pid in tree:
+                with contextlib.suppress(ProcessLookupError, PermissionError):
+                    os.kill(pid, sig)
 
     def stop(self) -> None:
         if self.proc.poll() is None:
             self.kill()
             with contextlib.suppress(subprocess.TimeoutExpired):
                 self.proc.wait(10)
-        else:
-            # The agent is gone but a worker might not be (it should never happen; kill the group anyway).
-            self.kill()
         self._log.close()
 
     def output(self) -> str:
@@ -81,6 +86,9 @@ class Cluster:
         self.env.update({"PYTHONUNBUFFERED": "1", "LOGLEVEL": "INFO", "OMP_NUM_THREADS": "1"})
         self.env["PYTHONPATH"] = os.pathsep.join(p for p in (str(REPO), self.env.get("PYTHONPATH", "")) if p)
         self.env.update(env or {})
+        #: Inherited by every process of this cluster: the cleanup finds leftovers by it.
+        self.tag = uuid.uuid4().hex
+        self.env["FSRDZV_E2E_TAG"] = self.tag
 
     def start(
         self,
@@ -91,6 +99,7 @@ class Cluster:
         nproc: int = 2,
         max_restarts: int = 0,
         conf: str = FAST_CONF,
+        local_addr: str = "127.0.0.1",
         worker_args: Sequence[str] = (),
     ) -> Agent:
         argv = [
@@ -103,7 +112,7 @@ class Cluster:
             f"--rdzv-endpoint={self.endpoint}",
             f"--rdzv-id={run_id}",
             f"--rdzv-conf={conf}",
-            "--local-addr=127.0.0.1",
+            f"--local-addr={local_addr}",
             "--monitor-interval=0.1",
             f"--max-restarts={max_restarts}",
             str(WORKER),
@@ -120,6 +129,11 @@ class Cluster:
             return []
         return [json.loads(p.read_text()) for p in sorted(self.out.glob("a*-w*-r*.json"))]
 
+    def has(self, *, world: int, restart: int | None = None, count: int | None = None) -> bool:
+        """Whether ``count`` (default: ``world``) workers reported from a world of ``world`` workers."""
+        found = [r for r in self.records() if r["world"] == world and (restart is None or r["restart"] == restart)]
+        return len(found) >= (world if count is None else count)
+
     def wait_for(self, what: str, predicate: Callable[[], bool], timeout: float) -> None:
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
@@ -127,7 +141,7 @@ class Cluster:
                 return
             for agent in self.agents:
                 code = agent.proc.poll()
-                if code is not None and code != 0 and not getattr(agent, "expected_death", False):
+                if code is not None and code != 0 and not agent.killed:
                     raise AssertionError(
                         f"agent {agent.name} exited with {code} while waiting for {what}\n{self.logs()}"
                     )
@@ -150,6 +164,42 @@ class Cluster:
     def stop(self) -> None:
         for agent in self.agents:
             agent.stop()
+        for pid in _tagged(self.tag):
+            with contextlib.suppress(ProcessLookupError, PermissionError):
+                os.kill(pid, signal.SIGKILL)
+
+
+def _parents() -> dict[int, int]:
+    parents = {}
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            with contextlib.suppress(OSError, ValueError, IndexError):
+                stat = Path(f"/proc/{entry}/stat").read_text()
+                # The command name (field 2) may contain spaces; the parent pid follows the closing parenthesis.
+                parents[int(entry)] = int(stat.rsplit(")", 1)[1].split()[1])
+    return parents
+
+
+def _descendants(pid: int) -> list[int]:
+    parents = _parents()
+    found: list[int] = []
+    frontier = [pid]
+    while frontier:
+        children = [child for child, parent in parents.items() if parent in frontier]
+        found.extend(children)
+        frontier = children
+    return found
+
+
+def _tagged(tag: str) -> list[int]:
+    needle = f"FSRDZV_E2E_TAG={tag}".encode()
+    pids = []
+    for entry in os.listdir("/proc"):
+        if entry.isdigit() and int(entry) != os.getpid():
+            with contextlib.suppress(OSError):
+                if needle in Path(f"/proc/{entry}/environ").read_bytes().split(b"\0"):
+                    pids.append(int(entry))
+    return pids
 
 
 @contextlib.contextmanager
