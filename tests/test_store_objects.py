@@ -153,6 +153,25 @@ def test_selftest_refuses_store_that_ignores_conditions(
     assert fsrdzv.list_runs(endpoint.url, storage_options=endpoint.storage_options) == []
 
 
+def test_selftest_refuses_store_that_refuses_valid_updates(
+    s3_endpoint: Endpoint, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # A proxy that rewrites ETags: every If-Match fails, so no CAS could ever win and the job would hang.
+    import s3fs
+
+    original = s3fs.S3FileSystem._call_s3
+
+    async def mangling(self: Any, method: str, *args: Any, **kwargs: Any) -> Any:
+        if "IfMatch" in kwargs:
+            kwargs["IfMatch"] = '"0123456789abcdef0123456789abcdef"'
+        return await original(self, method, *args, **kwargs)
+
+    monkeypatch.setattr(s3fs.S3FileSystem, "_call_s3", mangling)
+    with pytest.raises(UnsupportedStoreError) as info:
+        _open(s3_endpoint)
+    _assert_one_line(info.value, "mishandles conditional writes", "current version was refused", s3_endpoint.url)
+
+
 def test_selftest_can_be_skipped(s3_endpoint: Endpoint, monkeypatch: pytest.MonkeyPatch) -> None:
     _lie_s3(monkeypatch, {"IfNoneMatch", "IfMatch"})
     store = _open(s3_endpoint, skip_selftest=True)  # the caller vouches for the endpoint

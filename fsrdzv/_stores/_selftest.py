@@ -68,32 +68,35 @@ def verify_conditional_writes(
         credentials are most likely to allow writes).
     :param location: the endpoint, for messages.
     :param conditions: the names of the conditions, for messages (``"If-None-Match/If-Match"``).
-    :raises UnsupportedStoreError: a second create or a stale update succeeded, or a current update was refused.
+    :raises UnsupportedStoreError: a second create or a stale update succeeded (the endpoint ignores conditions),
+        or a fresh create or a current update was refused (it mishandles them).
     :raises StorageError: the probe could not be written at all (missing bucket, credentials, network).
     """
     with _PASSED_LOCK:
         if cache_key in _PASSED:
             return
     key = join_key(prefix, PROBE_DIR, uuid.uuid4().hex)
-    failure = None
+    # (lead, detail): "ignores" when a write that must fail succeeded, "mishandles" when a valid one was refused.
+    failure: tuple[str, str] | None = None
     first = store.probe_create(key, b"fsrdzv probe 1\n")
     try:
         if first is None:
             # A fresh random key that "already exists" means creates are refused whatever the state.
-            failure = f"a create-if-absent of the new object {key} was refused"
+            failure = ("mishandles", f"a create-if-absent of the new object {key} was refused")
         elif store.probe_create(key, b"fsrdzv probe 2\n") is not None:
-            failure = "a second create-if-absent of the same object succeeded"
+            failure = ("ignores", "a second create-if-absent of the same object succeeded")
         else:
             second = store.probe_update(key, b"fsrdzv probe 3\n", first)
             if second is None:
-                failure = "an update carrying the object's current version was refused"
+                failure = ("mishandles", "an update carrying the object's current version was refused")
             elif store.probe_update(key, b"fsrdzv probe 4\n", first) is not None:
-                failure = "an update carrying a stale version succeeded"
+                failure = ("ignores", "an update carrying a stale version succeeded")
     finally:
         _delete_probe(store, key, location)
     if failure is not None:
+        lead, detail = failure
         raise UnsupportedStoreError(
-            f"{location}: this endpoint ignores conditional writes ({conditions}): {failure}. fsrdzv cannot "
+            f"{location}: this endpoint {lead} conditional writes ({conditions}): {detail}. fsrdzv cannot "
             "guarantee that only one node wins each update of the rendezvous state on it; use a store that "
             "honours them (AWS S3, Google Cloud Storage, Azure Blob Storage, or a shared directory)"
         )
