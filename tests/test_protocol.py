@@ -502,3 +502,47 @@ def test_spares_are_promoted_however_the_participants_die(sweeps: list[tuple[str
     assert script.state.round == 1 and not script.state.complete
     assert set(script.state.participants) == {nid("c")}
     assert not script.state.redundancy_list and not script.state.wait_list
+
+
+# -- exits decided mid-batch ---------------------------------------------------------------------------------------
+
+EXIT_ORDER_REASON = (
+    "fold_requests applies a request's exit (torch's exit op) to wherever the node is *during* the batch, after the "
+    "requests sorted before it were applied, instead of where it was when it asked (JoinRequest.leave_round is never "
+    "read). A round that completes at max_nodes mid-batch then loses a roster member to a later request's exit, or "
+    "a waiter moved into a new round by an earlier exit is exited again: the committed round is complete with a "
+    "roster (world size) larger than its participants and the missing rank sits in the wait list."
+)
+
+
+@pytest.mark.xfail(strict=True, reason=EXIT_ORDER_REASON)
+def test_participant_asking_again_while_a_newcomer_completes_the_round() -> None:
+    # b is the only participant of the incomplete round 0 and asks again (leave_round=0) while a arrives; a sorts
+    # first, completes the round at max_nodes=2, then b's exit takes b out of the completed round.
+    script = Script(1, 2).join("b").join("a", "b")
+    state = script.state
+    assert len(state.roster) == len(state.participants), f"roster {state.roster}, participants {state.participants}"
+    assert state.participants == {nid("a"): 0, nid("b"): 1} and not state.wait_list
+
+
+@pytest.mark.xfail(strict=True, reason=EXIT_ORDER_REASON)
+def test_waiter_asking_again_is_not_exited_from_the_round_it_was_just_moved_into() -> None:
+    # a is alone in complete round 0, b waits. Both ask again in one batch (b with leave_round=None): a's exit
+    # advances to round 1 and moves b in; a re-joins and completes round 1 at max_nodes=2; then b's request is
+    # treated as an exit from round 1, which b was never a participant of when it asked.
+    script = Script(1, 2).join("a").complete().join("b")
+    assert script.state.wait_list == (nid("b"),)
+    script.join("a", "b")
+    state = script.state
+    assert state.round == 1 and state.complete
+    assert len(state.roster) == len(state.participants), f"roster {state.roster}, participants {state.participants}"
+    assert state.participants == {nid("a"): 0, nid("b"): 1} and not state.wait_list
+
+
+def test_batch_order_does_not_matter_when_exits_come_first() -> None:
+    """The same requests, with the exiting node sorted first, give the torch outcome (exit, then join)."""
+    script = Script(1, 2).join("a").join("a", "b")
+    assert script.state.participants == {nid("a"): 0, nid("b"): 1} and script.state.roster == (
+        NODES["a"].addr,
+        NODES["b"].addr,
+    )
