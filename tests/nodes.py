@@ -42,6 +42,7 @@ class Node:
         options: dict[str, Any] | None = None,
         settings: dict[str, Any] | None = None,
         env: dict[str, str] | None = None,
+        stop_file: str = "",
     ) -> None:
         cmd = [
             sys.executable,
@@ -63,6 +64,8 @@ class Node:
         ]
         if shutdown:
             cmd.append("--shutdown")
+        if stop_file:
+            cmd += ["--stop-file", stop_file]
         self.events: list[dict[str, Any]] = []
         self._queue: queue.Queue[dict[str, Any]] = queue.Queue()
         self.proc = subprocess.Popen(

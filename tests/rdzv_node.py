@@ -30,6 +30,7 @@ def main() -> int:
     p.add_argument("--rounds", type=int, default=1, help="stop after this many completed rounds")
     p.add_argument("--hold", type=float, default=0.0, help="seconds to stay in each round unless nodes wait")
     p.add_argument("--shutdown", action="store_true", help="call shutdown() (closes the run) at the end")
+    p.add_argument("--stop-file", default="", help="end the hold as soon as this file exists")
     p.add_argument("--options", default="{}", help="JSON storage options")
     p.add_argument("--settings", default="{}", help="JSON keyword arguments for create_handler")
     args = p.parse_args()
@@ -58,7 +59,7 @@ def main() -> int:
                 ops=handler.ops,
             )
             stop = time.monotonic() + args.hold
-            while time.monotonic() < stop:
+            while time.monotonic() < stop and not (args.stop_file and os.path.exists(args.stop_file)):
                 waiting = handler.num_nodes_waiting()
                 if waiting:
                     emit(event="waiting", count=waiting)

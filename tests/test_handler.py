@@ -167,15 +167,22 @@ def test_dead_participant_detected_within_keep_alive_timeout(store_endpoint: tup
         kill_all([a, b])
 
 
-def test_close_reaches_everyone_and_spares_exit_gracefully(store_endpoint: tuple[str, dict[str, Any]]) -> None:
+def test_close_reaches_everyone_and_spares_exit_gracefully(
+    store_endpoint: tuple[str, dict[str, Any]], tmp_path: Any
+) -> None:
     endpoint, options = store_endpoint
     rid = run_id()
-    a = Node(endpoint, rid, 2, 2, addr="127.0.0.1", rounds=1, hold=1.0, shutdown=True, options=options)
+    stop = str(tmp_path / "stop-a")
+    a = Node(endpoint, rid, 2, 2, addr="127.0.0.1", hold=60, shutdown=True, options=options, stop_file=stop)
     b = Node(endpoint, rid, 2, 2, addr="127.0.0.2", rounds=2, hold=60, options=options)
     spare: Node | None = None
     try:
         check_round([a.wait_for("rank", 60), b.wait_for("rank", 60)], 2)
         spare = Node(endpoint, rid, 2, 2, addr="127.0.0.3", options=options)
+        deadline = time.monotonic() + 30
+        while not read_state(endpoint, rid, options).redundancy_list and time.monotonic() < deadline:
+            time.sleep(0.1)
+        open(stop, "w").close()  # a's job is done: it shuts down, which closes the run for everyone
         assert a.wait_for("shutdown", 30)["ok"] is True
         assert spare.wait_for("graceful", 30)
         assert spare.wait(30) == 0
