@@ -176,8 +176,11 @@ class RendezvousHandler:
         self._keepalive: _KeepAlive | None = None
         # Sweeps happen every interval/2 while waiting; a longer silence means we could not look.
         self._liveness = LivenessTracker(
-            settings.liveness_timeout, max(settings.liveness_timeout / 2, settings.keep_alive_interval)
+            settings.liveness_timeout,
+            max(settings.liveness_timeout / 2, settings.keep_alive_interval, 3 * SLOW_POLL),
         )
+        # Never poll slower than a sweep is due, so that death detection is not delayed by a slow poll.
+        self._slow_poll = min(SLOW_POLL, max(FAST_POLL, settings.keep_alive_interval / 2))
         self._request_cache: dict[str, tuple[str, JoinRequest | None]] = {}
         self._last_call_seen: dict[tuple[str, int, int], float] = {}
         self._cached: tuple[float, RendezvousState | None] | None = None
@@ -378,7 +381,7 @@ class RendezvousHandler:
                 if state is not None and state.generation != before:
                     poll = FAST_POLL
                 elif state is not None and (state.complete or spare):
-                    poll = min(SLOW_POLL, poll * POLL_GROWTH)
+                    poll = min(self._slow_poll, poll * POLL_GROWTH)
                 else:
                     # A forming round: stay responsive, since the last arrival completes it at any moment.
                     poll = min(4 * FAST_POLL, poll * POLL_GROWTH)
