@@ -25,7 +25,7 @@ from __future__ import annotations
 from collections import Counter
 
 import pytest
-from hypothesis import HealthCheck, Phase, settings
+from hypothesis import HealthCheck, Phase, event, settings
 from hypothesis import strategies as st
 from hypothesis.stateful import (
     RuleBasedStateMachine,
@@ -181,11 +181,16 @@ class ProtocolMachine(RuleBasedStateMachine):
             assert after.generation == before.generation
         else:
             assert after.generation == before.generation + 1, "a change must bump the generation exactly once"
-        assert after.round in (before.round, before.round + 1)
+        assert after.round in (before.round, before.round + 1), "the round advanced twice in one step"
         if after.round == before.round + 1:
             assert before.complete, "only a complete round that lost all its participants advances"
         completed_now = after.complete and (not before.complete or after.round != before.round)
+        if after.round != before.round:
+            event("round advanced")
+        if set(before.redundancy_list) - set(after.redundancy_list) & after.members():
+            event("spare moved")
         if completed_now:
+            event(f"completed with {len(after.participants)} of max {self.settings.max_nodes}")
             order = sorted(after.participants, key=lambda i: after.nodes[i])
             assert [after.participants[i] for i in order] == list(range(len(order))), "ranks not dense/sorted"
             assert after.roster == tuple(after.nodes[i].addr for i in order), "roster is not the participants"
@@ -244,8 +249,8 @@ class AnyRequestMachine(ProtocolMachine):
 
 
 FAST = settings(
-    max_examples=200,
-    stateful_step_count=25,
+    max_examples=300,
+    stateful_step_count=30,
     deadline=None,
     database=None,
     derandomize=True,
@@ -266,7 +271,13 @@ TestProtocolMachine.settings = FAST
     "with a roster larger than its participants (a rank missing). See test_protocol.py for minimal sequences.",
 )
 def test_any_request_order() -> None:
-    run_state_machine_as_test(
-        AnyRequestMachine,
-        settings=settings(FAST, max_examples=200, phases=[Phase.explicit, Phase.reuse, Phase.generate]),
-    )
+    try:
+        run_state_machine_as_test(
+            AnyRequestMachine,
+            settings=settings(FAST, max_examples=200, phases=[Phase.explicit, Phase.reuse, Phase.generate]),
+        )
+    except AssertionError as exc:
+        known = ("roster is not the participants", "ranks not dense", "advanced twice in one step")
+        if not any(k in str(exc) for k in known):
+            raise RuntimeError(f"a different defect than the one this test expects: {exc}") from exc
+        raise
