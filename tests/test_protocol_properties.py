@@ -249,7 +249,7 @@ class AnyRequestMachine(ProtocolMachine):
 
 
 FAST = settings(
-    max_examples=300,
+    max_examples=250,
     stateful_step_count=30,
     deadline=None,
     database=None,
