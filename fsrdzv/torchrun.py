@@ -226,7 +226,9 @@ _IGNORED_KEYS: Final = frozenset({"timeout"})
 _OWN_KEYS: Final = frozenset({"read_timeout", "secret_file"})
 
 # Storage options accepted in --rdzv-conf, per endpoint scheme: key -> (kind, where it goes). A path "a.b" puts the
-# value under storage_options["a"]["b"], the shape fsspec-based stores pass on to their SDK client.
+# value under storage_options["a"]["b"]. Credentials are deliberately absent: torchrun prints every --rdzv-conf
+# value in its start-up log and they would show in `ps`; the stores read them from the environment (AWS_*, AZURE_*,
+# GOOGLE_APPLICATION_CREDENTIALS), and the job secret comes from a file (secret_file=).
 _BOOL, _FLOAT, _STR = "bool", "float", "str"
 _STORAGE_KEYS: Final[dict[str, dict[str, tuple[str, str]]]] = {
     "file": {
@@ -241,17 +243,22 @@ _STORAGE_KEYS: Final[dict[str, dict[str, tuple[str, str]]]] = {
         "region": (_STR, "client_kwargs.region_name"),
         "profile": (_STR, "profile"),
         "anon": (_BOOL, "anon"),
+        "skip_selftest": (_BOOL, "skip_selftest"),
     },
     "gs": {
         "endpoint_url": (_STR, "endpoint_url"),
         "project": (_STR, "project"),
-        "token": (_STR, "token"),
+        "token": (_STR, "token"),  # gcsfs's token *kinds* ("anon", "google_default", a key file path), not a secret
+        "retry_timeout": (_FLOAT, "retry_timeout"),
+        "skip_selftest": (_BOOL, "skip_selftest"),
     },
     "az": {
         "account_name": (_STR, "account_name"),
         "account_host": (_STR, "account_host"),
-        "endpoint_url": (_STR, "account_host"),
+        "account_url": (_STR, "account_url"),
+        "endpoint_url": (_STR, "account_url"),
         "anon": (_BOOL, "anon"),
+        "skip_selftest": (_BOOL, "skip_selftest"),
     },
 }
 _SCHEME_FAMILY: Final = {"gcs": "gs", "abfs": "az", "abfss": "az"}
@@ -514,7 +521,8 @@ class FsRendezvousHandler(RendezvousHandler):
         except TorchGracefulExitError as exc:
             self._release_server()
             if self._graceful_exit == "exit":
-                log.info("fsrdzv: %s; this spare node exits with status 0", exc)
+                # A warning, not info: it is the only line an agent that never trained prints about why it ended.
+                log.warning("fsrdzv: %s; this spare node exits with status 0", exc)
                 raise GracefulExit(str(exc)) from exc
             raise
         except BaseException:
@@ -627,8 +635,6 @@ def create_handler(params: RendezvousParameters, *, graceful_exit: str = "exit")
     :raises ValueError: (``fsrdzv.ConfigurationError``) an unknown ``--rdzv-conf`` key, a malformed value, or an
         invalid endpoint or run id; the message names the key and the value.
     """
-    if params.backend != BACKEND_NAME:
-        log.debug("fsrdzv handler created for backend name %r", params.backend)
     config = parse_config(params)
     try:
         core = _core_create_handler(

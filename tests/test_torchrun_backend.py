@@ -279,6 +279,17 @@ class TestConfig:
             "anon": False,
         }
 
+    def test_gcs_and_azure_storage_options(self) -> None:
+        config = parse_config(_params("gs://bucket/rdzv", endpoint_url="http://gcs:4443", project="p", token="anon"))
+        assert config.storage_options == {"endpoint_url": "http://gcs:4443", "project": "p", "token": "anon"}
+        config = parse_config(_params("az://container/rdzv", endpoint_url="http://azurite:10000/acct"))
+        assert config.storage_options == {"account_url": "http://azurite:10000/acct"}
+
+    def test_credentials_are_not_taken_from_the_command_line(self) -> None:
+        # torchrun logs every --rdzv-conf value; credentials come from the environment instead.
+        with pytest.raises(ValueError, match="unknown --rdzv-conf key 'secret'"):
+            parse_config(_params("s3://bucket/rdzv", secret="hunter2"))
+
     def test_storage_options_of_another_store_are_refused(self) -> None:
         with pytest.raises(ValueError, match=r"'endpoint_url'.*file:// endpoint"):
             parse_config(_params(endpoint_url="http://minio:9000"))
