@@ -30,8 +30,12 @@ def new_state(run_id: str, epoch: str, generation: int = 0) -> RendezvousState:
 
 
 def restart(state: RendezvousState, epoch: str) -> RendezvousState:
-    """A fresh incarnation of a finished run (run id reuse): nothing of the old job survives but the generation."""
-    return new_state(state.run_id, epoch, state.generation)
+    """A fresh incarnation of a finished run (run id reuse).
+
+    No member, round or closed flag of the old job survives. The generation keeps climbing and ``applied`` is
+    kept, so a request record left behind by a killed node of the old job can never be folded into the new one.
+    """
+    return new_state(state.run_id, epoch, state.generation + 1).bump(applied=dict(state.applied))
 
 
 def pending(state: RendezvousState, requests: Iterable[JoinRequest]) -> list[JoinRequest]:
@@ -169,12 +173,16 @@ def fold_requests(
         return state
     generation = state.generation + 1
     applied = dict(state.applied)
+    # Leaves first, decided on the state before the batch (torch's exit op), then joins: a node's position
+    # must not depend on which other requests happen to share its batch.
+    leaving = [r.node.node_id for r in todo if r.node.node_id in state.participants]
+    for node_id in leaving:
+        state = _drop(state, node_id)
+        state = _after_participant_loss(state, settings, generation)
     for request in todo:
         node_id = request.node.node_id
-        if node_id in state.participants:
-            state = _drop(state, node_id)
-            state = _after_participant_loss(state, settings, generation)
         state = _join_one(state, request.node, settings, generation)
+        applied.pop(node_id, None)  # re-insert so that the dict keeps application order (oldest first)
         applied[node_id] = request.nonce
     state = _settle(state, settings, generation)
     return _trim_applied(state.bump(applied=applied, generation=generation))

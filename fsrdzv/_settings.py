@@ -28,7 +28,7 @@ def _count(name: str, value: object, minimum: int) -> int:
         raise ConfigurationError(f"{name}={value!r} is not an integer")
     try:
         number = int(str(value).strip()) if isinstance(value, str) else int(value)  # type: ignore[call-overload]
-    except (TypeError, ValueError):
+    except (TypeError, ValueError, OverflowError):
         raise ConfigurationError(f"{name}={value!r} is not an integer") from None
     if isinstance(value, float) and not value.is_integer():
         raise ConfigurationError(f"{name}={value!r} is not an integer")

@@ -145,7 +145,8 @@ def encode_state(state: RendezvousState) -> bytes:
         "master": None if state.master is None else {"addr": state.master[0], "port": state.master[1]},
         "roster": list(state.roster),
         "nodes": {k: v.to_json() for k, v in sorted(state.nodes.items())},
-        "applied": dict(sorted(state.applied.items())),
+        # Application order, oldest first (not sorted): trimming the history drops the oldest entries.
+        "applied": dict(state.applied),
     }
     return json.dumps(doc, separators=(",", ":")).encode()
 

@@ -19,6 +19,7 @@ wrong type, wrong format, stale — makes a CAS return ``won=False`` with the cu
 from __future__ import annotations
 
 import hashlib
+import logging
 import hmac as _hmac
 import re
 from abc import ABC, abstractmethod
@@ -40,10 +41,12 @@ __all__ = [
     "validate_run_id",
 ]
 
-#: Largest document payload accepted on write or read (bytes). 10,000 nodes take about 1.5 MB.
+#: Largest document payload accepted on write or read (bytes). 10,000 nodes take about 3.3 MB.
 MAX_DOCUMENT_BYTES: Final = 32 * 1024 * 1024
 #: Largest per-node record payload (bytes).
 MAX_RECORD_BYTES: Final = 64 * 1024
+
+log = logging.getLogger("fsrdzv.store")
 
 _MAGIC: Final = b"fsrdzv1"
 _RUN_ID_RE: Final = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
@@ -73,7 +76,7 @@ class CasResult:
 
 def validate_run_id(run_id: object) -> str:
     """Return ``run_id`` if it is safe as a path and object-key component, else raise ConfigurationError."""
-    if not isinstance(run_id, str) or not _RUN_ID_RE.match(run_id) or run_id in {".", ".."}:
+    if not isinstance(run_id, str) or not _RUN_ID_RE.fullmatch(run_id) or run_id in {".", ".."}:
         raise ConfigurationError(
             f"invalid run id {run_id!r}: use 1-128 characters from letters, digits, '.', '_' and '-', "
             "starting with a letter or digit (for example $SLURM_JOB_ID)"
@@ -153,7 +156,7 @@ def unseal(raw: bytes, where: str, secret: bytes | None = None, limit: int = MAX
         raise StateCorruptError(f"{where} is truncated or altered (checksum mismatch); {hint}")
     if secret is not None:
         mac = values.get(b"hmac")
-        if mac is None or not _hmac.compare_digest(mac.decode(errors="replace"), _mac(secret, generation, payload)):
+        if mac is None or not _hmac.compare_digest(mac, _mac(secret, generation, payload).encode()):
             raise TamperedError(
                 f"{where} is not signed with this job's secret (missing or wrong HMAC); it was ignored. "
                 "Check that every node uses the same secret_file, or look for a foreign writer."
@@ -248,7 +251,14 @@ class Store(ABC):
         The tag is opaque and changes whenever the record is rewritten with new content, so an observer can tell
         whether a heartbeat advanced without reading it.
         """
-        return {decode_name(k): v for k, v in self._list_records(kind).items()}
+        out = {}
+        for key, tag in self._list_records(kind).items():
+            try:
+                out[decode_name(key)] = tag
+            except (ValueError, UnicodeDecodeError):
+                # A stray object that fsrdzv did not write: never let it break every node's listing.
+                log.warning("ignoring %s: the name %r was not written by fsrdzv", self.describe(f"{kind} records"), key)
+        return out
 
     def delete_record(self, kind: str, name: str) -> None:
         """Delete a record if it exists."""

@@ -224,9 +224,9 @@ CASES = [
     # -- restart (run id reuse) -----------------------------------------------------------------------------------
     Case("restart-keeps-only-the-generation", 1, 2, [("join", "a", "b"), ("join", "c"), ("close",), ("restart",)],
          {"closed": False, "participants": {}, "wait": set(), "spare": set(), "round": 0, "complete": False,
-          "last_call": None, "master": None, "roster": "", "generation": 3}),
+          "last_call": None, "master": None, "roster": "", "generation": 4}),
     Case("restarted-run-forms-afresh", 1, 2, [("join", "a", "b"), ("close",), ("restart",), ("join", "c")],
-         {"closed": False, "participants": {"c": 0}, "round": 0, "complete": False, "last_call": 3, "generation": 3}),
+         {"closed": False, "participants": {"c": 0}, "round": 0, "complete": False, "last_call": 4, "generation": 4}),
 ]
 # fmt: on
 
@@ -390,18 +390,13 @@ def test_restart_is_a_fresh_epoch_with_only_the_generation() -> None:
     script = Script(1, 2).join("a", "b").join("c").close()
     old = script.state
     fresh = restart(old, "epoch-new")
-    assert fresh == new_state(RUN, "epoch-new", old.generation)
+    # The generation keeps climbing; `applied` is kept so old request records can never be folded again.
+    assert fresh == new_state(RUN, "epoch-new", old.generation + 1).bump(applied=dict(old.applied))
     assert fresh.epoch != old.epoch and fresh.run_id == old.run_id
-    assert not fresh.closed and not fresh.members() and not fresh.nodes and not fresh.applied
+    assert not fresh.closed and not fresh.members() and not fresh.nodes
     assert fresh.master is None and fresh.round == 0 and fresh.last_call is None
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="restart() drops `applied`, so a join request folded in the previous job is pending again: the record of "
-    "a node that died (SIGKILL, removed by liveness, never cleaned up) re-admits that dead node into the new job. "
-    "The handler deletes only the req records of the closed state's members, not of nodes removed earlier.",
-)
 def test_restart_does_not_readmit_a_dead_node_of_the_old_job() -> None:
     settings = Settings(run_id=RUN, min_nodes=2, max_nodes=2)
     old_a, old_b, old_c = (JoinRequest(NODES[n], "old") for n in "abc")
@@ -515,7 +510,6 @@ EXIT_ORDER_REASON = (
 )
 
 
-@pytest.mark.xfail(strict=True, reason=EXIT_ORDER_REASON)
 def test_participant_asking_again_while_a_newcomer_completes_the_round() -> None:
     # b is the only participant of the incomplete round 0 and asks again (leave_round=0) while a arrives; a sorts
     # first, completes the round at max_nodes=2, then b's exit takes b out of the completed round.
@@ -525,7 +519,6 @@ def test_participant_asking_again_while_a_newcomer_completes_the_round() -> None
     assert state.participants == {nid("a"): 0, nid("b"): 1} and not state.wait_list
 
 
-@pytest.mark.xfail(strict=True, reason=EXIT_ORDER_REASON)
 def test_waiter_asking_again_is_not_exited_from_the_round_it_was_just_moved_into() -> None:
     # a is alone in complete round 0, b waits. Both ask again in one batch (b with leave_round=None): a's exit
     # advances to round 1 and moves b in; a re-joins and completes round 1 at max_nodes=2; then b's request is
