@@ -144,10 +144,11 @@ def collect_status(
     :raises StateCorruptError: the document is unreadable. :raises StorageError: the storage failed.
     """
     observer = observer or HeartbeatObserver()
-    if observer.observations == 0:
+    if observer.observations == 0 and observe > 0:
+        read_state(store)  # an unreadable document fails now, not after the observation window
         # Several looks during the window, so that an age is known to within OBSERVE_STEP, not to the window.
         start = observer.observe(store.list_records("hb"))
-        while observe > 0:
+        while True:
             left = start + observe - observer.now()
             if left <= 0:
                 break

@@ -19,8 +19,8 @@ wrong type, wrong format, stale — makes a CAS return ``won=False`` with the cu
 from __future__ import annotations
 
 import hashlib
-import logging
 import hmac as _hmac
+import logging
 import re
 from abc import ABC, abstractmethod
 from dataclasses import dataclass

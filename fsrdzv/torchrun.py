@@ -23,6 +23,21 @@ Deliberate differences from torch 2.13's ``c10d`` / dynamic handler:
   stops its (empty) worker group in its ``finally``, and ``launch_agent`` still calls ``shutdown()``.
 * **Settings are validated.** Unknown ``--rdzv-conf`` keys and malformed values fail at start with one line that
   names the key and the value; keep-alive settings must be positive (§13.5). Seconds may be fractional.
+* **A storage hiccup does not end training.** ``num_nodes_waiting`` (polled every 0.1 s) answers 0 and warns when
+  the storage cannot be read, instead of raising into the agent (which would close the run for every node).
+
+``--rdzv-conf`` keys:
+
+* torch's, with torch's defaults: ``join_timeout`` (600), ``last_call_timeout`` (30), ``close_timeout`` (30),
+  ``heartbeat_timeout`` (5), ``keep_alive_interval`` (5), ``keep_alive_max_attempt`` (3). ``timeout``, which
+  torchrun always adds, is ignored, as torch's dynamic handler does.
+* ``read_timeout`` (60): seconds for the per-round TCPStore (as for torch's c10d backend).
+* ``secret_file``: a file holding the job secret; every document and record is then HMAC-signed and checked.
+* storage options of the endpoint's store: directories ``lock``, ``lock_timeout``, ``permissions``, ``fsync``;
+  ``s3://`` ``endpoint_url``, ``region``, ``profile``, ``anon``; ``gs://`` ``endpoint_url``, ``project``,
+  ``token``, ``retry_timeout``; ``az://`` ``account_name``, ``account_url`` (or ``endpoint_url``),
+  ``account_host``, ``anon``; object stores also ``skip_selftest``. Credentials are never taken from
+  ``--rdzv-conf`` (torchrun logs it): the stores read them from the environment.
 """
 
 from __future__ import annotations
@@ -494,9 +509,8 @@ class FsRendezvousHandler(RendezvousHandler):
         self._timeout = datetime.timedelta(seconds=store_timeout)
         self._graceful_exit = graceful_exit
         self._lock = threading.Lock()
-        # The server this agent hosts for the current round when it is rank 0, and the round it belongs to.
+        # The server this agent hosts for the current round when it is rank 0.
         self._server: TCPStore | None = None
-        self._server_round: int | None = None
         self._last_warning = -math.inf
         self._quiet_until = -math.inf
 
@@ -614,11 +628,11 @@ class FsRendezvousHandler(RendezvousHandler):
                 f"starting the TCPStore server for round {round_} of run {self._core.run_id!r} on", addr, port, exc
             ) from exc
         with self._lock:
-            self._server, self._server_round = server, round_
+            self._server = server
 
     def _release_server(self) -> None:
         with self._lock:
-            server, self._server, self._server_round = self._server, None, None
+            server, self._server = self._server, None
         # The TCPStore server stops listening when its last Python reference goes; connections already open are
         # served until their clients go (the old round's workers are stopped before the agent re-rendezvouses).
         del server

@@ -178,7 +178,7 @@ class S3Store(Store):
     def _open_filesystem(self, options: dict[str, Any]) -> Any:
         try:
             return _filesystem(options)
-        except TypeError as exc:
+        except (TypeError, ValueError) as exc:
             raise ConfigurationError(f"invalid storage_options for {self.location}: {one_line(exc)}") from None
 
     # -- the boundary ----------------------------------------------------------------------------------------
