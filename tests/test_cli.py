@@ -1,0 +1,347 @@
+"""The ``fsrdzv`` command line through the real console script, against live runs on a directory and on S3 (moto).
+
+Live runs are made of real ``fsrdzv run`` launchers (see ``tests/test_launcher.py``), so ``status`` and ``list``
+read what real nodes wrote. Every error path must print exactly one line on stderr and exit with its documented
+status.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from fsrdzv import open_store
+from fsrdzv._state import NodeInfo, RendezvousState, encode_state
+from tests.servers import Endpoint
+from tests.test_launcher import Job, fsrdzv, wait_until
+
+CLEAR = "\x1b[H\x1b[2J"
+
+
+def cli(*args: str, env: dict[str, str] | None = None, timeout: float = 60) -> subprocess.CompletedProcess[str]:
+    base = {k: v for k, v in os.environ.items() if not k.startswith(("FSRDZV_", "SLURM_"))}
+    return subprocess.run(fsrdzv(*args), capture_output=True, text=True, timeout=timeout, env={**base, **(env or {})})
+
+
+def cli_many(
+    cases: list[tuple[list[str], dict[str, str]]], timeout: float = 120
+) -> list[subprocess.CompletedProcess[str]]:
+    """Run several invocations at once (each is a fresh interpreter: in parallel they cost a lot less wall time)."""
+    base = {k: v for k, v in os.environ.items() if not k.startswith(("FSRDZV_", "SLURM_"))}
+    procs = [
+        (
+            argv,
+            subprocess.Popen(
+                fsrdzv(*argv), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env={**base, **env}
+            ),
+        )
+        for argv, env in cases
+    ]
+    results = []
+    for argv, proc in procs:
+        out, err = proc.communicate(timeout=timeout)
+        results.append(subprocess.CompletedProcess(fsrdzv(*argv), proc.returncode, out, err))
+    return results
+
+
+def one_line_error(result: subprocess.CompletedProcess[str], code: int) -> str:
+    assert result.returncode == code, (result.returncode, result.stdout, result.stderr)
+    lines = result.stderr.splitlines()
+    assert len(lines) == 1, result.stderr
+    assert re.match(r"^fsrdzv( \w+)?: error: \S", lines[0]), lines[0]
+    return lines[0]
+
+
+def s3_option_args(endpoint: Endpoint) -> list[str]:
+    """The endpoint's storage options as ``-o KEY=VALUE`` items (nested keys dotted)."""
+    out = []
+    for key, value in endpoint.storage_options.items():
+        if isinstance(value, dict):
+            out += [f"-o{key}.{k}={v}" for k, v in value.items()]
+        else:
+            out.append(f"-o{key}={value}")
+    return out
+
+
+def formed(job: Job, count: int, options: dict[str, Any] | None = None) -> bool:
+    state = job.state(options)
+    return state is not None and state.complete and len(state.participants) == count
+
+
+@pytest.fixture
+def live(tmp_path: Path) -> Iterator[Job]:
+    """Two launchers in a complete round on a directory, their workers waiting for the stop file."""
+    endpoint = tmp_path / "rdzv"
+    endpoint.mkdir()
+    job = Job(tmp_path, str(endpoint))
+    for _ in range(2):
+        job.start("2")
+    try:
+        wait_until("two workers", lambda: all(job.starts(i) for i in range(2)))
+        yield job
+    finally:
+        job.cleanup()
+
+
+def check_status_json(doc: dict[str, Any], endpoint: str) -> None:
+    assert doc["schema"] == "fsrdzv.status/1"
+    assert doc["endpoint"] == endpoint and doc["run_id"] == "job" and doc["exists"] is True
+    assert doc["complete"] is True and doc["closed"] is False
+    assert isinstance(doc["round"], int) and isinstance(doc["generation"], int) and doc["generation"] > 0
+    assert doc["master"]["addr"] == "127.0.0.1" and doc["master"]["port"] > 0
+    assert [p["rank"] for p in doc["participants"]] == [0, 1]
+    for p in doc["participants"]:
+        assert p["addr"] == "127.0.0.1" and isinstance(p["pid"], int) and p["node_id"]
+        hb = p["heartbeat"]
+        # keep-alive 0.5 s and a 1.2 s look: every live heartbeat changed while we watched.
+        assert hb["present"] is True and hb["changed"] is True and hb["age_is_lower_bound"] is False, hb
+        assert 0 <= hb["age_seconds"] < 1.2
+    assert doc["waiting"] == [] and doc["spares"] == []
+    assert doc["observed_seconds"] >= 1.0
+
+
+def check_list_json(doc: dict[str, Any], endpoint: str) -> None:
+    assert doc["schema"] == "fsrdzv.list/1" and doc["endpoint"] == endpoint
+    [run] = doc["runs"]
+    assert run["run_id"] == "job" and run["state"] == "running" and run["error"] is None
+    assert run["participants"] == 2 and run["waiting"] == 0 and run["spares"] == 0
+    assert run["heartbeat_records"] == 2 and run["complete"] is True and run["closed"] is False
+    assert run["idle_seconds"] is not None and 0 <= run["idle_seconds"] < 60
+
+
+# -- help ----------------------------------------------------------------------------------------------------------
+
+
+def test_help_lists_commands_and_exit_codes() -> None:
+    result = cli("--help")
+    assert result.returncode == 0
+    for word in ("status", "list", "close", "gc", "reset", "doctor", "run", "demo", "exit status", "130"):
+        assert word in result.stdout
+    commands = ("status", "list", "close", "gc", "reset", "doctor", "run", "demo")
+    for command, sub in zip(commands, cli_many([([c, "--help"], {}) for c in commands]), strict=True):
+        assert sub.returncode == 0 and sub.stdout.startswith(f"usage: fsrdzv {command}"), sub.stderr
+        assert "exit status:" in sub.stdout
+
+
+def test_installed_console_script() -> None:
+    script = shutil.which("fsrdzv") or str(Path(sys.executable).parent / "fsrdzv")
+    result = subprocess.run([script, "--version"], capture_output=True, text=True, timeout=60)
+    assert result.returncode == 0 and result.stdout.startswith("fsrdzv ")
+    assert cli().returncode == 2  # no command: the help, and a usage status
+
+
+# -- status and list against live runs -----------------------------------------------------------------------------
+
+
+def test_status_and_list_of_a_live_run_on_a_directory(live: Job) -> None:
+    wait_until("the round", lambda: formed(live, 2))
+    status = cli("status", live.endpoint, "--run-id", "job", "--json", "--observe", "1.2")
+    assert status.returncode == 0, status.stderr
+    check_status_json(json.loads(status.stdout), live.endpoint)
+
+    listing = cli("list", live.endpoint, "--json")
+    assert listing.returncode == 0, listing.stderr
+    check_list_json(json.loads(listing.stdout), live.endpoint)
+
+    table = cli("status", "--observe", "0.6", env={"FSRDZV_ENDPOINT": live.endpoint, "SLURM_JOB_ID": "job"})
+    assert table.returncode == 0, table.stderr
+    assert "participants (2)" in table.stdout and "RANK" in table.stdout and "complete" in table.stdout
+    assert re.search(r"^\s+0\s+127\.0\.0\.1\s", table.stdout, re.M)
+    assert "job" in cli("list", live.endpoint).stdout
+
+
+def test_status_and_list_of_a_live_run_on_s3(tmp_path: Path, s3_endpoint: Endpoint) -> None:
+    job = Job(tmp_path, s3_endpoint.url, options=s3_option_args(s3_endpoint))
+    try:
+        for _ in range(2):
+            job.start("2")
+        wait_until("two workers on S3", lambda: all(job.starts(i) for i in range(2)), timeout=90)
+        wait_until("the round", lambda: formed(job, 2, s3_endpoint.storage_options))
+        env = {"FSRDZV_STORAGE_OPTIONS": json.dumps(s3_endpoint.storage_options)}
+        status = cli("status", s3_endpoint.url, "--run-id", "job", "--json", "--observe", "1.2", env=env)
+        assert status.returncode == 0, status.stderr
+        check_status_json(json.loads(status.stdout), s3_endpoint.url)
+        listing = cli("list", s3_endpoint.url, "--json", *s3_option_args(s3_endpoint))
+        assert listing.returncode == 0, listing.stderr
+        check_list_json(json.loads(listing.stdout), s3_endpoint.url)
+        job.finish()
+        assert [job.wait(i) for i in range(2)] == [0, 0]
+        closed = cli("status", s3_endpoint.url, "--run-id", "job", "--json", "--observe", "0", env=env)
+        assert json.loads(closed.stdout)["closed"] is True
+    finally:
+        job.cleanup()
+
+
+def test_watch_refreshes_in_place_until_ctrl_c(live: Job) -> None:
+    proc = subprocess.Popen(
+        fsrdzv("status", live.endpoint, "--run-id", "job", "--watch", "--interval", "0.3"),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    time.sleep(2.5)
+    proc.send_signal(signal.SIGINT)
+    out, err = proc.communicate(timeout=20)
+    assert proc.returncode == 0, err
+    assert out.count(CLEAR) >= 2 and "participants (2)" in out and err == ""
+
+
+# -- close, gc, reset ----------------------------------------------------------------------------------------------
+
+
+def test_close_stops_a_waiting_node(tmp_path: Path) -> None:
+    job = Job(tmp_path, str(tmp_path))
+    try:
+        node = job.start("2")  # waits for a second node that never comes
+        wait_until("the join", lambda: (s := job.state()) is not None and bool(s.participants))
+        result = cli("close", job.endpoint, "--run-id", "job")
+        assert result.returncode == 0 and "closed run 'job'" in result.stdout, result.stderr
+        assert job.wait(node, timeout=30) == 1
+        assert "is closed" in job.stderr(node) and len(job.stderr(node).splitlines()) == 1, job.stderr(node)
+        again = cli("close", job.endpoint, "--run-id", "job")
+        assert again.returncode == 0 and "already closed" in again.stdout
+    finally:
+        job.cleanup()
+
+
+def _dead_run(endpoint: str, run_id: str) -> None:
+    """A complete round whose only node crashed long ago: a document and a heartbeat that never changes."""
+    ghost = NodeInfo("10.0.0.9", 4242, 0, "dead00", 29500, "gone")
+    state = RendezvousState(
+        run_id=run_id,
+        epoch="e0",
+        generation=4,
+        round=2,
+        complete=True,
+        participants={ghost.node_id: 0},
+        nodes={ghost.node_id: ghost},
+        master=("10.0.0.9", 29500),
+        applied={ghost.node_id: "n0"},
+    )
+    store = open_store(endpoint, run_id)
+    assert store.compare_and_set(encode_state(state), None).won
+    store.put_record("hb", ghost.node_id, b'{"n":7}')
+
+
+def test_gc_removes_finished_and_dead_runs_and_never_a_live_one(tmp_path: Path) -> None:
+    endpoint = tmp_path / "rdzv"
+    endpoint.mkdir()
+    (tmp_path / "l").mkdir()
+    (tmp_path / "d").mkdir()
+    live_job = Job(tmp_path / "l", str(endpoint), run_id="live")
+    done_job = Job(tmp_path / "d", str(endpoint), run_id="done")
+    try:
+        live_node = live_job.start("1")
+        done_job.start("1", "exit0")
+        assert done_job.wait(0) == 0
+        _dead_run(str(endpoint), "dead")
+        open_store(str(endpoint), "bad").corrupt_for_tests(b"not a document")  # type: ignore[attr-defined]
+        wait_until("the live worker", lambda: bool(live_job.starts(live_node)))
+
+        kept_young = cli("gc", str(endpoint), "--window", "0.5")  # default --older-than 24h: all too young
+        assert kept_young.returncode == 0 and "removed 0 run(s), kept 4" in kept_young.stdout, kept_young.stdout
+
+        dry = cli("gc", str(endpoint), "--older-than", "0", "--window", "1.5", "--dry-run")
+        assert dry.returncode == 0, dry.stderr
+        assert "would remove done: closed" in dry.stdout and "would remove dead: no heartbeat changed" in dry.stdout
+        assert re.search(r"kept live: live: \d+ heartbeat record\(s\) changed", dry.stdout), dry.stdout
+        assert "kept bad: unreadable document" in dry.stdout
+        runs = {r["run_id"] for r in json.loads(cli("list", str(endpoint), "--json").stdout)["runs"]}
+        assert runs == {"bad", "dead", "done", "live"}
+
+        real = cli("gc", str(endpoint), "--older-than", "0", "--window", "1.5")
+        assert real.returncode == 0 and "removed 2 run(s), kept 2" in real.stdout, real.stdout
+        runs = {r["run_id"] for r in json.loads(cli("list", str(endpoint), "--json").stdout)["runs"]}
+        assert runs == {"bad", "live"}
+        live_job.finish()
+        assert live_job.wait(live_node) == 0, "the live run was not disturbed"
+    finally:
+        live_job.cleanup()
+        done_job.cleanup()
+
+
+def test_reset_is_the_way_out_of_a_corrupt_document(tmp_path: Path) -> None:
+    endpoint = str(tmp_path)
+    open_store(endpoint, "bad").corrupt_for_tests(b"\x00garbage")  # type: ignore[attr-defined]
+    line = one_line_error(cli("status", endpoint, "--run-id", "bad"), 4)
+    assert "reset --force" in line
+    debug = cli("status", endpoint, "--run-id", "bad", "--debug")
+    assert debug.returncode == 4 and "Traceback" in debug.stderr
+    assert "--force" in one_line_error(cli("reset", endpoint, "--run-id", "bad"), 2)
+    reset = cli("reset", endpoint, "--run-id", "bad", "--force")
+    assert reset.returncode == 0 and "unreadable document" in reset.stdout, reset.stderr
+    after = cli("status", endpoint, "--run-id", "bad", "--json", "--observe", "0")
+    assert after.returncode == 0
+    doc = json.loads(after.stdout)
+    assert doc["exists"] and doc["round"] == 0 and not doc["closed"] and doc["participants"] == []
+    one_line_error(cli("reset", endpoint, "--run-id", "nope", "--force"), 5)
+
+
+# -- every error path: one line, a documented status ----------------------------------------------------------------
+
+
+def test_error_paths_print_one_line(tmp_path: Path) -> None:
+    endpoint = str(tmp_path)
+    _dead_run(endpoint, "exists")
+    cases: list[tuple[list[str], int, str, dict[str, str]]] = [
+        (["status", "foo://bucket/x", "--run-id", "a"], 2, "scheme 'foo' is not supported", {}),
+        (["status", endpoint, "--run-id", "missing"], 5, "no run 'missing'", {}),
+        (["status", str(tmp_path / "nope" / "deeper"), "--run-id", "a"], 3, "does not exist", {}),
+        (["list", str(tmp_path / "nope")], 3, "does not exist", {}),
+        (["status", endpoint, "--run-id", "exists", "--observe", "soon"], 2, "invalid duration 'soon'", {}),
+        (["status", endpoint, "--run-id", "exists", "-o", "novalue"], 2, "KEY=VALUE", {}),
+        (["status", endpoint, "--run-id", "exists", "-o", "bogus=1"], 2, "unknown storage option", {}),
+        (["status", endpoint, "--run-id", "exists"], 2, "FSRDZV_STORAGE_OPTIONS", {"FSRDZV_STORAGE_OPTIONS": "[1]"}),
+        (["status", endpoint, "--run-id", "exists", "--secret-file", str(tmp_path / "no")], 2, "secret file", {}),
+        (["status", endpoint, "--run-id", "a b"], 2, "invalid run id", {}),
+        (["status", endpoint], 2, "no run id", {}),
+        (["status"], 2, "no endpoint", {}),
+        (["close", endpoint, "--run-id", "missing"], 5, "runs there: exists", {}),
+        (["close", endpoint], 2, "--run-id", {}),
+        (["reset", endpoint, "--run-id", "exists"], 2, "--force", {}),
+        (["gc", endpoint, "--older-than", "-3"], 2, "--older-than", {}),
+        (["frobnicate"], 2, "invalid choice", {}),
+        (["demo", "--nodes", "1"], 2, "minimum 2", {}),
+    ]
+    results = cli_many([(argv, env) for argv, _, _, env in cases])
+    for (argv, code, words, _), result in zip(cases, results, strict=True):
+        line = one_line_error(result, code)
+        assert words in line, (argv, line)
+
+
+def test_unreachable_s3_is_one_line() -> None:
+    opts = [
+        "-o", "endpoint_url=http://127.0.0.1:9", "-o", "key=k", "-o", "secret=s",
+        "-o", 'config_kwargs={"retries": {"max_attempts": 1}, "connect_timeout": 2}',
+    ]  # fmt: skip
+    for argv in (["status", "s3://bucket/rdzv", "--run-id", "a", *opts], ["list", "s3://bucket/rdzv", *opts]):
+        line = one_line_error(cli(*argv), 3)
+        assert "127.0.0.1:9" in line and "Errno" not in line
+
+
+# -- demo ----------------------------------------------------------------------------------------------------------
+
+
+def test_demo_shows_formation_failure_and_scale_up() -> None:
+    start = time.monotonic()
+    result = cli("demo", "--nodes", "3", timeout=120)
+    elapsed = time.monotonic() - start
+    assert result.returncode == 0, result.stdout + result.stderr
+    out = result.stdout
+    for word in ("round 0 complete: 3 nodes", "kill -9 node2", "re-forming", "complete: 2 nodes", "started node4"):
+        assert word in out, out
+    assert "summary" in out and "exit statuses: node1=0 node3=0 node4=0" in out
+    assert elapsed < 60
+    tmp = re.search(r"endpoint (\S+)/rdzv", out)
+    assert tmp is not None and not os.path.exists(tmp.group(1)), "the demo cleans up"
