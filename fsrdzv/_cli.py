@@ -1053,7 +1053,3 @@ def main(argv: Sequence[str] | None = None) -> int:
             sys.stderr.write(f"{prog}: error: {message}\n")
             sys.stderr.flush()
         return code
-
-
-def console_main() -> None:  # pragma: no cover - thin wrapper for ``python -m fsrdzv``
-    sys.exit(main())

@@ -66,6 +66,8 @@ SLOW_READ: Final = 0.25
 SLOW_CAS: Final = 1.0
 #: Seconds the lock check waits for the other process's lock before calling it exclusive.
 LOCK_PROBE: Final = 0.3
+#: Seconds after which the lock check gives up on a lock holder that hangs.
+LOCK_WATCHDOG: Final = 30.0
 
 _FAULT_ENV: Final = "FSRDZV_DOCTOR_FAULT"
 _MOUNTINFO_ENV: Final = "FSRDZV_MOUNTINFO"
@@ -237,6 +239,9 @@ def check_lock(store: Store) -> Check:
         stderr=subprocess.PIPE,
     )
     assert holder.stdin is not None and holder.stdout is not None
+    # A lock call can hang for good on a broken NFS lock manager (NFSv3 without statd): never wait forever.
+    watchdog = threading.Timer(LOCK_WATCHDOG, holder.kill)
+    watchdog.start()
     try:
         line = holder.stdout.readline()
         if line.strip() != b"held":
@@ -252,6 +257,7 @@ def check_lock(store: Store) -> Check:
         with _try_lock(lock_path, mode, 5.0) as got:
             free_again = got
     finally:
+        watchdog.cancel()
         if holder.poll() is None:
             holder.kill()
             holder.wait()
@@ -593,6 +599,7 @@ def run_doctor(
     if not needs_store:
         return [mount] if mount is not None else []
     open_one = _opener(endpoint, options, secret)
+    created_root = scheme == "file" and not os.path.isdir(os.path.expanduser(rest))
     store = open_one(run_id)
     try:
         # Reachability first, always: if the storage cannot be reached, the StorageError ends the doctor.
@@ -618,4 +625,8 @@ def run_doctor(
         with contextlib.suppress(Exception):
             store.delete_run()
         store.close()
+        if created_root:
+            # The store created the endpoint's last level for the scratch run; leave the tree as we found it.
+            with contextlib.suppress(OSError):
+                os.rmdir(os.path.expanduser(rest))
     return results

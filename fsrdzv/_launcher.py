@@ -207,6 +207,15 @@ class Launcher:
     def _loop(self) -> int:
         config = self.config
         last_failure: int | None = None
+        log.info(
+            "joining run %r at %s as node %s (nnodes %d:%d, max restarts %d)",
+            config.run_id,
+            config.endpoint,
+            self.handler.node_id,
+            config.min_nodes,
+            config.max_nodes,
+            config.max_restarts,
+        )
         while True:
             if self._pending_signal is not None:
                 # It arrived while the previous command was being stopped: honour it before joining again.
