@@ -46,6 +46,9 @@ class CountingStore(Store):
         self.inner = inner
         self.ops: dict[str, int] = {"read": 0, "cas": 0, "cas_lost": 0, "put": 0, "get": 0, "list": 0, "delete": 0}
         self.read_times: list[float] = []
+        self.doc_read_times: list[float] = []
+        #: Wall-clock times at which this node's compare-and-sets of the document took effect.
+        self.write_times: list[float] = []
         self.doc_writes = 0
         self._lock = threading.Lock()
 
@@ -57,6 +60,8 @@ class CountingStore(Store):
 
     def _read_raw(self) -> tuple[bytes, str] | None:
         self._count("read")
+        with self._lock:
+            self.doc_read_times.append(time.time())
         return self.inner._read_raw()
 
     def _commit(self, raw: bytes, generation: int, expected: tuple[int, str] | None) -> str | None:
@@ -67,6 +72,7 @@ class CountingStore(Store):
         else:
             with self._lock:
                 self.doc_writes += 1
+                self.write_times.append(time.time())
         return version
 
     def _put_record(self, kind: str, name: str, raw: bytes) -> None:

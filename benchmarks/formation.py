@@ -77,6 +77,8 @@ class Target:
     endpoint: str = ""
     options: dict[str, Any] = field(default_factory=dict)
     port: int = 0
+    #: Directory where each node saves a pyinstrument session of its next_rendezvous (empty: no profiling).
+    profile: str = ""
 
 
 # -- the node processes ----------------------------------------------------------------------------------------
@@ -98,6 +100,9 @@ class _TorchCounter:
     def __init__(self, backend: Any) -> None:
         self.ops = {"read": 0, "cas": 0}
         self.read_times: list[float] = []
+        self.doc_read_times = self.read_times
+        self.write_times: list[float] = []
+        self.doc_writes = 0
         get_state, set_state = backend.get_state, backend.set_state
 
         def counted_get() -> Any:
@@ -107,7 +112,11 @@ class _TorchCounter:
 
         def counted_set(state: bytes, token: Any = None) -> Any:
             self.ops["cas"] += 1
-            return set_state(state, token)
+            result = set_state(state, token)
+            if result is not None and result[2]:  # (state, token, has_set)
+                self.doc_writes += 1
+                self.write_times.append(time.time())
+            return result
 
         backend.get_state = counted_get
         backend.set_state = counted_set
@@ -149,9 +158,20 @@ def _node(
         else:
             handler, counter = _torch_handler(t, index)
         start.wait(timeout=FORMATION_TIMEOUT)
+        profiler = None
+        if t.profile:
+            from pyinstrument import Profiler
+
+            profiler = Profiler(interval=0.0002)
+            profiler.start()
+        cpu = time.process_time()
         arrival = time.time()
         info = handler.next_rendezvous()
         finished = time.time()
+        cpu = time.process_time() - cpu
+        if profiler is not None:
+            profiler.stop()
+            profiler.last_session.save(os.path.join(t.profile, f"{t.run_id}-{index}.pyisession"))
         results.put(
             {
                 "index": index,
@@ -160,8 +180,11 @@ def _node(
                 "rank": info.rank,
                 "world": info.world_size,
                 "ops": dict(counter.ops),
-                "doc_writes": getattr(counter, "doc_writes", counter.ops.get("cas", 0)),
+                "doc_writes": counter.doc_writes,
+                "write_times": counter.write_times,
                 "read_rate": max_rate(counter.read_times, arrival, finished),
+                "doc_read_rate": max_rate(counter.doc_read_times, arrival, finished),
+                "cpu": cpu,
                 "wait": finished - arrival,
             }
         )
@@ -188,6 +211,10 @@ class Outcome:
     writes: int
     doc_writes: int
     read_rate: float
+    doc_read_rate: float
+    to_complete: float
+    notice: float
+    cpu: float
     ranks_ok: bool
     by_kind: dict[str, int]
 
@@ -221,12 +248,20 @@ def run_formation(t: Target) -> Outcome:
         results.close()
     ranks = sorted(r["rank"] for r in got)
     ok = ranks == list(range(t.nodes)) and all(r["world"] == t.nodes for r in got)
+    last_arrival = max(r["arrival"] for r in got)
+    first_done = min(r["done"] for r in got)
+    commits = [w for r in got for w in r["write_times"] if w <= first_done]
+    completed = max(commits) if commits else first_done
     return Outcome(
-        seconds=max(r["done"] for r in got) - max(r["arrival"] for r in got),
+        seconds=max(r["done"] for r in got) - last_arrival,
         reads=sum(reads(r["ops"]) for r in got),
         writes=sum(writes(r["ops"]) for r in got),
         doc_writes=sum(r["doc_writes"] for r in got),
         read_rate=max(r["read_rate"] for r in got),
+        doc_read_rate=max(r["doc_read_rate"] for r in got),
+        to_complete=completed - last_arrival,
+        notice=max(r["done"] for r in got) - completed,
+        cpu=sum(r["cpu"] for r in got),
         ranks_ok=ok,
         by_kind={k: sum(r["ops"].get(k, 0) for r in got) for k in got[0]["ops"]},
     )
@@ -239,7 +274,27 @@ class Cell:
     writes: Series = field(default_factory=Series)
     doc_writes: Series = field(default_factory=Series)
     read_rate: Series = field(default_factory=Series)
+    doc_read_rate: Series = field(default_factory=Series)
+    to_complete: Series = field(default_factory=Series)
+    notice: Series = field(default_factory=Series)
+    cpu: Series = field(default_factory=Series)
     error: str = ""
+
+
+def _combine_profiles(directory: str, out: str) -> None:
+    from pyinstrument.renderers import ConsoleRenderer
+    from pyinstrument.session import Session
+
+    sessions = [Session.load(os.path.join(directory, f)) for f in sorted(os.listdir(directory))]
+    if not sessions:
+        return
+    combined = sessions[0]
+    for other in sessions[1:]:
+        combined = Session.combine(combined, other)
+    text = ConsoleRenderer(unicode=False, color=False, show_all=False, time="percent_of_total").render(combined)
+    with open(out, "w") as f:
+        f.write(f"pyinstrument, {len(sessions)} node sessions combined\n{text}")
+    print(f"combined profile of {len(sessions)} nodes written to {out}", flush=True)
 
 
 def _prepare(systems: list[str], stack: contextlib.ExitStack, unavailable: dict[str, str]) -> dict[str, Any]:
@@ -256,11 +311,13 @@ def _prepare(systems: list[str], stack: contextlib.ExitStack, unavailable: dict[
             unavailable["fsrdzv-tmpfs"] = "no /dev/shm"
     if "fsrdzv-s3" in systems:
         try:
-            from fsrdzv._stores import open_store
-
             endpoint, options = stack.enter_context(moto_server())
-            probe = open_store(endpoint, "probe", storage_options=options)
-            probe.read()
+            # Probe in a child: s3fs's event-loop thread must not exist in the parent that forks the nodes.
+            probe = CTX.Process(target=_probe, args=(endpoint, options))
+            probe.start()
+            probe.join(timeout=60)
+            if probe.exitcode != 0:
+                raise ServerUnavailable(f"fsrdzv could not open {endpoint} on moto (exit code {probe.exitcode})")
             env["s3"] = (endpoint, options)
         except Exception as exc:  # report why, whatever it is
             unavailable["fsrdzv-s3"] = f"not run: {type(exc).__name__}: {exc}".replace("\n", " ")[:200]
@@ -281,6 +338,12 @@ def _prepare(systems: list[str], stack: contextlib.ExitStack, unavailable: dict[
         except (ImportError, ServerUnavailable, OSError) as exc:
             unavailable["torch-etcd-v2"] = f"not run: {type(exc).__name__}: {exc}"[:200]
     return env
+
+
+def _probe(endpoint: str, options: dict[str, Any]) -> None:
+    from fsrdzv._stores import open_store
+
+    open_store(endpoint, "probe", storage_options=options).read()
 
 
 def _target(system: str, n: int, env: dict[str, Any]) -> Target:
@@ -309,14 +372,15 @@ def report(
         "system",
         "N",
         "formation s, median (min-max)",
-        "torch c10d-tcp / this",
+        "speed-up vs torch c10d-tcp",
         "writes per formation",
         "writes / N",
         "reads per formation",
-        "max reads/s of a waiting node",
-        "document CAS won",
+        "max reads/s of a node (all reads / document reads)",
+        "document writes won",
     ]
     rows: list[list[object]] = []
+    detail: list[list[object]] = []
     for system in systems:
         if system in unavailable:
             rows.append([system, "all", unavailable[system], "", "", "", "", "", ""])
@@ -341,11 +405,30 @@ def report(
                     cell.writes.fmt("n"),
                     f"{cell.writes.median / n:.2f}",
                     cell.reads.fmt("n"),
-                    f"{cell.read_rate.hi:.0f}",
+                    f"{cell.read_rate.hi:.0f} / {cell.doc_read_rate.hi:.0f}",
                     f"{cell.doc_writes.median:.0f}",
                 ]
             )
-    return markdown_table(headers, rows)
+            detail.append(
+                [
+                    system,
+                    n,
+                    f"{cell.to_complete.median:.3f}",
+                    f"{cell.notice.median:.3f}",
+                    f"{cell.cpu.median:.2f}",
+                ]
+            )
+    breakdown = markdown_table(
+        [
+            "system",
+            "N",
+            "last arrival -> completing write, s (median)",
+            "completing write -> last node holds its rank, s (median)",
+            "CPU s of all nodes in next_rendezvous (median)",
+        ],
+        detail,
+    )
+    return markdown_table(headers, rows) + "\n\nWhere the time goes:\n\n" + breakdown
 
 
 def targets(cells: dict[tuple[str, int], Cell]) -> list[str]:
@@ -377,12 +460,18 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--systems", nargs="+", default=list(SYSTEMS), choices=SYSTEMS)
     parser.add_argument("--out", default="formation", help="base name of the files under benchmarks/results/")
     parser.add_argument("--no-files", action="store_true", help="print only; write no result files")
+    parser.add_argument(
+        "--profile",
+        metavar="FILE",
+        help="profile every node's next_rendezvous with pyinstrument and write the combined profile (text) to FILE",
+    )
     args = parser.parse_args(argv)
 
     unavailable: dict[str, str] = {}
     cells: dict[tuple[str, int], Cell] = {}
     with contextlib.ExitStack() as stack:
         env = _prepare(args.systems, stack, unavailable)
+        profile_dir = stack.enter_context(tempfile.TemporaryDirectory()) if args.profile else ""
         runnable = [s for s in args.systems if s not in unavailable]
         for reason in unavailable.items():
             print("unavailable:", *reason, flush=True)
@@ -393,6 +482,8 @@ def main(argv: list[str] | None = None) -> int:
                     if cell.error and not cell.seconds.values and rep > 0:
                         continue  # it failed every time so far: do not spend minutes failing again
                     t = _target(system, n, env)
+                    if profile_dir:
+                        t.profile = profile_dir
                     try:
                         o = run_formation(t)
                     except RuntimeError as exc:
@@ -412,11 +503,18 @@ def main(argv: list[str] | None = None) -> int:
                     cell.writes.add(o.writes)
                     cell.doc_writes.add(o.doc_writes)
                     cell.read_rate.add(o.read_rate)
+                    cell.doc_read_rate.add(o.doc_read_rate)
+                    cell.to_complete.add(o.to_complete)
+                    cell.notice.add(o.notice)
+                    cell.cpu.add(o.cpu)
                     print(
                         f"N={n:3d} rep {rep} {system:16s} {o.seconds:8.3f} s  writes {o.writes:5d}  reads {o.reads:6d}"
-                        f"  doc CAS {o.doc_writes:4d}  max reads/s {o.read_rate:4.0f}  {o.by_kind}",
+                        f"  doc CAS {o.doc_writes:4d}  max reads/s {o.read_rate:4.0f} (document {o.doc_read_rate:3.0f})"
+                        f"  complete +{o.to_complete:.3f} s, seen +{o.notice:.3f} s, cpu {o.cpu:.2f} s  {o.by_kind}",
                         flush=True,
                     )
+        if profile_dir:
+            _combine_profiles(profile_dir, args.profile)
     table = report(cells, args.systems, args.nodes, unavailable)
     verdicts = targets(cells)
     note = machine_note()

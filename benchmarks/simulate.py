@@ -1,0 +1,483 @@
+"""Scale simulation: thousands of rendezvous nodes, the real handler code, modelled S3 / GCS / NFS, virtual time.
+
+    .venv/bin/python benchmarks/simulate.py --nodes 256 1024 4096 --models s3 gcs nfs
+
+Every node is a thread running fsrdzv's real ``RendezvousHandler`` on a :class:`fsrdzv.testing.SimStore` (the
+in-memory store behind a latency-and-rate model) with a virtual clock (``fsrdzv.testing.VirtualClock``): a node's
+``sleep`` and every modelled storage latency block it until virtual time reaches its wake-up, and the scheduler
+jumps to the earliest wake-up once every thread is blocked. Times below are virtual seconds; CPU time is not
+modelled. All nodes arrive at t=0 unless ``--spread`` says otherwise (the worst case for contention).
+
+Designs:
+
+* ``fsrdzv``: the handler as shipped (``fsrdzv._handler.RendezvousHandler``).
+* ``proposed``: the same handler with the changes recommended in docs/performance.md, as a subclass: a joiner
+  that sees a folder at work does not read other nodes' join requests (it waits, and folds only its own request
+  if not folded within a grace period), the folder reads pending requests with 32 concurrent GETs, and the poll
+  period of a waiting node grows with ``max_nodes`` to keep the whole run under a read budget (2,000 reads/s).
+* ``naive``: torch's design on the same storage: each node adds itself to the document with its own
+  compare-and-set, retrying at once on a conflict, then polls once a second. (torch also writes heartbeats into
+  the document, which only makes it worse; they are left out here, so the numbers are a lower bound.)
+
+After formation every node keeps its keep-alive running and calls ``num_nodes_waiting()`` once a second (what
+torchrun's monitor loop costs through the handler's 1 s read cache) for ``--steady`` virtual seconds.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import random
+import secrets
+import sys
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+from _common import RESULTS, Series, machine_note, markdown_table, max_rate, plot_against_n, write_result
+
+from fsrdzv import _handler
+from fsrdzv._handler import RendezvousHandler
+from fsrdzv._settings import Settings
+from fsrdzv._state import JoinRequest, RendezvousState, decode_request
+from fsrdzv._store import Snapshot
+from fsrdzv.testing._simstore import (
+    PRESETS,
+    SimCounters,
+    SimStorage,
+    SimStore,
+    StoreModel,
+    VirtualClock,
+    simulated_handlers,
+)
+
+DESIGNS = ("fsrdzv", "proposed", "naive")
+RUN_ID = "sim"
+
+
+# -- the proposed handler changes, as a subclass (the shipped handler is not edited here) -------------------------
+
+#: Reads per second that all waiting nodes of one run may make together (S3 allows 5,500 GET/s per prefix).
+READ_BUDGET = 2000.0
+#: Concurrent GETs of join requests by the folder.
+READ_CONCURRENCY = 64
+#: A joiner folds its own request only when the document has not changed for this long (s): the folder is gone.
+GRACE = 5.0
+
+
+class ProposedHandler(RendezvousHandler):
+    """The shipped handler plus three changes (see the module docstring); everything else is inherited."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        inner_sleep = self._sleep
+        floor = max(_handler.FAST_POLL, self.settings.max_nodes / READ_BUDGET)
+        self._poll_floor = floor
+        # The loop's poll sleep is the only sleep shorter than the floor; error back-offs are longer anyway.
+        self._sleep = lambda seconds: inner_sleep(max(seconds, floor))
+        self._doc_absent = False
+        self._generation: tuple[str, int] | None = None
+        self._progress_at = self._clock()
+
+    def _seen(self, state: RendezvousState | None) -> None:
+        self._doc_absent = state is None
+        key = None if state is None else (state.epoch, state.generation)
+        if key != self._generation:
+            self._generation = key
+            self._progress_at = self._clock()
+
+    def _read(self) -> tuple[RendezvousState | None, Snapshot | None]:
+        state, snap = super()._read()
+        self._seen(state)
+        return state, snap
+
+    def _cas(self, new: RendezvousState, snap: Snapshot | None) -> tuple[bool, RendezvousState | None, Snapshot | None]:
+        won, state, snap2 = super()._cas(new, snap)
+        self._seen(state)
+        return won, state, snap2
+
+    def _fold(
+        self, state: RendezvousState, snap: Snapshot | None, own: JoinRequest | None
+    ) -> tuple[bool, RendezvousState | None, Snapshot | None]:
+        if own is not None and not self._is_folder(state):
+            # A joiner: do not read everybody's requests. While a folder is at work (a waiting member exists and
+            # the document changed within GRACE), leave the work to it; otherwise fold only our own request.
+            waiting = [m for m in state.members() if not (state.complete and m in state.participants)]
+            if waiting and self._clock() - self._progress_at < GRACE:
+                return False, state, snap
+            new = _fold_only(state, own, self.settings)
+            if new is state:
+                return False, state, snap
+            return self._cas(new, snap)
+        return super()._fold(state, snap, own)
+
+    def _requests(self) -> list[JoinRequest]:
+        store = self.store
+        if self._doc_absent:
+            return []  # creating the document: with our own request only; the creator then folds the others
+        if not isinstance(store, SimStore):
+            return super()._requests()
+        self.ops["list"] += 1
+        tags = store.list_records("req")
+        todo = [n for n, t in tags.items() if self._request_cache.get(n, ("", None))[0] != t]
+        got = store.read_records_batch("req", todo, READ_CONCURRENCY)  # type: ignore[attr-defined]
+        self.ops["get"] += len(todo)
+        for name in todo:
+            raw = got.get(name)
+            self._request_cache[name] = (tags[name], None if raw is None else decode_request(raw, name))
+        for stale in set(self._request_cache) - set(tags):
+            del self._request_cache[stale]
+        return [r for _, r in self._request_cache.values() if r is not None]
+
+
+def _fold_only(state: RendezvousState, own: JoinRequest, settings: Settings) -> RendezvousState:
+    from fsrdzv import _protocol as proto
+
+    return proto.fold_requests(state, [own], settings)
+
+
+def _read_records_batch(self: SimStore, kind: str, names: list[str], concurrency: int) -> dict[str, bytes | None]:
+    """The proposed ``Store.read_records``: ``concurrency`` GETs in flight (asyncio.gather on s3fs / gcsfs)."""
+    out: dict[str, bytes | None] = {}
+    clock = self.storage.clock
+    for start in range(0, len(names), concurrency):
+        batch = names[start : start + concurrency]
+        longest = 0.0
+        for _name in batch:
+            self._count("get")
+            self._admit("get")
+            longest = max(longest, self.storage.latency(self.storage.model.read_latency))
+        clock.sleep(longest / 2)
+        for name in batch:
+            out[name] = self.read_record_now(kind, name)
+        clock.sleep(longest / 2)
+    return out
+
+
+def _read_record_now(self: SimStore, kind: str, name: str) -> bytes | None:
+    from fsrdzv._store import MAX_RECORD_BYTES, encode_name, unseal
+
+    raw = self.inner._read_record(kind, encode_name(name))
+    if raw is None:
+        return None
+    return unseal(raw, self.describe(f"record {kind}/{name}"), self._secret, MAX_RECORD_BYTES)[1]
+
+
+SimStore.read_records_batch = _read_records_batch  # type: ignore[attr-defined]
+SimStore.read_record_now = _read_record_now  # type: ignore[attr-defined]
+
+
+# -- the naive design ------------------------------------------------------------------------------------------
+
+
+class NaiveNode:
+    """torch's join on the modelled storage: one compare-and-set of the whole document per joining node."""
+
+    def __init__(self, store: SimStore, n: int, clock: VirtualClock, rng: random.Random, index: int) -> None:
+        self.store, self.n, self.clock, self.rng, self.index = store, n, clock, rng, index
+
+    def join(self) -> int:
+        me = f"node-{self.index:05d}"
+        snap = self.store.read()
+        while True:
+            doc = json.loads(snap.data) if snap is not None else {"participants": [], "complete": False}
+            if me in doc["participants"]:
+                break
+            if doc["complete"]:
+                raise RuntimeError("round complete without this node")
+            doc["participants"].append(me)
+            doc["complete"] = len(doc["participants"]) >= self.n
+            result = self.store.compare_and_set(json.dumps(doc).encode(), None if snap is None else snap.token)
+            snap = result.snapshot
+            if result.won:
+                break
+        while True:  # torch polls the state once a second while it waits
+            assert snap is not None
+            doc = json.loads(snap.data)
+            if doc["complete"]:
+                return int(doc["participants"].index(me))
+            self.clock.sleep(1.0)
+            snap = self.store.read()
+
+
+# -- one simulation ----------------------------------------------------------------------------------------------
+
+
+@dataclass
+class SimResult:
+    model: str
+    design: str
+    nodes: int
+    formed: bool
+    formation: float  # virtual s from the last arrival to the last node holding its rank
+    formation_ops: SimCounters
+    read_rate: float  # max reads/s of one node in any 1-s window while waiting (all reads)
+    doc_read_rate: float  # the same for document reads only (polling)
+    steady: SimCounters | None
+    steady_seconds: float
+    steady_doc_writes: int
+    real_seconds: float
+    note: str = ""
+    errors: list[str] = field(default_factory=list)
+
+
+def simulate(
+    model: StoreModel,
+    design: str,
+    n: int,
+    *,
+    seed: int = 1,
+    spread: float = 0.0,
+    steady: float = 60.0,
+    time_limit: float = 600.0,
+    real_limit: float = 600.0,
+) -> SimResult:
+    clock = VirtualClock()
+    storage = SimStorage(model, clock, seed=seed)
+    space = f"sim-{secrets.token_hex(4)}"
+    settings = Settings(RUN_ID, n, n)
+    rng = random.Random(seed)
+    arrivals = sorted(rng.uniform(0.0, spread) for _ in range(n)) if spread > 0 else [0.0] * n
+    arrived: dict[int, float] = {}
+    done: dict[int, float] = {}
+    stores: dict[int, SimStore] = {}
+    stop_steady = threading.Event()
+
+    def node(i: int) -> None:
+        store = storage.open(space, RUN_ID)
+        stores[i] = store
+        arrived[i] = clock()
+        if design == "naive":
+            NaiveNode(store, n, clock, random.Random(seed * 100003 + i), i).join()
+            done[i] = clock()
+            return
+        cls: Callable[..., RendezvousHandler] = ProposedHandler if design == "proposed" else RendezvousHandler
+        handler = cls(
+            store,
+            settings,
+            local_addr=f"10.{i // 65536}.{i // 256 % 256}.{i % 256}",
+            clock=clock,
+            sleep=clock.sleep,
+            rng=random.Random(seed * 100003 + i),
+        )
+        handler.next_rendezvous()
+        done[i] = clock()
+        while not stop_steady.is_set():  # torchrun's monitor loop, at the rate its 1 s cache lets through
+            clock.sleep(1.0)
+            handler.num_nodes_waiting()
+
+    started = time.monotonic()
+    note = ""
+    steady_ops: SimCounters | None = None
+    steady_doc_writes = 0
+    formed = False
+    with simulated_handlers(clock):
+        for i in range(n):
+            clock.spawn(node, i, name=f"node-{i}", delay=arrivals[i])
+        try:
+            while len(done) < n and not clock.errors:
+                if clock() >= time_limit:
+                    note = f"not formed within {time_limit:g} s of virtual time"
+                    break
+                if time.monotonic() - started > real_limit:
+                    note = f"stopped after {real_limit:g} s of real time at virtual {clock():.0f} s"
+                    break
+                clock.run(until=clock() + 1.0)
+            formed = len(done) == n
+            formation_ops = storage.total.snapshot()
+            if formed and steady > 0 and design != "naive":
+                clock.run(until=clock() + 10.0)  # let the last polls and sweeps of the join settle
+                before = storage.total.snapshot()
+                t0 = clock()
+                clock.run(until=t0 + steady)
+                steady_ops = storage.total.snapshot().minus(before)
+                steady_doc_writes = steady_ops.cas_won
+        finally:
+            stop_steady.set()
+            clock.stop()
+    errors = [f"{name}: {type(exc).__name__}: {exc}" for name, exc in clock.errors[:3]]
+    last_arrival = max(arrived.values()) if arrived else 0.0
+    rate = doc_rate = 0.0
+    for i, store in stores.items():
+        end = done.get(i, clock())
+        rate = max(rate, max_rate(store.read_times, arrived.get(i, 0.0), end))
+        doc_rate = max(doc_rate, max_rate(store.doc_read_times, arrived.get(i, 0.0), end))
+    return SimResult(
+        model=model.name,
+        design=design,
+        nodes=n,
+        formed=formed,
+        formation=(max(done.values()) - last_arrival) if formed else math.inf,
+        formation_ops=formation_ops,
+        read_rate=rate,
+        doc_read_rate=doc_rate,
+        steady=steady_ops,
+        steady_seconds=steady,
+        steady_doc_writes=steady_doc_writes,
+        real_seconds=time.monotonic() - started,
+        note=note,
+        errors=errors,
+    )
+
+
+# -- the report --------------------------------------------------------------------------------------------------
+
+
+def _fmt_time(r: SimResult) -> str:
+    if r.formed:
+        return f"{r.formation:.2f}"
+    return f"> {r.note or 'failed'}" + (f" ({r.errors[0][:80]})" if r.errors else "")
+
+
+def report(results: list[SimResult]) -> tuple[str, str]:
+    rows = []
+    for r in results:
+        ops = r.formation_ops
+        rows.append(
+            [
+                r.model,
+                r.design,
+                r.nodes,
+                _fmt_time(r),
+                ops.writes,
+                f"{ops.writes / r.nodes:.2f}",
+                ops.reads,
+                f"{(ops.reads + ops.writes) / r.nodes:.1f}",
+                ops.cas_won,
+                ops.cas_lost,
+                f"{ops.object_throttled} / {ops.prefix_throttled}",
+                f"{r.read_rate:.0f} / {r.doc_read_rate:.0f}",
+                f"{r.real_seconds:.0f}",
+            ]
+        )
+    formation = markdown_table(
+        [
+            "model",
+            "design",
+            "N",
+            "formation, virtual s",
+            "writes",
+            "writes / N",
+            "reads",
+            "ops / N",
+            "document CAS won",
+            "CAS lost",
+            "throttled (object / prefix)",
+            "max reads/s of a node (all / document)",
+            "real s",
+        ],
+        rows,
+    )
+    steady_rows = []
+    for r in results:
+        if r.steady is None:
+            continue
+        s, secs = r.steady, r.steady_seconds
+        steady_rows.append(
+            [
+                r.model,
+                r.design,
+                r.nodes,
+                f"{s.reads / secs:.0f}",
+                f"{s.writes / secs:.0f}",
+                r.steady_doc_writes,
+                f"{s.ops['list'] / secs:.2f}",
+                f"{s.prefix_throttled}",
+            ]
+        )
+    steady = markdown_table(
+        [
+            "model",
+            "design",
+            "N",
+            "reads/s",
+            "writes/s",
+            "document writes",
+            "lists/s",
+            "throttled",
+        ],
+        steady_rows,
+    )
+    return formation, steady
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--nodes", type=int, nargs="+", default=[256, 1024, 4096])
+    parser.add_argument("--models", nargs="+", default=["s3", "gcs", "nfs"], choices=sorted(PRESETS))
+    parser.add_argument("--designs", nargs="+", default=list(DESIGNS), choices=DESIGNS)
+    parser.add_argument("--seed", type=int, default=1)
+    parser.add_argument("--spread", type=float, default=0.0, help="arrivals uniform over this many seconds")
+    parser.add_argument("--steady", type=float, default=60.0, help="virtual seconds of stable membership measured")
+    parser.add_argument("--time-limit", type=float, default=300.0, help="virtual seconds before giving up a run")
+    parser.add_argument("--real-limit", type=float, default=300.0, help="real seconds before giving up a run")
+    parser.add_argument("--out", default="simulation", help="base name of the files under benchmarks/results/")
+    parser.add_argument("--no-files", action="store_true")
+    args = parser.parse_args(argv)
+    threading.stack_size(512 * 1024)
+    sys.setswitchinterval(0.001)
+
+    results: list[SimResult] = []
+    for model_name in args.models:
+        model = PRESETS[model_name]
+        for design in args.designs:
+            for n in args.nodes:
+                r = simulate(
+                    model,
+                    design,
+                    n,
+                    seed=args.seed,
+                    spread=args.spread,
+                    steady=args.steady,
+                    time_limit=args.time_limit,
+                    real_limit=args.real_limit,
+                )
+                results.append(r)
+                ops = r.formation_ops
+                print(
+                    f"{r.model:4s} {r.design:9s} N={n:5d} formation {_fmt_time(r):>10s}  writes {ops.writes:7d}"
+                    f"  reads {ops.reads:9d}  won/lost {ops.cas_won}/{ops.cas_lost}"
+                    f"  throttled {ops.object_throttled}/{ops.prefix_throttled}"
+                    f"  max reads/s {r.read_rate:.0f}/{r.doc_read_rate:.0f}"
+                    f"  real {r.real_seconds:.0f} s",
+                    flush=True,
+                )
+    formation, steady = report(results)
+    command = "python benchmarks/simulate.py " + " ".join(sys.argv[1:] if argv is None else argv)
+    models = "\n".join(f"- {m.name}: {m}" for m in (PRESETS[k] for k in args.models))
+    text = (
+        f"# Simulation: formation and steady state at scale (virtual time)\n\n`{command.strip()}`\n\n"
+        f"Machine (real time only): {machine_note()}\n\nModels:\n\n{models}\n\n## Formation\n\n{formation}\n\n"
+        f"## Steady state ({args.steady:g} virtual s after formation)\n\n{steady}\n"
+    )
+    print()
+    print(text)
+    if not args.no_files:
+        write_result(f"{args.out}.md", text)
+        for metric, ylabel, fname in (
+            ("time", "virtual seconds, last arrival to all ranks", "time"),
+            ("ops", "storage operations per formation", "ops"),
+        ):
+            series: dict[str, dict[int, Series]] = {}
+            for r in results:
+                if metric == "time" and not r.formed:
+                    continue
+                value = r.formation if metric == "time" else float(r.formation_ops.reads + r.formation_ops.writes)
+                series.setdefault(f"{r.design} / {r.model}", {}).setdefault(r.nodes, Series()).add(value)
+            plot_against_n(
+                RESULTS / f"{args.out}_{fname}.png",
+                f"Simulated formation ({'time' if metric == 'time' else 'operations'}), all nodes arrive at once",
+                ylabel,
+                series,
+                reference=("N/15 s (one CAS per node on S3)", {n: n / 15 for n in args.nodes})
+                if metric == "time"
+                else None,
+            )
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
