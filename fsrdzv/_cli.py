@@ -18,6 +18,7 @@ import re
 import secrets
 import shutil
 import sys
+import textwrap
 import time
 import traceback
 from collections.abc import Callable, Mapping, Sequence
@@ -88,6 +89,14 @@ class _Parser(argparse.ArgumentParser):
     def error(self, message: str) -> NoReturn:
         # argparse prints the usage and then the error: two or more lines. One line, with where to look.
         raise CliError(f"{message} (see '{self.prog} --help')", EXIT_USAGE)
+
+
+def _wrap(text: str, width: int = 100) -> str:
+    """Wrap prose paragraphs for a raw-description help; lines that start with spaces are kept as they are."""
+    out = []
+    for line in text.split("\n"):
+        out.append(line if line.startswith(" ") or not line else textwrap.fill(line, width))
+    return "\n".join(out)
 
 
 class _Formatter(argparse.RawDescriptionHelpFormatter):
@@ -709,8 +718,8 @@ def build_parser() -> argparse.ArgumentParser:
         p = sub.add_parser(
             name,
             help=help_text,
-            description=description,
-            epilog=(epilog + "\n" if epilog else "") + _EPILOG_CODES,
+            description=_wrap(description),
+            epilog=(epilog + "\n\n" if epilog else "") + _EPILOG_CODES,
             formatter_class=_Formatter,
         )
         return p

@@ -475,7 +475,7 @@ def check_clock_object(endpoint: str, storage_options: Mapping[str, Any], run_id
     try:
         import fsspec
 
-        fs = fsspec.filesystem(scheme, skip_instance_cache=True, **fsspec_options(storage_options))
+        fs = fsspec.filesystem(scheme, **fsspec_options(storage_options))
     except Exception as exc:  # noqa: BLE001 - the clock check is optional; report why it could not run
         return Check("clock", "skip", f"cannot open {scheme}:// through fsspec to read object times: {exc}")
     probe = f"{rest}/{run_id}/clock-probe"

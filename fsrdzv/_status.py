@@ -253,8 +253,14 @@ _FSRDZV_ONLY_OPTIONS: Final = frozenset({"skip_selftest"})
 
 
 def fsspec_options(storage_options: Mapping[str, Any] | None) -> dict[str, Any]:
-    """``storage_options`` as fsspec takes them (without fsrdzv's own keys)."""
-    return {k: v for k, v in (storage_options or {}).items() if k not in _FSRDZV_ONLY_OPTIONS}
+    """``storage_options`` as fsspec takes them: without fsrdzv's own keys, and with listings never cached.
+
+    fsspec keeps one instance per set of options, so repeated calls (``list`` over many runs, ``status --watch``)
+    share a connection; the listings cache is off so that each look sees the storage as it is now.
+    """
+    options = {k: v for k, v in (storage_options or {}).items() if k not in _FSRDZV_ONLY_OPTIONS}
+    options["use_listings_cache"] = False
+    return options
 
 
 def _file_last_modified(path: str) -> float | None:
@@ -284,7 +290,7 @@ def last_modified(store: Store, endpoint: str, storage_options: Mapping[str, Any
     try:
         import fsspec
 
-        fs = fsspec.filesystem(scheme, skip_instance_cache=True, **fsspec_options(storage_options))
+        fs = fsspec.filesystem(scheme, **fsspec_options(storage_options))
         found = fs.find(f"{rest}/{store.run_id}", detail=True)
     except Exception:  # noqa: BLE001 - the age is optional information; any failure means "unknown"
         return None
