@@ -158,6 +158,7 @@ class RendezvousHandler:
         clock: Clock = time.monotonic,
         sleep: Sleep = time.sleep,
         rng: random.Random | None = None,
+        port_factory: Callable[[str], int] | None = None,
     ) -> None:
         if store.run_id != settings.run_id:
             raise ValueError("the store and the settings name different run ids")
@@ -166,6 +167,9 @@ class RendezvousHandler:
         self._clock = clock
         self._sleep = sleep
         self._rng = rng or random.Random()
+        #: Picks the master port this node offers for a round it may lead (default: a free ephemeral port).
+        #: A face that can hold the port open until it serves on it (torchrun's TCPStore) passes its own.
+        self._port_factory = port_factory or _free_port
         with _local_ids_lock:
             local_id = next(_local_ids)
         addr = local_addr or socket.getfqdn()
@@ -293,7 +297,7 @@ class RendezvousHandler:
         state, snap = self._retry(self._read, deadline)
         state, snap = self._retry(lambda: self._reuse_if_finished(state, snap), deadline)
         leave_round = state.round if state is not None and me in state.participants else None
-        self._node = replace(self._node, port=_free_port(self._node.addr))
+        self._node = replace(self._node, port=self._port_factory(self._node.addr))
         request = JoinRequest(self._node, secrets.token_hex(8), leave_round)
         self.ops["put"] += 1
         self._retry(lambda: self.store.put_record("req", me, encode_request(request)), deadline)
@@ -319,6 +323,9 @@ class RendezvousHandler:
                 mine = state.applied.get(me) == request.nonce
                 if mine and state.complete and me in state.participants:
                     # A completed round is a fact even if someone closed the run right after: report it.
+                    # Refresh the cache too: a read from before the round formed would still show this round's
+                    # nodes as waiting, and an agent polling num_nodes_waiting would restart for nothing.
+                    self._cached = (now, state)
                     return self._info(state)
                 if state.closed:
                     self._stop_keepalive()
@@ -593,11 +600,13 @@ def create_handler(
     secret: bytes | None = None,
     clock: Clock = time.monotonic,
     sleep: Sleep = time.sleep,
+    port_factory: Callable[[str], int] | None = None,
 ) -> RendezvousHandler:
     """Create a rendezvous handler for ``run_id`` at ``endpoint`` (see :func:`fsrdzv.open_store`).
 
     Timeouts are seconds (floats allowed) with torch's defaults. ``secret`` (or the file named by the environment
-    variable ``FSRDZV_SECRET_FILE``) turns on HMAC authentication of every document and record.
+    variable ``FSRDZV_SECRET_FILE``) turns on HMAC authentication of every document and record. ``clock`` and
+    ``sleep`` are injectable (tests, simulation); ``port_factory(addr)`` picks the master port this node offers.
 
     :raises ConfigurationError: an invalid value (negative timeout, min > max, bad run id or endpoint).
     """
@@ -615,7 +624,9 @@ def create_handler(
     if secret is None:
         secret = _secret_from_env()
     store = open_store(endpoint, run_id, storage_options=storage_options, secret=secret)
-    return RendezvousHandler(store, settings, local_addr=local_addr, clock=clock, sleep=sleep)
+    return RendezvousHandler(
+        store, settings, local_addr=local_addr, clock=clock, sleep=sleep, port_factory=port_factory
+    )
 
 
 def read_secret_file(path: str) -> bytes:
