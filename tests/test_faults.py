@@ -381,7 +381,7 @@ def _wait_for(predicate: Callable[[], bool], timeout: float, what: str) -> None:
 
 _MAX_GAP_BUG = (
     "BUG (since e7b6b21): the handler's LivenessTracker max_gap is max(timeout/2, interval, 3*SLOW_POLL) = 3 s, "
-    "longer than this 1.5 s keep-alive timeout, so the observer's 2 s blind spell does not reset the clocks and "
+    "longer than this 0.8 s keep-alive timeout, so the observer's 1-2.5 s blind spell does not reset the clocks and "
     "it removes live nodes as soon as it can look again (any keep-alive timeout under ~6 s is exposed)"
 )
 
@@ -394,12 +394,12 @@ _MAX_GAP_BUG = (
 def test_storage_outage_longer_than_keepalive_timeout_then_back(reset: bool) -> None:
     """A and B form a round; C waits as a spare and sweeps their heartbeats. The storage becomes unreachable for
     every node (FaultyStore fail_rate=1: injected, since an outage of shared storage cannot be staged per node
-    here): first for A and B, then, once C has seen their last heartbeats, for C too. C is blind for 2 s and A and
-    B are silent for ~3 s, both longer than the 1.5 s keep-alive timeout. C's storage comes back first; A's and
-    B's only 0.2 s after C has looked again, so their heartbeat records are still unchanged when C looks.
+    here): first for A and B, then, once C has seen their last heartbeats, for C too. C is blind for at least 1 s
+    and A and B are silent for longer, both more than the 0.8 s keep-alive timeout. C's storage comes back first;
+    A's and B's only 0.1 s after C has looked again, so their heartbeat records are still unchanged when C looks.
 
-    With the handler as shipped (``liveness-reset``), C's liveness tracker restarts every clock after its own
-    blind spell: for the next 4.5 s nobody is removed and C stays a spare. The ``control-without-reset`` run
+    ``liveness-reset``: C's liveness tracker must restart every clock after its own blind spell, so for the next
+    2.4 s nobody is removed and C stays a spare. The ``control-without-reset`` run
     disables the reset (``max_gap = inf``) and must see the false deaths, proving the scenario exercises it.
     """
     rid = _rid("outage")
@@ -410,11 +410,11 @@ def test_storage_outage_longer_than_keepalive_timeout_then_back(reset: bool) -> 
         max_nodes=2,
         join_timeout=60,
         last_call_timeout=0.3,
-        keep_alive_interval=0.25,
-        keep_alive_max_attempt=6,
+        keep_alive_interval=0.2,
+        keep_alive_max_attempt=4,
     )
     timeout = settings.liveness_timeout
-    blind = 2.0  # C's own outage; its join loop gives up after 8 errors in a row, at 2.4 s at the earliest
+    blind = 1.0  # C's own outage; its join loop gives up after 8 errors in a row, at 2.4 s at the earliest
     stores = [SwitchableStore(MemoryStore(name, rid)) for _ in range(3)]
     a, b, c = (fsrdzv.RendezvousHandler(s, settings, local_addr=f"10.0.1.{i + 1}") for i, s in enumerate(stores))
     plain = MemoryStore(name, rid)
@@ -452,7 +452,7 @@ def test_storage_outage_longer_than_keepalive_timeout_then_back(reset: bool) -> 
         time.sleep(blind)
         stores[2].back()
         assert stores[2].listed.wait(10), "C never looked at the heartbeats again"
-        time.sleep(0.2)
+        time.sleep(0.1)
         stores[0].back()
         stores[1].back()
         silence = time.monotonic() - silent
