@@ -31,7 +31,7 @@ from fsrdzv._state import RendezvousState, decode_request, decode_state
 from fsrdzv._store import unseal
 from fsrdzv._stores._file import FileStore
 from fsrdzv._stores._memory import MemoryStore
-from fsrdzv.testing import FaultyStore, LostReplyError
+from fsrdzv.testing import FakeClock, FaultyStore, LostReplyError, TransientFault
 
 # -- helpers ---------------------------------------------------------------------------------------------------------
 
@@ -541,6 +541,55 @@ def test_node_cut_off_longer_than_keepalive_timeout_rejoins_when_back() -> None:
     infos = [outcome[h.node_id] for h in handlers]
     assert all(isinstance(i, fsrdzv.RendezvousInfo) for i in infos), infos
     assert sorted(i.rank for i in infos) == [0, 1, 2]
+
+
+class _OutageUntil(FaultyStore):
+    """Every operation fails while ``clock() < until`` (an outage in the handler's own, virtual, time)."""
+
+    def __init__(self, inner: fsrdzv.Store, clock: FakeClock) -> None:
+        super().__init__(inner)
+        self.clock = clock
+        self.until = 0.0
+        self.failed = 0
+
+    def _before(self, what: str) -> None:
+        if self.clock() < self.until:
+            self.failed += 1
+            raise TransientFault(0, f"injected outage in {what}")
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason="GAP: the join loop gives up after MAX_STORAGE_ERRORS=8 failed operations in a row (2.4-7 s of back-off), "
+    "whatever join_timeout and the keep-alive timeout say: with torch's defaults (15 s keep-alive timeout, 600 s "
+    "join timeout) a waiting node dies of any storage outage longer than about 5 s, e.g. an NFS server failover",
+)
+def test_waiting_node_with_default_settings_survives_an_outage_longer_than_the_keepalive_timeout() -> None:
+    """A node waits for a second one with torch's default timeouts, in virtual time (FakeClock, so the test takes
+    a second). Its storage is unreachable for 20 s of its time (injected), longer than the 15 s keep-alive
+    timeout. It must still be waiting afterwards: the join ends with the join_timeout, not with StorageError."""
+    clock = FakeClock()
+    rid = _rid("longout")
+    store = _OutageUntil(MemoryStore(f"longout-{uuid.uuid4().hex[:8]}", rid), clock)
+    settings = fsrdzv.Settings(run_id=rid, min_nodes=2, max_nodes=2, join_timeout=120)
+    h = fsrdzv.RendezvousHandler(store, settings, local_addr="10.0.5.1", clock=clock, sleep=clock.sleep)
+    original = clock.sleep
+
+    def sleep(seconds: float) -> None:
+        if store.until == 0.0 and clock() > 1010.0:
+            store.until = clock() + 20.0  # the outage starts 10 s into the join
+        original(seconds)
+
+    h._sleep = sleep
+    try:
+        with pytest.raises(fsrdzv.RendezvousError) as info:
+            h.next_rendezvous()
+    finally:
+        h._stop_keepalive()
+    assert store.until > 0 and store.failed > 0
+    assert isinstance(info.value, fsrdzv.RendezvousTimeoutError), (
+        f"gave up {clock() - (store.until - 20.0):.1f}s into the outage: {info.value}"
+    )
 
 
 # -- real file-system faults -----------------------------------------------------------------------------------------
