@@ -17,6 +17,7 @@ import os
 import re
 import secrets
 import shutil
+import signal
 import sys
 import textwrap
 import time
@@ -365,6 +366,9 @@ def cmd_status(args: argparse.Namespace) -> int:
 
 
 def _watch(args: argparse.Namespace, store: Store, endpoint: str, observer: HeartbeatObserver) -> int:
+    # Shells start background jobs with SIGINT ignored, and Python then keeps it ignored: --watch must still end
+    # on Ctrl-C / kill -INT.
+    previous = signal.signal(signal.SIGINT, signal.default_int_handler)
     try:
         while True:
             try:
@@ -380,6 +384,8 @@ def _watch(args: argparse.Namespace, store: Store, endpoint: str, observer: Hear
     except KeyboardInterrupt:
         sys.stdout.write("\n")
         return EXIT_OK
+    finally:
+        signal.signal(signal.SIGINT, previous)
 
 
 # -- list ----------------------------------------------------------------------------------------------------------

@@ -229,9 +229,7 @@ class Launcher:
                 if last_failure is not None:
                     log.info("run %r was closed by another node: not restarting; exit %d", config.run_id, last_failure)
                     return last_failure
-                if self.rounds:
-                    log.error("run %r was closed by another node while this node re-formed", config.run_id)
-                    return 1
+                # Closed before or between rounds of this node: the CLI reports it as one line, status 1.
                 raise
             self.rounds.append(info)
             ids, epoch = self._round_members(info)
