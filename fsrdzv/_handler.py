@@ -20,6 +20,7 @@ that does not finish within ``join_timeout`` rolls back and raises :class:`Rende
 from __future__ import annotations
 
 import contextlib
+import errno
 import itertools
 import logging
 import os
@@ -71,8 +72,11 @@ POLL_GROWTH: Final = 1.3
 ROLLBACK_WINDOW: Final = 5.0
 #: How long ``num_nodes_waiting`` / ``is_closed`` answers from the last read (torch: 1 s).
 READ_CACHE: Final = 1.0
-#: Storage errors tolerated in a row inside a loop before giving up.
-MAX_STORAGE_ERRORS: Final = 8
+#: A waiting node rides out a storage outage for at least this long (s), and at least twice the liveness
+#: timeout, before it gives up (unless the join deadline comes first).
+MIN_OUTAGE: Final = 10.0
+#: Errors that retrying cannot fix: report them at once.
+PERMANENT_ERRNOS: Final = frozenset({errno.EACCES, errno.EPERM, errno.EROFS, errno.ENOTDIR, errno.ENOENT})
 
 _local_ids = itertools.count()
 _local_ids_lock = threading.Lock()
@@ -179,9 +183,10 @@ class RendezvousHandler:
         self._beats = 0
         self._keepalive: _KeepAlive | None = None
         # Sweeps happen every interval/2 while waiting; a longer silence means we could not look.
+        # Waiting nodes sweep every interval/2 (polls are capped at that), so a silence longer than the interval
+        # means this observer itself could not look, and it must not count that time against the others.
         self._liveness = LivenessTracker(
-            settings.liveness_timeout,
-            max(settings.liveness_timeout / 2, settings.keep_alive_interval, 3 * SLOW_POLL),
+            settings.liveness_timeout, max(settings.liveness_timeout / 2, settings.keep_alive_interval)
         )
         # Never poll slower than a sweep is due, so that death detection is not delayed by a slow poll.
         self._slow_poll = min(SLOW_POLL, max(FAST_POLL, settings.keep_alive_interval / 2))
@@ -189,6 +194,9 @@ class RendezvousHandler:
         self._last_call_seen: dict[tuple[str, int, int], float] = {}
         self._cached: tuple[float, RendezvousState | None] | None = None
         self._closed_here = False
+        self._verified = False
+        #: Heartbeat tags whose signature was checked (only with a job secret): name -> (tag, valid).
+        self._verified_beats: dict[str, tuple[str, bool]] = {}
         #: Storage operations made by this handler, by kind (benchmarks and tests read them).
         self.ops: dict[str, int] = {"read": 0, "cas": 0, "put": 0, "list": 0, "get": 0, "delete": 0}
         self._finalizer = weakref.finalize(self, RendezvousHandler._finalize, [None])
@@ -241,7 +249,27 @@ class RendezvousHandler:
 
     def _heartbeat_tags(self) -> dict[str, str]:
         self.ops["list"] += 1
-        return self.store.list_records("hb")
+        tags = self.store.list_records("hb")
+        if not self.store.signed:
+            return tags
+        # With a job secret, only signed heartbeats count: a forged one must not keep a dead node alive.
+        valid = {}
+        for name, tag in tags.items():
+            known = self._verified_beats.get(name)
+            if known is None or known[0] != tag:
+                self.ops["get"] += 1
+                try:
+                    self.store.read_record("hb", name)
+                    known = (tag, True)
+                except RendezvousStateError as exc:
+                    log.warning("ignoring heartbeat: %s", exc)
+                    known = (tag, False)
+                self._verified_beats[name] = known
+            if known[1]:
+                valid[name] = tag
+        for stale in set(self._verified_beats) - set(tags):
+            del self._verified_beats[stale]
+        return valid
 
     def _requests(self) -> list[JoinRequest]:
         self.ops["list"] += 1
@@ -278,7 +306,12 @@ class RendezvousHandler:
         :raises RendezvousStateError: the document is unreadable or from a newer fsrdzv.
         """
         with self._lock:
-            return self._next_rendezvous()
+            try:
+                return self._next_rendezvous()
+            except BaseException:
+                # Like torch: no heartbeats unless joined. Others then see this node go within the timeout.
+                self._stop_keepalive()
+                raise
 
     def _start_keepalive(self) -> None:
         self._beat()
@@ -293,6 +326,9 @@ class RendezvousHandler:
         me = self.node_id
         start = self._clock()
         deadline = start + settings.join_timeout
+        if not self._verified:
+            self._retry(self.store.verify_conditions, deadline)
+            self._verified = True
         self._retry(self._start_keepalive, deadline)
         state, snap = self._retry(self._read, deadline)
         state, snap = self._retry(lambda: self._reuse_if_finished(state, snap), deadline)
@@ -309,6 +345,7 @@ class RendezvousHandler:
         next_list = start
         was_spare = False
         errors = 0
+        first_error = 0.0
         polls = 0
         while True:
             now = self._clock()
@@ -321,6 +358,15 @@ class RendezvousHandler:
                     _, state, snap = self._cas(new, None)
                     continue
                 mine = state.applied.get(me) == request.nonce
+                if mine and me not in state.members() and not state.closed:
+                    # Folded, then removed (others judged us dead while our storage was cut off): ask again,
+                    # as torch's join op re-adds a node the sanitizer dropped.
+                    request = JoinRequest(self._node, secrets.token_hex(8), None)
+                    self.ops["put"] += 1
+                    self.store.put_record("req", me, encode_request(request))
+                    self._beat()
+                    next_fold = now
+                    mine = False
                 if mine and state.complete and me in state.participants:
                     # A completed round is a fact even if someone closed the run right after: report it.
                     # Refresh the cache too: a read from before the round formed would still show this round's
@@ -394,7 +440,9 @@ class RendezvousHandler:
                     poll = min(4 * FAST_POLL, poll * POLL_GROWTH)
             except StorageError as exc:
                 errors += 1
-                if errors >= MAX_STORAGE_ERRORS or self._clock() > deadline:
+                if errors == 1:
+                    first_error = self._clock()
+                if self._give_up(exc, first_error, deadline):
                     raise
                 log.warning("storage error during join of %s (retrying): %s", me, exc)
                 self._sleep(min(SLOW_POLL, FAST_POLL * 2**errors) * self._rng.uniform(0.5, 1.5))
@@ -402,15 +450,26 @@ class RendezvousHandler:
                     self.store.put_record("req", me, encode_request(request))
                     state, snap = self._read()
 
+    def _outage_budget(self) -> float:
+        """How long storage may keep failing before a wait gives up: longer than others need to see us dead."""
+        return max(2 * self.settings.liveness_timeout, MIN_OUTAGE)
+
+    def _give_up(self, exc: StorageError, first_error: float, deadline: float) -> bool:
+        now = self._clock()
+        return exc.errno in PERMANENT_ERRNOS or now > deadline or now - first_error > self._outage_budget()
+
     def _retry(self, fn: Callable[[], _T], deadline: float) -> _T:
         """Run ``fn``, retrying storage errors with jittered back-off (every write here is idempotent)."""
         errors = 0
+        first_error = 0.0
         while True:
             try:
                 return fn()
             except StorageError as exc:
                 errors += 1
-                if errors >= MAX_STORAGE_ERRORS or self._clock() > deadline:
+                if errors == 1:
+                    first_error = self._clock()
+                if self._give_up(exc, first_error, deadline):
                     raise
                 log.warning("storage error for %s (retrying): %s", self.node_id, exc)
                 self._sleep(min(SLOW_POLL, FAST_POLL * 2**errors) * self._rng.uniform(0.5, 1.5))

@@ -18,15 +18,17 @@ wrong type, wrong format, stale — makes a CAS return ``won=False`` with the cu
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import hmac as _hmac
 import logging
 import re
+import secrets
 from abc import ABC, abstractmethod
 from dataclasses import dataclass
 from typing import Final
 
-from ._errors import ConfigurationError, StateCorruptError, TamperedError
+from ._errors import ConfigurationError, StateCorruptError, TamperedError, UnsupportedStoreError
 
 __all__ = [
     "MAX_DOCUMENT_BYTES",
@@ -180,6 +182,11 @@ class Store(ABC):
     the contract that a CAS never raises for a bad token and always reports whether its own write won.
     """
 
+    #: True for the built-in stores: the directory and memory stores enforce conditions in fsrdzv's own code,
+    #: and the object stores self-test the service when they are opened. Wrappers and third-party stores are
+    #: probed by :meth:`verify_conditions` before a handler trusts them.
+    enforces_conditions: bool = False
+
     def __init__(self, run_id: str, location: str, secret: bytes | None = None) -> None:
         self.run_id = validate_run_id(run_id)
         #: Human-readable place of this run's data, used in error messages.
@@ -283,6 +290,46 @@ class Store(ABC):
         if version is None:
             raise StateCorruptError(f"could not reset {self.location}: another writer created it concurrently")
         return Snapshot(data, f"{generation}:{version}", generation)
+
+    def sibling(self, run_id: str) -> Store:
+        """A store of another run at the same location with the same options (for self-tests)."""
+        raise NotImplementedError(f"{type(self).__name__} cannot open sibling runs")
+
+    def verify_conditions(self) -> None:
+        """Check on a throw-away run that this store really refuses stale and duplicate conditional writes.
+
+        Stores written for fsrdzv enforce conditions themselves, but a wrapper, proxy or third-party store may not;
+        a store that ignores them would silently lose updates, so it is refused.
+
+        :raises UnsupportedStoreError: a duplicate create or a stale-token write was accepted.
+        """
+        if self.enforces_conditions:
+            return
+        try:
+            probe = self.sibling(f"fsrdzv-probe-{secrets.token_hex(6)}")
+        except NotImplementedError:
+            return
+        try:
+            first = probe.compare_and_set(b"probe-1", None)
+            second = probe.compare_and_set(b"probe-2", None)
+            stale_ok = False
+            if first.won and first.snapshot is not None and not second.won:
+                newer = probe.compare_and_set(b"probe-3", first.snapshot.token)
+                stale_ok = newer.won and probe.compare_and_set(b"probe-4", first.snapshot.token).won
+            if not first.won or second.won or stale_ok:
+                raise UnsupportedStoreError(
+                    f"{self.location} ignores conditional writes (a duplicate create or a stale compare-and-set "
+                    "was accepted); fsrdzv would lose updates there. Use a store that honours them "
+                    "(check it with 'fsrdzv doctor')"
+                )
+        finally:
+            with contextlib.suppress(Exception):
+                probe.delete_run()
+
+    @property
+    def signed(self) -> bool:
+        """Whether a job secret is set (every object carries an HMAC that is checked on read)."""
+        return self._secret is not None
 
     def describe(self, what: str) -> str:
         """Name an object of this store for error messages."""

@@ -48,6 +48,7 @@ import difflib
 import logging
 import math
 import os
+import socket
 import threading
 import time
 from collections.abc import Callable, Iterator, Mapping
@@ -84,8 +85,8 @@ from torch.distributed.elastic.rendezvous import (
 from torch.distributed.elastic.rendezvous.dynamic_rendezvous import RendezvousBackend
 
 from . import _errors as fe
-from ._handler import READ_CACHE, read_secret_file
 from ._handler import create_handler as _core_create_handler
+from ._handler import read_secret_file
 from ._store import Store as FsStore
 from ._stores import open_store, split_endpoint
 
@@ -486,6 +487,50 @@ def _connect_error(what: str, addr: str, port: int, exc: BaseException) -> Torch
     return TorchConnectionError(f"{what} {addr}:{port} failed: {exc}")
 
 
+class PortReservation:
+    """Keeps a listening socket open on the master port this node offers, from its join until it serves.
+
+    The core handler asks for a port at every join (``port_factory``); if this node becomes rank 0, the TCPStore
+    server is started on that very socket (``master_listen_fd``), so the agreed port cannot be lost to another
+    process in between. A node that does not lead the round releases its socket at the next join or shutdown.
+    """
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._socket: socket.socket | None = None
+
+    def reserve(self, addr: str) -> int:
+        family = socket.AF_INET6 if ":" in addr else socket.AF_INET
+        sock = socket.socket(family, socket.SOCK_STREAM)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            sock.bind((addr, 0))
+        except OSError:
+            sock.bind(("", 0))  # local_addr may be a name other hosts resolve but this one cannot bind
+        sock.listen(128)
+        with self._lock:
+            old, self._socket = self._socket, sock
+        if old is not None:
+            old.close()
+        port: int = sock.getsockname()[1]
+        return port
+
+    def take(self, port: int) -> socket.socket | None:
+        """Hand over the socket reserved for ``port`` (None if there is none, e.g. another handler's port)."""
+        with self._lock:
+            sock = self._socket
+            if sock is None or sock.getsockname()[1] != port:
+                return None
+            self._socket = None
+            return sock
+
+    def release(self) -> None:
+        with self._lock:
+            sock, self._socket = self._socket, None
+        if sock is not None:
+            sock.close()
+
+
 class FsRendezvousHandler(RendezvousHandler):
     """torch's ``RendezvousHandler`` on fsrdzv's core handler, plus the per-round TCPStore the agent needs.
 
@@ -502,17 +547,18 @@ class FsRendezvousHandler(RendezvousHandler):
         *,
         store_timeout: float = DEFAULT_STORE_TIMEOUT,
         graceful_exit: str = "raise",
+        ports: PortReservation | None = None,
     ) -> None:
         if graceful_exit not in ("exit", "raise"):
             raise fe.ConfigurationError(f"graceful_exit must be 'exit' or 'raise', not {graceful_exit!r}")
         self._core = core
+        self._ports = ports if ports is not None else PortReservation()
         self._timeout = datetime.timedelta(seconds=store_timeout)
         self._graceful_exit = graceful_exit
         self._lock = threading.Lock()
         # The server this agent hosts for the current round when it is rank 0.
         self._server: TCPStore | None = None
         self._last_warning = -math.inf
-        self._quiet_until = -math.inf
 
     # -- torch's interface --------------------------------------------------------------------------------------
 
@@ -544,10 +590,6 @@ class FsRendezvousHandler(RendezvousHandler):
             raise
         # Every member of the new round has left the previous one, so nobody uses the previous server any more.
         self._release_server()
-        # The core answers num_nodes_waiting from a read up to READ_CACHE seconds old, which can predate this round
-        # and still list this very node (or a peer) as waiting: the agent would restart a round that just formed,
-        # and the peers' restarts would then feed each other. A node that arrives now is seen a moment later.
-        self._quiet_until = time.monotonic() + READ_CACHE
         store = self._round_store(info)
         return RendezvousInfo(
             store,
@@ -569,8 +611,6 @@ class FsRendezvousHandler(RendezvousHandler):
         # ends the agent and closes the run for everyone; on an object store a passing outage or throttling
         # would then kill a healthy job. A storage failure here only delays noticing new nodes, so it answers
         # "nobody waiting" and warns (at most every WARN_INTERVAL s). A corrupt document still raises.
-        if time.monotonic() < self._quiet_until:
-            return 0
         try:
             with torch_errors():
                 waiting = self._core.num_nodes_waiting()
@@ -592,6 +632,7 @@ class FsRendezvousHandler(RendezvousHandler):
             return False
         finally:
             self._release_server()
+            self._ports.release()
 
     # -- the per-round store ----------------------------------------------------------------------------------
 
@@ -614,6 +655,9 @@ class FsRendezvousHandler(RendezvousHandler):
         return PrefixStore(f"torch.rendezvous.{self._core.run_id}.{info.round}", client)
 
     def _start_server(self, round_: int, addr: str, port: int) -> None:
+        # Serve on the socket that has been listening on the offered port since the join: nothing else could
+        # take the port in between (a bind at this point could lose it to any process on the host).
+        listener = self._ports.take(port)
         try:
             server = TCPStore(
                 host_name=addr,
@@ -622,11 +666,15 @@ class FsRendezvousHandler(RendezvousHandler):
                 multi_tenant=True,
                 wait_for_workers=False,
                 timeout=self._timeout,
+                master_listen_fd=None if listener is None else listener.fileno(),
             )
         except (RuntimeError, ValueError) as exc:
             raise _connect_error(
                 f"starting the TCPStore server for round {round_} of run {self._core.run_id!r} on", addr, port, exc
             ) from exc
+        finally:
+            if listener is not None:
+                listener.close()  # the server holds its own duplicate of the descriptor
         with self._lock:
             self._server = server
 
@@ -650,15 +698,23 @@ def create_handler(params: RendezvousParameters, *, graceful_exit: str = "exit")
         invalid endpoint or run id; the message names the key and the value.
     """
     config = parse_config(params)
+    ports = PortReservation()
     try:
         core = _core_create_handler(
-            config.endpoint, config.run_id, config.min_nodes, config.max_nodes, **config.handler_kwargs()
+            config.endpoint,
+            config.run_id,
+            config.min_nodes,
+            config.max_nodes,
+            port_factory=ports.reserve,
+            **config.handler_kwargs(),
         )
     except fe.ConfigurationError:
         raise  # already a ValueError with a message that names the setting
     except fe.RendezvousError as exc:
         raise _to_torch(exc) from exc
-    return FsRendezvousHandler(core, store_timeout=config.store_timeout, graceful_exit=graceful_exit)
+    return FsRendezvousHandler(
+        core, store_timeout=config.store_timeout, graceful_exit=graceful_exit, ports=ports
+    )
 
 
 def handler_creator() -> Callable[[RendezvousParameters], RendezvousHandler]:

@@ -49,14 +49,21 @@ def main() -> int:
     for line in sys.stdin:
         command, _, arg = line.strip().partition(" ")
         if command == "go":
+            # The child waits until "child <pid>" is out, so its own lines always come after that one.
+            gate_r, gate_w = os.pipe()
             pid = os.fork()
             if pid == 0:  # pragma: no cover - child
                 try:
+                    os.close(gate_w)
+                    os.read(gate_r, 1)
                     signal.signal(signal.SIGPIPE, signal.SIG_DFL)
                     _writer(endpoint, run_id, options)
                 finally:
                     os._exit(3)
+            os.close(gate_r)
             _say(f"child {pid}")
+            os.write(gate_w, b"x")
+            os.close(gate_w)
         elif command == "reap":
             _, status = os.waitpid(int(arg), 0)
             _say(f"reaped {arg} {os.WTERMSIG(status) if os.WIFSIGNALED(status) else -os.WEXITSTATUS(status)}")

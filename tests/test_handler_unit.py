@@ -151,6 +151,8 @@ def test_num_nodes_waiting_counts_the_wait_list_not_spares() -> None:
     info = a.next_rendezvous()
     t.join(10)
     assert info.world_size == 2 and done[0].world_size == 2 and info.round == 1
+    # The answer cached before the round formed (b waiting) must not survive it: the agent would restart at once.
+    assert a.num_nodes_waiting() == 0
     a.shutdown()
     b.shutdown()
 

@@ -159,12 +159,6 @@ def _form_and_leave_records(endpoint: str, rid: str, options: dict[str, Any]) ->
     h._stop_keepalive()  # keep its records on disk: they are checked too
 
 
-_UMASK_BUG = (
-    "BUG: FileStore creates files and directories with os.open/os.mkdir modes, which the umask masks: under the "
-    "usual umask 022, permissions='group' gives 0640/0750 (only the lock file, chmod'ed by filelock, gets 0660), so "
-    "the group cannot write the run and other users of a group-shared job fail with EACCES"
-)
-
 
 @pytest.mark.parametrize(
     ("permissions", "umask"),
@@ -173,8 +167,8 @@ _UMASK_BUG = (
         ("owner", 0o022),
         ("owner", 0o077),
         ("group", 0o000),
-        pytest.param("group", 0o022, marks=pytest.mark.xfail(strict=True, reason=_UMASK_BUG)),
-        pytest.param("group", 0o077, marks=pytest.mark.xfail(strict=True, reason=_UMASK_BUG)),
+        pytest.param("group", 0o022),
+        pytest.param("group", 0o077),
     ],
     ids=["owner-umask000", "owner-umask022", "owner-umask077", "group-umask000", "group-umask022", "group-umask077"],
 )
@@ -234,7 +228,7 @@ def _as_user(uid: int, args: list[str]) -> dict[str, Any]:
 
 @pytest.mark.parametrize(
     "umask",
-    [0o002, pytest.param(0o022, marks=pytest.mark.xfail(strict=True, reason=_UMASK_BUG))],
+    [0o002, 0o022],
     ids=["umask002", "umask022"],
 )
 def test_group_shared_run_is_writable_by_another_member_of_the_group(umask: int) -> None:
@@ -441,12 +435,6 @@ def test_replayed_old_signed_document_does_not_roll_the_run_back(tmp_path: Any) 
     assert now is not None and now.generation == snap.generation and now.data == snap.data
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="GAP: liveness only compares heartbeat record tags (list_records), never reads or verifies them, so with "
-    "a job secret an unsigned heartbeat written by someone without it still counts: it keeps a dead node 'alive' "
-    "and its round is never re-formed",
-)
 def test_forged_heartbeats_do_not_keep_a_dead_node_alive() -> None:
     """With a job secret: A and B form a round, C waits as a spare. B dies (its keep-alive stops) while a forger
     without the secret keeps rewriting B's heartbeat record. C must ignore the unsigned beats and remove B within

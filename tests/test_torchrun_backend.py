@@ -506,19 +506,6 @@ class TestHandler:
         with pytest.raises(RendezvousStateError):
             handler.num_nodes_waiting()
 
-    def test_waiting_nodes_read_before_the_round_formed_are_not_reported(self) -> None:
-        # The core's answer may come from a read that predates the round (cached for READ_CACHE seconds) and still
-        # list a node that is now a participant; the agent would restart the round it just formed.
-        port = _port()
-        core = FakeCore(Info(0, 0, 1, "127.0.0.1", port))
-        core.waiting = 1
-        handler = FsRendezvousHandler(core, store_timeout=5)
-        handler.next_rendezvous()
-        assert handler.num_nodes_waiting() == 0
-        handler._quiet_until = 0.0  # the quiet period is over
-        assert handler.num_nodes_waiting() == 1
-        handler.shutdown()
-
     def test_shutdown_reports_failure_as_false(self) -> None:
         core = FakeCore()
         handler = FsRendezvousHandler(core)

@@ -186,6 +186,8 @@ class AzureStore(Store):
     :param storage_options: see the module docstring; ``skip_selftest=True`` skips the conditional-write check.
     """
 
+    enforces_conditions = True  # checked against the service by the self-test at open
+
     def __init__(
         self,
         rest: str,

@@ -35,7 +35,7 @@ from typing import Final, TypeVar
 import filelock
 
 from .._errors import ConfigurationError, StorageError
-from .._store import Store
+from .._store import MAX_DOCUMENT_BYTES, MAX_RECORD_BYTES, Store
 
 __all__ = ["FileStore", "list_file_runs", "map_os_error"]
 
@@ -81,10 +81,12 @@ def _retry_stale(fn: Callable[[], _T]) -> _T:
     raise AssertionError("unreachable")  # pragma: no cover
 
 
-def _read_file(path: str) -> bytes:
+def _read_file(path: str, limit: int = MAX_DOCUMENT_BYTES) -> bytes:
+    """Read at most a little more than ``limit`` bytes: an oversized file is reported, never loaded whole."""
+
     def once() -> bytes:
         with open(path, "rb") as f:
-            return f.read()
+            return f.read(limit + 4096)
 
     return _retry_stale(once)
 
@@ -113,6 +115,29 @@ def _version(raw: bytes) -> str:
     return hashlib.sha256(raw).hexdigest()[:16]
 
 
+_TRUE: Final = frozenset({"1", "true", "t", "yes", "y", "on"})
+_FALSE: Final = frozenset({"0", "false", "f", "no", "n", "off"})
+
+
+def _option_bool(name: str, value: object, root: str) -> bool:
+    # Options arrive as strings from the CLI and --rdzv-conf: "false" must not be truthy.
+    if isinstance(value, bool):
+        return value
+    if isinstance(value, str) and value.strip().lower() in _TRUE | _FALSE:
+        return value.strip().lower() in _TRUE
+    raise ConfigurationError(f"storage option {name}={value!r} for {root} is not a boolean (use true or false)")
+
+
+def _option_seconds(name: str, value: object, root: str) -> float:
+    try:
+        seconds = float(value)  # type: ignore[arg-type]
+    except (TypeError, ValueError):
+        seconds = -1.0
+    if isinstance(value, bool) or not seconds > 0 or seconds == float("inf"):
+        raise ConfigurationError(f"storage option {name}={value!r} for {root} must be a positive number of seconds")
+    return seconds
+
+
 class FileStore(Store):
     """A run's document and records in a directory. See the module docstring for the commit protocol.
 
@@ -123,6 +148,8 @@ class FileStore(Store):
     :param permissions: ``"owner"`` (0600/0700, the default), ``"group"`` (0660/0770) or ``"world"`` (0644/0755).
     :param fsync: fsync each committed generation before it becomes visible.
     """
+
+    enforces_conditions = True
 
     def __init__(
         self,
@@ -137,6 +164,9 @@ class FileStore(Store):
     ) -> None:
         root = os.path.abspath(os.path.expanduser(root))
         super().__init__(run_id, root, secret)
+        lock = _option_bool("lock", lock, root)
+        fsync = _option_bool("fsync", fsync, root)
+        lock_timeout = _option_seconds("lock_timeout", lock_timeout, root)
         modes = {"owner": (0o600, 0o700), "group": (0o660, 0o770), "world": (0o644, 0o755)}
         if permissions not in modes:
             raise ConfigurationError(
@@ -174,21 +204,28 @@ class FileStore(Store):
                         f"endpoint {self.root} does not exist and neither does its parent {parent}; "
                         "is the shared file system mounted on this node? (fsrdzv creates only the last level)",
                     )
-                with contextlib.suppress(FileExistsError):
-                    os.mkdir(self.root, self.dir_mode)
+                self._mkdir(self.root)
             for d in (self.dir, self.log_dir, self.records_dir):
-                with contextlib.suppress(FileExistsError):
-                    os.mkdir(d, self.dir_mode)
+                self._mkdir(d)
         except StorageError:
             raise
         except OSError as exc:
             raise map_os_error(exc, f"creating the run directory {self.dir}") from exc
         self._dirs_ready = True
 
+    def _mkdir(self, path: str) -> None:
+        try:
+            os.mkdir(path, self.dir_mode)
+        except FileExistsError:
+            return
+        # mkdir's mode is filtered by the umask; 'group' must really give the group access.
+        os.chmod(path, self.dir_mode)
+
     def _write_temp(self, directory: str, raw: bytes, sync: bool) -> str:
         path = os.path.join(directory, f".tmp.{self._host}.{os.getpid()}.{secrets.token_hex(6)}")
         fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, self.file_mode)
         try:
+            os.fchmod(fd, self.file_mode)  # the umask filtered the mode given to open
             view = memoryview(raw)
             while view:
                 view = view[os.write(fd, view) :]
@@ -303,16 +340,27 @@ class FileStore(Store):
                     return None
                 finally:
                     os.unlink(entry)
-                # Publish a separate copy as ``state`` (not a hard link: log entries are truncated later).
-                published = self._write_temp(self.dir, raw, False)
-                if os.path.exists(self._log_path(generation + 1)):
-                    os.unlink(published)  # someone already built on our entry; never move ``state`` back
-                else:
-                    os.replace(published, self.state_path)
+                # Committed. Publishing ``state`` is only a shortcut for readers (they roll forward through the
+                # log), so a failure from here on must not turn a win into an error.
+                try:
+                    self._publish(raw, generation)
+                except OSError as exc:
+                    log.warning("generation %d of %s committed; 'state' not updated: %s", generation, self.dir, exc)
                 self._prune(generation - KEEP_LOG_ENTRIES)
                 return _version(raw)
         except OSError as exc:
             raise map_os_error(exc, f"writing generation {generation} of {self.dir}") from exc
+
+    def _publish(self, raw: bytes, generation: int) -> None:
+        # A separate copy as ``state``, not a hard link: log entries are truncated later.
+        published = self._write_temp(self.dir, raw, False)
+        try:
+            if os.path.exists(self._log_path(generation + 1)):
+                return  # someone already built on our entry; never move ``state`` back
+            os.replace(published, self.state_path)
+        finally:
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(published)
 
     def _prune(self, generation: int) -> None:
         if generation < 1:
@@ -332,8 +380,7 @@ class FileStore(Store):
         self._ensure_dirs()
         directory = self._kind_dir(kind)
         try:
-            with contextlib.suppress(FileExistsError):
-                os.mkdir(directory, self.dir_mode)
+            self._mkdir(directory)
             tmp = self._write_temp(directory, raw, False)
             os.replace(tmp, os.path.join(directory, name))
         except OSError as exc:
@@ -341,7 +388,7 @@ class FileStore(Store):
 
     def _read_record(self, kind: str, name: str) -> bytes | None:
         try:
-            return _read_file(os.path.join(self._kind_dir(kind), name))
+            return _read_file(os.path.join(self._kind_dir(kind), name), MAX_RECORD_BYTES)
         except (FileNotFoundError, NotADirectoryError):
             return None
         except OSError as exc:
@@ -359,7 +406,7 @@ class FileStore(Store):
         for name in names:
             # Open and read (close-to-open revalidation on NFS) instead of trusting cached attributes.
             try:
-                out[name] = _version(_read_file(os.path.join(directory, name)))
+                out[name] = _version(_read_file(os.path.join(directory, name), MAX_RECORD_BYTES))
             except FileNotFoundError:
                 continue
             except OSError as exc:
@@ -382,6 +429,17 @@ class FileStore(Store):
         except OSError as exc:
             raise map_os_error(exc, f"deleting {self.dir}") from exc
         self._dirs_ready = False
+
+    def sibling(self, run_id: str) -> FileStore:
+        return FileStore(
+            self.root,
+            run_id,
+            secret=self._secret,
+            lock=self.use_lock,
+            lock_timeout=self.lock_timeout,
+            permissions={0o600: "owner", 0o660: "group"}.get(self.file_mode, "world"),
+            fsync=self.fsync,
+        )
 
     def corrupt_for_tests(self, raw: bytes) -> None:
         """Overwrite ``state`` and the newest log entry with raw bytes (conformance tests)."""

@@ -51,6 +51,8 @@ def _version(raw: bytes) -> str:
 class MemoryStore(Store):
     """A run's document and records in process memory."""
 
+    enforces_conditions = True
+
     def __init__(self, name: str, run_id: str, secret: bytes | None = None) -> None:
         super().__init__(run_id, f"memory://{name}", secret)
         self.space = memory_space(name)
@@ -99,6 +101,9 @@ class MemoryStore(Store):
     def delete_run(self) -> None:
         with self.space.lock:
             self.space.runs.pop(self.run_id, None)
+
+    def sibling(self, run_id: str) -> MemoryStore:
+        return MemoryStore(self.location.removeprefix("memory://"), run_id, self._secret)
 
     def corrupt_for_tests(self, raw: bytes) -> None:
         """Overwrite the stored bytes without an envelope (conformance tests of corrupt documents)."""

@@ -146,6 +146,8 @@ class S3Store(Store):
         to be safe).
     """
 
+    enforces_conditions = True  # checked against the service by the self-test at open
+
     def __init__(
         self,
         rest: str,

@@ -107,3 +107,13 @@ class FaultyStore(Store):
 
     def delete_run(self) -> None:
         self.inner.delete_run()
+
+    def sibling(self, run_id: str) -> FaultyStore:
+        # The same faults (and the same lies) on another run: the handler's self-test must see them.
+        return FaultyStore(
+            self.inner.sibling(run_id),
+            fail_rate=0.0,
+            lost_reply_rate=0.0,
+            ignore_conditions=self.ignore_conditions,
+            sleep=self._sleep,
+        )
