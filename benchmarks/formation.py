@@ -59,8 +59,14 @@ from _common import (
     writes,
 )
 
+#: Experiments (not fsrdzv as shipped) that test the recommendations of docs/performance.md on real processes:
+#: ``nolock`` opens the directory store with ``lock=False``; ``flatpoll`` keeps the poll at FAST_POLL while a round
+#: forms; ``proposed`` uses the handler subclass of benchmarks/simulate.py; ``all`` is the three together.
+VARIANTS = ("nolock", "flatpoll", "proposed", "all")
 SYSTEMS = ("fsrdzv-dir", "fsrdzv-tmpfs", "fsrdzv-s3", "torch-c10d-tcp", "torch-c10d-file", "torch-etcd-v2")
 BASELINE = "torch-c10d-tcp"
+#: Reads per second a waiting node should stay under (issue 3).
+READ_LIMIT = 20.0
 #: Seconds a formation may take before it is abandoned (torch's join timeout is 600 s; this run has no patience).
 FORMATION_TIMEOUT = 120.0
 
@@ -85,12 +91,23 @@ class Target:
 
 
 def _fsrdzv_handler(t: Target) -> tuple[Any, Any]:
-    from fsrdzv._handler import RendezvousHandler
+    from fsrdzv import _handler
     from fsrdzv._settings import Settings
     from fsrdzv._stores import open_store
 
-    store = CountingStore(open_store(t.endpoint, t.run_id, storage_options=t.options))
-    handler = RendezvousHandler(store, Settings(t.run_id, t.nodes, t.nodes), local_addr="127.0.0.1")
+    variants = set(t.system.split("+")[1:])
+    options = dict(t.options)
+    cls: Any = _handler.RendezvousHandler
+    if variants & {"nolock", "all"}:
+        options["lock"] = False
+    if variants & {"flatpoll", "all"}:
+        _handler.POLL_GROWTH = 1.0  # type: ignore[misc]
+    if variants & {"proposed", "all"}:
+        from simulate import ProposedHandler
+
+        cls = ProposedHandler
+    store = CountingStore(open_store(t.endpoint, t.run_id, storage_options=options))
+    handler = cls(store, Settings(t.run_id, t.nodes, t.nodes), local_addr="127.0.0.1")
     return handler, store
 
 
@@ -142,6 +159,13 @@ def _torch_handler(t: Target, index: int) -> tuple[Any, Any]:
     counter = _TorchCounter(backend)
     handler = create_handler(store, backend, params)
     return handler, counter
+
+
+def _system(name: str) -> str:
+    base, *variants = name.split("+")
+    if base not in SYSTEMS or (variants and not base.startswith("fsrdzv")) or set(variants) - set(VARIANTS):
+        raise argparse.ArgumentTypeError(f"unknown system {name!r}")
+    return name
 
 
 def _node(
@@ -212,6 +236,7 @@ class Outcome:
     doc_writes: int
     read_rate: float
     doc_read_rate: float
+    over_limit: int
     to_complete: float
     notice: float
     cpu: float
@@ -259,6 +284,7 @@ def run_formation(t: Target) -> Outcome:
         doc_writes=sum(r["doc_writes"] for r in got),
         read_rate=max(r["read_rate"] for r in got),
         doc_read_rate=max(r["doc_read_rate"] for r in got),
+        over_limit=sum(r["read_rate"] > READ_LIMIT for r in got),
         to_complete=completed - last_arrival,
         notice=max(r["done"] for r in got) - completed,
         cpu=sum(r["cpu"] for r in got),
@@ -275,6 +301,7 @@ class Cell:
     doc_writes: Series = field(default_factory=Series)
     read_rate: Series = field(default_factory=Series)
     doc_read_rate: Series = field(default_factory=Series)
+    over_limit: Series = field(default_factory=Series)
     to_complete: Series = field(default_factory=Series)
     notice: Series = field(default_factory=Series)
     cpu: Series = field(default_factory=Series)
@@ -300,6 +327,7 @@ def _combine_profiles(directory: str, out: str) -> None:
 def _prepare(systems: list[str], stack: contextlib.ExitStack, unavailable: dict[str, str]) -> dict[str, Any]:
     """Start what the systems need; a system that cannot run is recorded with the reason, never faked."""
     env: dict[str, Any] = {}
+    systems = sorted({s.split("+")[0] for s in systems})
     if any(s.startswith("fsrdzv") for s in systems):
         import fsrdzv  # noqa: F401 - import before forking, so the children do not pay for it
     if "fsrdzv-dir" in systems:
@@ -346,8 +374,15 @@ def _probe(endpoint: str, options: dict[str, Any]) -> None:
     open_store(endpoint, "probe", storage_options=options).read()
 
 
-def _target(system: str, n: int, env: dict[str, Any]) -> Target:
+def _target(full: str, n: int, env: dict[str, Any]) -> Target:
+    system = full.split("+")[0]
     run_id = f"bench-{system}-{n}-{uuid.uuid4().hex[:8]}"
+    t = _base_target(system, run_id, n, env)
+    t.system = full
+    return t
+
+
+def _base_target(system: str, run_id: str, n: int, env: dict[str, Any]) -> Target:
     if system == "fsrdzv-dir":
         return Target(system, run_id, n, env["dir"])
     if system == "fsrdzv-tmpfs":
@@ -376,21 +411,22 @@ def report(
         "writes per formation",
         "writes / N",
         "reads per formation",
-        "max reads/s of a node (all reads / document reads)",
+        "max reads/s of a node: all reads / document reads",
+        "nodes over 20 reads/s (median)",
         "document writes won",
     ]
     rows: list[list[object]] = []
     detail: list[list[object]] = []
     for system in systems:
         if system in unavailable:
-            rows.append([system, "all", unavailable[system], "", "", "", "", "", ""])
+            rows.append([system, "all", unavailable[system], "", "", "", "", "", "", ""])
             continue
         for n in nodes:
             cell = cells.get((system, n))
             if cell is None:
                 continue
             if cell.error and not cell.seconds.values:
-                rows.append([system, n, f"failed: {cell.error[:120]}", "", "", "", "", "", ""])
+                rows.append([system, n, f"failed: {cell.error[:120]}", "", "", "", "", "", "", ""])
                 continue
             base = cells.get((BASELINE, n))
             ratio = ""
@@ -406,6 +442,7 @@ def report(
                     f"{cell.writes.median / n:.2f}",
                     cell.reads.fmt("n"),
                     f"{cell.read_rate.hi:.0f} / {cell.doc_read_rate.hi:.0f}",
+                    f"{cell.over_limit.median:.0f}",
                     f"{cell.doc_writes.median:.0f}",
                 ]
             )
@@ -457,7 +494,14 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--nodes", type=int, nargs="+", default=[4, 16, 32, 64])
     parser.add_argument("--repeat", type=int, default=5)
-    parser.add_argument("--systems", nargs="+", default=list(SYSTEMS), choices=SYSTEMS)
+    parser.add_argument(
+        "--systems",
+        nargs="+",
+        default=list(SYSTEMS),
+        type=_system,
+        help=f"any of {', '.join(SYSTEMS)}; an fsrdzv system may carry experiment suffixes "
+        f"({', '.join('+' + v for v in VARIANTS)}), e.g. fsrdzv-tmpfs+proposed: see docs/performance.md",
+    )
     parser.add_argument("--out", default="formation", help="base name of the files under benchmarks/results/")
     parser.add_argument("--no-files", action="store_true", help="print only; write no result files")
     parser.add_argument(
@@ -472,6 +516,9 @@ def main(argv: list[str] | None = None) -> int:
     with contextlib.ExitStack() as stack:
         env = _prepare(args.systems, stack, unavailable)
         profile_dir = stack.enter_context(tempfile.TemporaryDirectory()) if args.profile else ""
+        for s in args.systems:
+            if s.split("+")[0] in unavailable:
+                unavailable[s] = unavailable[s.split("+")[0]]
         runnable = [s for s in args.systems if s not in unavailable]
         for reason in unavailable.items():
             print("unavailable:", *reason, flush=True)
@@ -504,12 +551,14 @@ def main(argv: list[str] | None = None) -> int:
                     cell.doc_writes.add(o.doc_writes)
                     cell.read_rate.add(o.read_rate)
                     cell.doc_read_rate.add(o.doc_read_rate)
+                    cell.over_limit.add(o.over_limit)
                     cell.to_complete.add(o.to_complete)
                     cell.notice.add(o.notice)
                     cell.cpu.add(o.cpu)
                     print(
                         f"N={n:3d} rep {rep} {system:16s} {o.seconds:8.3f} s  writes {o.writes:5d}  reads {o.reads:6d}"
-                        f"  doc CAS {o.doc_writes:4d}  max reads/s {o.read_rate:4.0f} (document {o.doc_read_rate:3.0f})"
+                        f"  doc CAS {o.doc_writes:4d}  max reads/s {o.read_rate:4.0f} (document {o.doc_read_rate:3.0f},"
+                        f" {o.over_limit} nodes > {READ_LIMIT:g}/s)"
                         f"  complete +{o.to_complete:.3f} s, seen +{o.notice:.3f} s, cpu {o.cpu:.2f} s  {o.by_kind}",
                         flush=True,
                     )

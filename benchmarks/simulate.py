@@ -44,6 +44,7 @@ from fsrdzv._handler import RendezvousHandler
 from fsrdzv._settings import Settings
 from fsrdzv._state import JoinRequest, RendezvousState, decode_request
 from fsrdzv._store import Snapshot
+from fsrdzv._stores._memory import MemoryStore
 from fsrdzv.testing._simstore import (
     PRESETS,
     SimCounters,
@@ -60,27 +61,47 @@ RUN_ID = "sim"
 
 # -- the proposed handler changes, as a subclass (the shipped handler is not edited here) -------------------------
 
-#: Reads per second that all waiting nodes of one run may make together (S3 allows 5,500 GET/s per prefix).
-READ_BUDGET = 2000.0
-#: Concurrent GETs of join requests by the folder.
-READ_CONCURRENCY = 64
-#: A joiner folds its own request only when the document has not changed for this long (s): the folder is gone.
-GRACE = 5.0
+
+@dataclass
+class Tuning:
+    """Parameters of the proposed design (command-line options change them)."""
+
+    #: Reads per second that all waiting nodes of one run may make together (S3 allows 5,500 GET/s per prefix).
+    read_budget: float = 2000.0
+    #: Concurrent GETs of join requests by the folder.
+    read_concurrency: int = 64
+    #: A joiner folds its own request again only when the document has not changed for this long (s).
+    grace: float = 5.0
+
+
+TUNE = Tuning()
 
 
 class ProposedHandler(RendezvousHandler):
-    """The shipped handler plus three changes (see the module docstring); everything else is inherited."""
+    """The shipped handler with the recommended changes (docs/performance.md); everything else is inherited.
+
+    1. A joiner makes one compare-and-set with its own request only (creating the document if there is none):
+       no listing, no reading of other nodes' requests. If it loses, it waits for the folder; it folds its own
+       request again only when there is no folder (no waiting member) or the document
+       has not changed for ``TUNE.grace`` seconds.
+    2. The folder (the lowest waiting member) folds on every poll while the round forms, reading the pending
+       requests with ``TUNE.read_concurrency`` requests in flight (the proposed ``Store.read_records``).
+    3. The poll period of a waiting node is at least ``max_nodes / TUNE.read_budget``.
+    """
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         inner_sleep = self._sleep
-        floor = max(_handler.FAST_POLL, self.settings.max_nodes / READ_BUDGET)
+        floor = max(_handler.FAST_POLL, self.settings.max_nodes / TUNE.read_budget)
         self._poll_floor = floor
         # The loop's poll sleep is the only sleep shorter than the floor; error back-offs are longer anyway.
         self._sleep = lambda seconds: inner_sleep(max(seconds, floor))
         self._doc_absent = False
         self._generation: tuple[str, int] | None = None
         self._progress_at = self._clock()
+        self._own_folds = 0
+        self._in_join = False
+        self._folding = False
 
     def _seen(self, state: RendezvousState | None) -> None:
         self._doc_absent = state is None
@@ -89,9 +110,34 @@ class ProposedHandler(RendezvousHandler):
             self._generation = key
             self._progress_at = self._clock()
 
+    def _next_rendezvous(self) -> Any:
+        self._own_folds = 0
+        self._in_join = True
+        try:
+            return super()._next_rendezvous()
+        finally:
+            self._in_join = False
+
     def _read(self) -> tuple[RendezvousState | None, Snapshot | None]:
         state, snap = super()._read()
         self._seen(state)
+        if (
+            self._in_join
+            and not self._folding
+            and state is not None
+            and not state.complete
+            and not state.closed
+            and self.node_id in state.members()
+            and self._is_folder(state)
+        ):
+            # (2) The folder folds at every poll of a forming round, not every fifth.
+            self._folding = True
+            try:
+                _, folded, folded_snap = self._fold(state, snap, None)
+            finally:
+                self._folding = False
+            if folded is not None:
+                state, snap = folded, folded_snap
         return state, snap
 
     def _cas(self, new: RendezvousState, snap: Snapshot | None) -> tuple[bool, RendezvousState | None, Snapshot | None]:
@@ -103,11 +149,12 @@ class ProposedHandler(RendezvousHandler):
         self, state: RendezvousState, snap: Snapshot | None, own: JoinRequest | None
     ) -> tuple[bool, RendezvousState | None, Snapshot | None]:
         if own is not None and not self._is_folder(state):
-            # A joiner: do not read everybody's requests. While a folder is at work (a waiting member exists and
-            # the document changed within GRACE), leave the work to it; otherwise fold only our own request.
+            # (1) A joiner folds only its own request: once, then only if nobody else is folding.
             waiting = [m for m in state.members() if not (state.complete and m in state.participants)]
-            if waiting and self._clock() - self._progress_at < GRACE:
+            folder_at_work = bool(waiting) and self._clock() - self._progress_at < TUNE.grace
+            if self._own_folds > 0 and folder_at_work:
                 return False, state, snap
+            self._own_folds += 1
             new = _fold_only(state, own, self.settings)
             if new is state:
                 return False, state, snap
@@ -117,13 +164,14 @@ class ProposedHandler(RendezvousHandler):
     def _requests(self) -> list[JoinRequest]:
         store = self.store
         if self._doc_absent:
-            return []  # creating the document: with our own request only; the creator then folds the others
+            self._own_folds += 1  # creating the document with our own request is our one compare-and-set
+            return []
         if not isinstance(store, SimStore):
             return super()._requests()
         self.ops["list"] += 1
         tags = store.list_records("req")
         todo = [n for n, t in tags.items() if self._request_cache.get(n, ("", None))[0] != t]
-        got = store.read_records_batch("req", todo, READ_CONCURRENCY)  # type: ignore[attr-defined]
+        got = store.read_records_batch("req", todo, TUNE.read_concurrency)  # type: ignore[attr-defined]
         self.ops["get"] += len(todo)
         for name in todo:
             raw = got.get(name)
@@ -216,6 +264,8 @@ class SimResult:
     formation_ops: SimCounters
     read_rate: float  # max reads/s of one node in any 1-s window while waiting (all reads)
     doc_read_rate: float  # the same for document reads only (polling)
+    over_limit: int  # nodes that read more than 20 times in some second while waiting
+    document_bytes: int
     steady: SimCounters | None
     steady_seconds: float
     steady_doc_writes: int
@@ -299,11 +349,16 @@ def simulate(
             stop_steady.set()
             clock.stop()
     errors = [f"{name}: {type(exc).__name__}: {exc}" for name, exc in clock.errors[:3]]
+    final = MemoryStore(space, RUN_ID)._read_raw()
+    document_bytes = 0 if final is None else len(final[0])
     last_arrival = max(arrived.values()) if arrived else 0.0
     rate = doc_rate = 0.0
+    over = 0
     for i, store in stores.items():
         end = done.get(i, clock())
-        rate = max(rate, max_rate(store.read_times, arrived.get(i, 0.0), end))
+        mine = max_rate(store.read_times, arrived.get(i, 0.0), end)
+        over += mine > 20.0
+        rate = max(rate, mine)
         doc_rate = max(doc_rate, max_rate(store.doc_read_times, arrived.get(i, 0.0), end))
     return SimResult(
         model=model.name,
@@ -314,6 +369,8 @@ def simulate(
         formation_ops=formation_ops,
         read_rate=rate,
         doc_read_rate=doc_rate,
+        over_limit=over,
+        document_bytes=document_bytes,
         steady=steady_ops,
         steady_seconds=steady,
         steady_doc_writes=steady_doc_writes,
@@ -350,6 +407,8 @@ def report(results: list[SimResult]) -> tuple[str, str]:
                 ops.cas_lost,
                 f"{ops.object_throttled} / {ops.prefix_throttled}",
                 f"{r.read_rate:.0f} / {r.doc_read_rate:.0f}",
+                r.over_limit,
+                f"{r.document_bytes / 1024:.0f}",
                 f"{r.real_seconds:.0f}",
             ]
         )
@@ -366,7 +425,9 @@ def report(results: list[SimResult]) -> tuple[str, str]:
             "document CAS won",
             "CAS lost",
             "throttled (object / prefix)",
-            "max reads/s of a node (all / document)",
+            "max reads/s of a node: all / document",
+            "nodes over 20 reads/s",
+            "document KiB",
             "real s",
         ],
         rows,
@@ -414,15 +475,37 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--steady", type=float, default=60.0, help="virtual seconds of stable membership measured")
     parser.add_argument("--time-limit", type=float, default=300.0, help="virtual seconds before giving up a run")
     parser.add_argument("--real-limit", type=float, default=300.0, help="real seconds before giving up a run")
+    parser.add_argument(
+        "--read-concurrency", type=int, default=TUNE.read_concurrency, help="proposed design: GETs in flight (folder)"
+    )
+    parser.add_argument(
+        "--read-budget",
+        type=float,
+        default=TUNE.read_budget,
+        help="proposed design: reads/s of a run (inf: off)",
+    )
+    parser.add_argument(
+        "--set",
+        action="append",
+        default=[],
+        metavar="FIELD=VALUE",
+        help="override a field of every model, e.g. --set prefix_retries=10 (see fsrdzv.testing.StoreModel)",
+    )
     parser.add_argument("--out", default="simulation", help="base name of the files under benchmarks/results/")
     parser.add_argument("--no-files", action="store_true")
     args = parser.parse_args(argv)
+    TUNE.read_concurrency, TUNE.read_budget = args.read_concurrency, args.read_budget
     threading.stack_size(512 * 1024)
     sys.setswitchinterval(0.001)
 
     results: list[SimResult] = []
+    overrides: dict[str, Any] = {}
+    for item in args.set:
+        key, _, value = item.partition("=")
+        kind = type(getattr(PRESETS["s3"], key))
+        overrides[key] = value if kind is str else kind(float(value)) if kind is int else kind(value)
     for model_name in args.models:
-        model = PRESETS[model_name]
+        model = PRESETS[model_name].with_(**overrides) if overrides else PRESETS[model_name]
         for design in args.designs:
             for n in args.nodes:
                 r = simulate(
@@ -441,13 +524,14 @@ def main(argv: list[str] | None = None) -> int:
                     f"{r.model:4s} {r.design:9s} N={n:5d} formation {_fmt_time(r):>10s}  writes {ops.writes:7d}"
                     f"  reads {ops.reads:9d}  won/lost {ops.cas_won}/{ops.cas_lost}"
                     f"  throttled {ops.object_throttled}/{ops.prefix_throttled}"
-                    f"  max reads/s {r.read_rate:.0f}/{r.doc_read_rate:.0f}"
+                    f"  max reads/s {r.read_rate:.0f}/{r.doc_read_rate:.0f} ({r.over_limit} nodes > 20/s)"
+                    f"  doc {r.document_bytes // 1024} KiB"
                     f"  real {r.real_seconds:.0f} s",
                     flush=True,
                 )
     formation, steady = report(results)
     command = "python benchmarks/simulate.py " + " ".join(sys.argv[1:] if argv is None else argv)
-    models = "\n".join(f"- {m.name}: {m}" for m in (PRESETS[k] for k in args.models))
+    models = "\n".join(f"- {m.name}: {m}" for m in (PRESETS[k].with_(**overrides) for k in args.models))
     text = (
         f"# Simulation: formation and steady state at scale (virtual time)\n\n`{command.strip()}`\n\n"
         f"Machine (real time only): {machine_note()}\n\nModels:\n\n{models}\n\n## Formation\n\n{formation}\n\n"
