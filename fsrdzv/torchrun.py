@@ -672,9 +672,12 @@ class FsRendezvousHandler(RendezvousHandler):
             raise _connect_error(
                 f"starting the TCPStore server for round {round_} of run {self._core.run_id!r} on", addr, port, exc
             ) from exc
-        finally:
+        except BaseException:
             if listener is not None:
-                listener.close()  # the server holds its own duplicate of the descriptor
+                listener.close()
+            raise
+        if listener is not None:
+            listener.detach()  # the server now owns the descriptor and closes it when it goes
         with self._lock:
             self._server = server
 

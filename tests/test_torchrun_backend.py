@@ -569,3 +569,18 @@ def test_real_core_round_shares_one_store(tmp_path: Path) -> None:
     assert any_info.store.multi_get([f"torchelastic/role_info/{r}" for r in range(3)]) == [b"0", b"1", b"2"]
     assert any_info.store.add("counter", 0) == 3
     assert all(h.shutdown() for h, _ in nodes)
+
+
+def test_master_port_is_held_from_join_until_the_server_serves() -> None:
+    """The offered master port cannot be taken by another process between the join and the round's server."""
+    import socket as socket_module
+
+    ports = torchrun.PortReservation()
+    port = ports.reserve("127.0.0.1")
+    with socket_module.socket() as other, pytest.raises(OSError):
+        other.bind(("127.0.0.1", port))
+    listener = ports.take(port)
+    assert listener is not None and listener.getsockname()[1] == port
+    assert ports.take(port) is None  # handed over once
+    listener.close()
+    ports.release()
