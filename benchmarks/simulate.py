@@ -40,6 +40,7 @@ from typing import Any
 from _common import RESULTS, Series, machine_note, markdown_table, max_rate, plot_against_n, write_result
 
 from fsrdzv import _handler
+from fsrdzv._errors import StorageError
 from fsrdzv._handler import RendezvousHandler
 from fsrdzv._settings import Settings
 from fsrdzv._state import JoinRequest, RendezvousState, decode_request
@@ -229,7 +230,7 @@ class NaiveNode:
 
     def join(self) -> int:
         me = f"node-{self.index:05d}"
-        snap = self.store.read()
+        snap = self._retry(self.store.read)
         while True:
             doc = json.loads(snap.data) if snap is not None else {"participants": [], "complete": False}
             if me in doc["participants"]:
@@ -238,7 +239,10 @@ class NaiveNode:
                 raise RuntimeError("round complete without this node")
             doc["participants"].append(me)
             doc["complete"] = len(doc["participants"]) >= self.n
-            result = self.store.compare_and_set(json.dumps(doc).encode(), None if snap is None else snap.token)
+            token = None if snap is None else snap.token
+            result = self._retry(
+                lambda doc=doc, token=token: self.store.compare_and_set(json.dumps(doc).encode(), token)
+            )
             snap = result.snapshot
             if result.won:
                 break
@@ -248,7 +252,17 @@ class NaiveNode:
             if doc["complete"]:
                 return int(doc["participants"].index(me))
             self.clock.sleep(1.0)
-            snap = self.store.read()
+            snap = self._retry(self.store.read)
+
+    def _retry(self, op: Callable[[], Any]) -> Any:
+        """Storage errors (throttling) are retried with jittered back-off: this is a lower bound, not torch."""
+        attempt = 0
+        while True:
+            try:
+                return op()
+            except StorageError:
+                self.clock.sleep(self.rng.uniform(0, min(5.0, 0.1 * 2**attempt)))
+                attempt += 1
 
 
 # -- one simulation ----------------------------------------------------------------------------------------------

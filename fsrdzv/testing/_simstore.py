@@ -44,9 +44,11 @@ from .._stores._memory import MemoryStore
 
 __all__ = [
     "GCS",
+    "GCS_THROTTLED",
     "NFS",
     "PRESETS",
     "S3",
+    "S3_THROTTLED",
     "SimStorage",
     "SimStore",
     "SimulationStalled",
@@ -271,8 +273,8 @@ class StoreModel:
         return replace(self, **changes)
 
 
-#: Amazon S3 Standard: ~60 ms per request, ~15 conditional writes/s per object (a 409/412 beyond), 5,500 GET and
-#: 3,500 PUT/LIST per second per prefix (503 SlowDown beyond, retried by botocore).
+#: Amazon S3 Standard: ~60 ms per request, ~15 conditional writes/s per object (409/412 beyond, retried by the
+#: store as S3Store does, then a lost compare-and-set).
 S3: Final = StoreModel(
     name="S3",
     read_latency=0.060,
@@ -285,15 +287,11 @@ S3: Final = StoreModel(
     throttle_retries=3,
     throttle_backoff=0.05,
     throttle_backoff_cap=1.0,
-    prefix_read_rate=5500.0,
-    prefix_write_rate=3500.0,
-    prefix_retries=3,
-    prefix_backoff=0.1,
-    source="storage-semantics.md 5.1: S3 CAS 58-68 ms, 14.7-15.3 op/s per object; 3,500 PUT / 5,500 GET per prefix",
+    source="storage-semantics.md 5.1: S3 CAS 58-68 ms, 14.7-15.3 op/s per object",
 )
 
-#: Google Cloud Storage: 50-100 ms reads, writes ~200 ms, 1 write/s per object name (429 beyond, retried by the
-#: client library from 1 s, doubling), initial bucket rates 5,000 reads/s and 1,000 writes/s.
+#: Google Cloud Storage: 50-100 ms reads, ~200 ms writes, 1 write/s per object name (429 beyond, retried by the
+#: client library from 1 s, doubling, then an error).
 GCS: Final = StoreModel(
     name="GCS",
     read_latency=0.075,
@@ -306,11 +304,7 @@ GCS: Final = StoreModel(
     throttle_retries=6,
     throttle_backoff=1.0,
     throttle_backoff_cap=32.0,
-    prefix_read_rate=5000.0,
-    prefix_write_rate=1000.0,
-    prefix_retries=3,
-    prefix_backoff=1.0,
-    source="storage-semantics.md 5.1: 1 write/s per object; turbopuffer ~200 ms per write; GCS request-rate guide",
+    source="storage-semantics.md 5.1: 1 write/s per object; turbopuffer ~200 ms per write",
 )
 
 #: A shared file system over NFS: 1-5 ms per operation (a locked compare-and-set is the slow one), no rate limits.
@@ -324,7 +318,34 @@ NFS: Final = StoreModel(
     source="typical NFS v4 round trips on a LAN; test-servers.md 9 for the local floor",
 )
 
-PRESETS: Final[dict[str, StoreModel]] = {"s3": S3, "gcs": GCS, "nfs": NFS}
+#: S3 plus the request rates of one prefix: 5,500 GET/HEAD and 3,500 PUT/LIST/DELETE per second (503 SlowDown
+#: beyond, retried 3 times by botocore, then an error). S3 raises them by partitioning a busy prefix over time.
+S3_THROTTLED: Final = S3.with_(
+    name="S3+prefix",
+    prefix_read_rate=5500.0,
+    prefix_write_rate=3500.0,
+    prefix_retries=3,
+    prefix_backoff=0.1,
+    source=S3.source + "; AWS: 3,500 PUT / 5,500 GET per second per prefix",
+)
+
+#: GCS plus a bucket's initial request rates: 5,000 reads/s and 1,000 writes/s (429 beyond, retried).
+GCS_THROTTLED: Final = GCS.with_(
+    name="GCS+bucket",
+    prefix_read_rate=5000.0,
+    prefix_write_rate=1000.0,
+    prefix_retries=3,
+    prefix_backoff=1.0,
+    source=GCS.source + "; GCS request-rate guide: ~1,000 writes and 5,000 reads per second per bucket initially",
+)
+
+PRESETS: Final[dict[str, StoreModel]] = {
+    "s3": S3,
+    "gcs": GCS,
+    "nfs": NFS,
+    "s3-throttled": S3_THROTTLED,
+    "gcs-throttled": GCS_THROTTLED,
+}
 
 
 class _Bucket:
