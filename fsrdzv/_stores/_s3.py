@@ -118,10 +118,15 @@ def _client_error(exc: BaseException) -> tuple[int, str, str] | None:
     return None
 
 
-def _filesystem(options: dict[str, Any]) -> Any:
-    """An S3FileSystem for ``options`` with fsrdzv's defaults where the user configured nothing."""
-    # Merge FSSPEC_S3_* / fsspec config first, so that the defaults below only fill what nobody set.
-    opts = apply_config(s3fs.S3FileSystem, dict(options))
+def _merged_options(options: dict[str, Any]) -> dict[str, Any]:
+    """``options`` over fsspec's configuration for s3 (``FSSPEC_S3_*``, config files), as s3fs would see them."""
+    merged: dict[str, Any] = apply_config(s3fs.S3FileSystem, dict(options))
+    return merged
+
+
+def _filesystem(opts: dict[str, Any]) -> Any:
+    """An S3FileSystem for merged options, with fsrdzv's defaults where the user configured nothing."""
+    opts = dict(opts)
     # Listings must be fresh: nodes appear and leave between two listings of the records.
     opts["use_listings_cache"] = False
     config = dict(opts.get("config_kwargs") or {})
@@ -165,6 +170,9 @@ class S3Store(Store):
         self.state_key = join_key(prefix, run_id, "state")
         self.records_prefix = join_key(prefix, run_id, "records") + "/"
         self.run_prefix = join_key(prefix, run_id) + "/"
+        # Merge fsspec's configuration first, so that defaults only fill what nobody set and the endpoint named
+        # in messages and in the self-test cache is the one FSSPEC_S3_ENDPOINT_URL may have set.
+        options = _merged_options(options)
         self._configured_endpoint = _configured_endpoint(options)
         self._sleep: Callable[[float], None] = time.sleep
         self._fs = self._open_filesystem(options)
@@ -187,7 +195,7 @@ class S3Store(Store):
 
     @property
     def endpoint_url(self) -> str:
-        """The S3 endpoint actually used (the client's, once created), for messages and the self-test cache."""
+        """The S3 endpoint actually used (the client's once created, else the configured one), for messages."""
         # ``_s3``, not ``s3``: the public property would connect just to name the endpoint in a message.
         client = getattr(self._fs, "_s3", None)
         url = getattr(getattr(client, "meta", None), "endpoint_url", None)
