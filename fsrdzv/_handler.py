@@ -61,8 +61,8 @@ __all__ = ["RendezvousHandler", "RendezvousInfo", "create_handler"]
 
 log = logging.getLogger("fsrdzv")
 
-#: Poll period while a round is forming or anything just changed (s). With one document read per poll this
-#: keeps every waiting node at most ~17 reads/s, well under S3's per-prefix rates even at a thousand nodes.
+#: Poll period while a round is forming or anything just changed (s): at most ~17 document reads/s per waiting
+#: node (issue target: 20), so the last arrival's completing write is seen within ~60 ms.
 FAST_POLL: Final = 0.06
 #: Poll period once nothing has changed for a while (s).
 SLOW_POLL: Final = 1.0
