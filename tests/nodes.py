@@ -43,6 +43,7 @@ class Node:
         settings: dict[str, Any] | None = None,
         env: dict[str, str] | None = None,
         stop_file: str = "",
+        clock_offset: float = 0.0,
     ) -> None:
         cmd = [
             sys.executable,
@@ -66,6 +67,8 @@ class Node:
             cmd.append("--shutdown")
         if stop_file:
             cmd += ["--stop-file", stop_file]
+        if clock_offset:
+            cmd += ["--clock-offset", str(clock_offset)]
         self.events: list[dict[str, Any]] = []
         self._queue: queue.Queue[dict[str, Any]] = queue.Queue()
         self.proc = subprocess.Popen(

@@ -31,6 +31,7 @@ def main() -> int:
     p.add_argument("--hold", type=float, default=0.0, help="seconds to stay in each round unless nodes wait")
     p.add_argument("--shutdown", action="store_true", help="call shutdown() (closes the run) at the end")
     p.add_argument("--stop-file", default="", help="end the hold as soon as this file exists")
+    p.add_argument("--clock-offset", type=float, default=0.0, help="skew this node's clock by that many seconds")
     p.add_argument("--options", default="{}", help="JSON storage options")
     p.add_argument("--settings", default="{}", help="JSON keyword arguments for create_handler")
     args = p.parse_args()
@@ -41,6 +42,7 @@ def main() -> int:
         args.max,
         local_addr=args.addr,
         storage_options=json.loads(args.options),
+        clock=lambda: time.monotonic() + args.clock_offset,
         **json.loads(args.settings),
     )
     emit(event="start", node=handler.node_id)

@@ -247,6 +247,34 @@ def test_crashed_job_members_are_not_inherited(tmp_path: Any) -> None:
         kill_all(new)
 
 
+def test_clock_skew_between_processes(store_endpoint: tuple[str, dict[str, Any]]) -> None:
+    """Processes whose clocks are hours apart form rounds, scale up, and keep a full round alive while a spare
+    with yet another clock watches their heartbeats for several liveness timeouts: no false deaths."""
+    endpoint, options = store_endpoint
+    rid = run_id()
+    offsets = [-3600.0, 0.0, 3600.0]
+    nodes = [
+        Node(endpoint, rid, 2, 4, addr=f"127.0.0.{i + 1}", rounds=2, hold=60, options=options, clock_offset=off)
+        for i, off in enumerate(offsets)
+    ]
+    extra: list[Node] = []
+    try:
+        check_round([n.wait_for("rank", 60) for n in nodes], 3)
+        extra.append(Node(endpoint, rid, 2, 4, addr="127.0.0.4", hold=60, options=options, clock_offset=1800.0))
+        round1 = [n.wait_for("rank", 60) for n in [*nodes, extra[0]]]
+        check_round(round1, 4)
+        assert round1[0]["round"] == 1
+        formed = read_state(endpoint, rid, options)
+        extra.append(Node(endpoint, rid, 2, 4, addr="127.0.0.9", options=options, clock_offset=-7200.0))
+        time.sleep(4 * FAST["keep_alive_interval"] * FAST["keep_alive_max_attempt"] + 1)
+        state = read_state(endpoint, rid, options)
+        assert len(state.redundancy_list) == 1, "the spare should be watching"
+        assert state.participants == formed.participants, "a live node was declared dead"
+        assert state.round == 1
+    finally:
+        kill_all([*nodes, *extra])
+
+
 def test_clock_skew_does_not_cause_false_deaths() -> None:
     """Nodes whose clocks are +-1 hour apart form the same round and nobody is declared dead."""
     endpoint = f"memory://skew-{uuid.uuid4().hex[:8]}"
