@@ -37,11 +37,9 @@ import s3fs
 from botocore import exceptions as boto_exc
 from fsspec.config import apply_config
 
-from .._errors import ConfigurationError, RendezvousError, StorageError, UnsupportedStoreError
-from .._store import Store, validate_run_id
+from .._errors import ConfigurationError, StorageError, UnsupportedStoreError
+from ._object import Answer, ObjectStore, batches
 from ._selftest import (
-    PROBE_DIR,
-    check_kind,
     jittered_backoff,
     join_key,
     one_line,
@@ -84,27 +82,26 @@ _CODE_HINTS: Final[dict[str, tuple[int, str]]] = {
 _UNSUPPORTED_CODES: Final = frozenset({"NotImplemented"})
 
 
-class _Answer(Exception):
-    """An expected non-2xx answer (412, 404 on a key, 409 conflict): raised by the boundary, handled by callers."""
-
-    def __init__(self, status: int, code: str) -> None:
-        super().__init__(status, code)
-        self.status = status
-        self.code = code
+class _Answer(Answer):
+    """An expected non-2xx answer (412, 404 on a key, 409 conflict)."""
 
     @property
-    def lost(self) -> bool:
-        """The precondition did not hold: 412, or 404 for an If-Match on a key that was deleted meanwhile."""
-        return self.status == 412 or self.missing_key
-
-    @property
-    def missing_key(self) -> bool:
+    def missing(self) -> bool:
         # HEAD answers carry no body, hence no code but the status ("404").
         return self.status == 404 and self.code in {"NoSuchKey", "404", "NotFound"}
 
     @property
+    def lost(self) -> bool:
+        """The precondition did not hold: 412, or 404 for an If-Match on a key that was deleted meanwhile."""
+        return self.status == 412 or self.missing
+
+    @property
     def conflict(self) -> bool:
         return self.status == 409 and self.code in {"ConditionalRequestConflict", "OperationAborted"}
+
+
+class _Conflict(StorageError):
+    """A 409 conflict: a concurrent request on the key overlapped ours and nothing was written (retried on a put)."""
 
 
 def _client_error(exc: BaseException) -> tuple[int, str, str] | None:
@@ -142,7 +139,7 @@ def _configured_endpoint(options: dict[str, Any]) -> str | None:
     return url or os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL") or None
 
 
-class S3Store(Store):
+class S3Store(ObjectStore):
     """A run's document and records under ``s3://bucket/prefix/<run_id>/``.
 
     :param rest: ``"bucket/prefix"`` (the prefix may be empty or have several levels).
@@ -151,7 +148,7 @@ class S3Store(Store):
         to be safe).
     """
 
-    enforces_conditions = True  # checked against the service by the self-test at open
+    service = "S3"
 
     def __init__(
         self,
@@ -162,14 +159,10 @@ class S3Store(Store):
         secret: bytes | None = None,
     ) -> None:
         bucket, prefix = split_rest(rest, "s3")
-        super().__init__(run_id, "s3://" + join_key(bucket, prefix), secret)
+        super().__init__(run_id, "s3://" + join_key(bucket, prefix), prefix, secret)
         options = dict(storage_options or {})
         skip_selftest = bool(options.pop("skip_selftest", False))
         self.bucket = bucket
-        self.prefix = prefix
-        self.state_key = join_key(prefix, run_id, "state")
-        self.records_prefix = join_key(prefix, run_id, "records") + "/"
-        self.run_prefix = join_key(prefix, run_id) + "/"
         # Merge fsspec's configuration first, so that defaults only fill what nobody set and the endpoint named
         # in messages and in the self-test cache is the one FSSPEC_S3_ENDPOINT_URL may have set.
         options = _merged_options(options)
@@ -191,8 +184,6 @@ class S3Store(Store):
         except (TypeError, ValueError) as exc:
             raise ConfigurationError(f"invalid storage_options for {self.location}: {one_line(exc)}") from None
 
-    # -- the boundary ----------------------------------------------------------------------------------------
-
     @property
     def endpoint_url(self) -> str:
         """The S3 endpoint actually used (the client's once created, else the configured one), for messages."""
@@ -205,19 +196,16 @@ class S3Store(Store):
     def where(self) -> str:
         return f"{self.location} (endpoint {self.endpoint_url})"
 
+    # -- the boundary ----------------------------------------------------------------------------------------
+
     async def _send(self, method: str, **kwargs: Any) -> Any:
         """One S3 API call through s3fs (which adds ``s3_additional_kwargs`` and throttling retries)."""
         return await self._fs._call_s3(method, **kwargs)
 
-    def _call(self, what: str, op: Callable[[], Coroutine[Any, Any, _T]]) -> _T:
-        """Run ``op`` on s3fs's loop; translate every foreign exception (the one place this module does so)."""
-        try:
-            result: _T = fsspec.asyn.sync(self._fs.loop, op)
-            return result
-        except RendezvousError:
-            raise
-        except Exception as exc:  # noqa: BLE001 - the boundary: everything foreign is translated here
-            raise self._translate(exc, what) from None
+    def _run(self, op: Callable[[], Coroutine[Any, Any, _T]]) -> _T:
+        """Run ``op`` on s3fs's event loop (inside :meth:`_call`, which translates what it raises)."""
+        result: _T = fsspec.asyn.sync(self._fs.loop, op)
+        return result
 
     def _translate(self, exc: Exception, what: str) -> Exception:
         log.debug("S3 request failed: %s at %s", what, self.where, exc_info=exc)
@@ -226,7 +214,7 @@ class S3Store(Store):
         if details is not None:
             status, code, message = details
             answer = _Answer(status, code)
-            if answer.lost or answer.missing_key or answer.conflict:
+            if answer.lost or answer.conflict:
                 return answer
             if code in _UNSUPPORTED_CODES:
                 return UnsupportedStoreError(
@@ -261,55 +249,45 @@ class S3Store(Store):
             return StorageError(exc.errno, f"{prefix}: {one_line(exc)}; check the endpoint and the bucket")
         return StorageError(errno.EIO, f"{prefix}: {type(exc).__name__}: {one_line(exc)}; check the endpoint")
 
-    # -- raw requests (each one call through the boundary) ---------------------------------------------------
+    def _unexpected(self, answer: Answer, what: str) -> StorageError:
+        error = super()._unexpected(answer, what)
+        # A conflict is retried by _put; to any other request it is as unexpected as any other answer.
+        return _Conflict(error.errno, error.strerror) if isinstance(answer, _Answer) and answer.conflict else error
 
-    def _get(self, key: str, what: str) -> tuple[bytes, str] | None:
+    # -- raw requests (see ObjectStore) ----------------------------------------------------------------------
+
+    def _sdk_get(self, key: str) -> tuple[bytes, str]:
         async def op() -> tuple[bytes, str]:
             response = await self._send("get_object", Bucket=self.bucket, Key=key)
             async with response["Body"] as body:
                 data: bytes = await body.read()
-            return data, str(response["ETag"])
+            return data, str(response["ETag"]).strip('"')
 
-        try:
-            data, etag = self._call(what, op)
-        except _Answer as answer:
-            if answer.missing_key:
-                return None
-            raise self._unexpected(answer, what) from None
-        return data, etag.strip('"')
+        return self._run(op)
 
-    def _put(self, key: str, data: bytes, what: str, **conditions: str) -> str | None:
-        """PUT ``data``; return the new ETag, or None when a condition did not hold (retrying 409 conflicts)."""
+    def _sdk_put(self, key: str, data: bytes, *, create: bool, match: str | None) -> str:
+        conditions = {"IfNoneMatch": "*"} if create else {} if match is None else {"IfMatch": f'"{match}"'}
+        response = self._run(lambda: self._send("put_object", Bucket=self.bucket, Key=key, Body=data, **conditions))
+        return str(response["ETag"]).strip('"')
+
+    def _put(self, key: str, data: bytes, what: str, *, create: bool = False, match: str | None = None) -> str | None:
+        """As :meth:`ObjectStore._put`, retrying 409 conflicts a few times before reporting them as lost."""
         delays = jittered_backoff(CONFLICT_ATTEMPTS - 1)
         while True:
             try:
-                response = self._call(
-                    what, lambda: self._send("put_object", Bucket=self.bucket, Key=key, Body=data, **conditions)
-                )
-            except _Answer as answer:
-                if answer.lost:
-                    return None
-                if not answer.conflict:
-                    raise self._unexpected(answer, what) from None
+                return super()._put(key, data, what, create=create, match=match)
+            except _Conflict:
                 # 409: a concurrent request on this key overlapped ours and nothing was written; AWS says retry.
                 delay = next(delays, None)
                 if delay is None:
                     log.info("S3 kept answering 409 ConditionalRequestConflict to %s; reporting it as lost", what)
                     return None
                 self._sleep(delay)
-                continue
-            return str(response["ETag"]).strip('"')
 
-    def _delete(self, key: str, what: str) -> None:
-        try:
-            self._call(what, lambda: self._send("delete_object", Bucket=self.bucket, Key=key))
-        except _Answer as answer:
-            if not answer.missing_key:
-                raise self._unexpected(answer, what) from None
+    def _sdk_delete(self, key: str) -> None:
+        self._run(lambda: self._send("delete_object", Bucket=self.bucket, Key=key))
 
-    def _list(self, prefix: str, what: str, delimiter: str = "") -> tuple[dict[str, str], list[str]]:
-        """All keys under ``prefix`` with their ETags, and the common prefixes when a delimiter is given."""
-
+    def _sdk_list(self, prefix: str, delimiter: str) -> tuple[dict[str, str], list[str]]:
         async def op() -> tuple[dict[str, str], list[str]]:
             keys: dict[str, str] = {}
             prefixes: list[str] = []
@@ -326,59 +304,19 @@ class S3Store(Store):
                     return keys, prefixes
                 kwargs["ContinuationToken"] = token
 
-        try:
-            return self._call(what, op)
-        except _Answer as answer:
-            raise self._unexpected(answer, what) from None
+        return self._run(op)
 
-    def _unexpected(self, answer: _Answer, what: str) -> StorageError:
-        return StorageError(
-            errno.EIO, f"S3 {what} at {self.where} failed: unexpected HTTP {answer.status} {answer.code}"
-        )
-
-    # -- the store -------------------------------------------------------------------------------------------
-
-    def _read_raw(self) -> tuple[bytes, str] | None:
-        return self._get(self.state_key, "read of the document")
-
-    def _commit(self, raw: bytes, generation: int, expected: tuple[int, str] | None) -> str | None:
-        what = f"conditional write of generation {generation}"
-        if expected is None:
-            return self._put(self.state_key, raw, what, IfNoneMatch="*")
-        if not expected[1]:
-            return None
-        return self._put(self.state_key, raw, what, IfMatch=f'"{expected[1]}"')
-
-    def _record_key(self, kind: str, name: str) -> str:
-        return f"{self.records_prefix}{check_kind(kind)}/{name}"
-
-    def _put_record(self, kind: str, name: str, raw: bytes) -> None:
-        self._put(self._record_key(kind, name), raw, f"write of record {kind}/{name}")
-
-    def _read_record(self, kind: str, name: str) -> bytes | None:
-        got = self._get(self._record_key(kind, name), f"read of record {kind}/{name}")
-        return None if got is None else got[0]
-
-    def _list_records(self, kind: str) -> dict[str, str]:
-        # One paginated listing; the ETags are the tags, so no record is read.
-        prefix = f"{self.records_prefix}{check_kind(kind)}/"
-        keys, _ = self._list(prefix, f"listing of records {kind}", delimiter="/")
-        return {key[len(prefix) :]: etag for key, etag in keys.items()}
-
-    def _delete_record(self, kind: str, name: str) -> None:
-        self._delete(self._record_key(kind, name), f"delete of record {kind}/{name}")
-
-    def delete_run(self) -> None:
-        keys, _ = self._list(self.run_prefix, "listing of the run")
-        names = sorted(keys)
-        for start in range(0, len(names), _DELETE_BATCH):
-            self._delete_batch(names[start : start + _DELETE_BATCH])
+    def _delete_many(self, keys: list[str]) -> None:
+        for batch in batches(keys, _DELETE_BATCH):
+            self._delete_batch(batch)
 
     def _delete_batch(self, keys: list[str]) -> None:
         what = "delete of the run's objects"
         request = {"Objects": [{"Key": k} for k in keys], "Quiet": True}
         try:
-            response = self._call(what, lambda: self._send("delete_objects", Bucket=self.bucket, Delete=request))
+            response = self._call(
+                what, lambda: self._run(lambda: self._send("delete_objects", Bucket=self.bucket, Delete=request))
+            )
         except _Answer as answer:
             raise self._unexpected(answer, what) from None
         errors = response.get("Errors") or []
@@ -390,54 +328,20 @@ class S3Store(Store):
                 f"{first.get('Code')} {one_line(first.get('Message', ''))}",
             )
 
-    def corrupt_for_tests(self, raw: bytes) -> None:
-        """Overwrite the document with raw bytes, unconditionally (conformance tests of corrupt documents)."""
-        self._put(self.state_key, raw, "raw write of the document")
+    def _exist(self, keys: list[str]) -> list[bool]:
+        """One HEAD per key, all at once on s3fs's loop."""
 
-    # -- self-test operations (see _selftest) ----------------------------------------------------------------
-
-    def probe_create(self, key: str, data: bytes) -> str | None:
-        return self._put(key, data, "self-test create", IfNoneMatch="*")
-
-    def probe_update(self, key: str, data: bytes, version: str) -> str | None:
-        return self._put(key, data, "self-test update", IfMatch=f'"{version}"')
-
-    def probe_delete(self, key: str) -> None:
-        self._delete(key, "self-test delete")
-
-    # -- runs ------------------------------------------------------------------------------------------------
-
-    @classmethod
-    def list_runs(cls, rest: str, *, storage_options: dict[str, Any] | None = None) -> list[str]:
-        """Run ids under ``s3://rest`` that hold a document: one delimited listing, then one HEAD per run."""
-        options = dict(storage_options or {})
-        options["skip_selftest"] = True  # listing only reads
-        # Any valid run id opens the store; it only borrows the client and the boundary.
-        store = cls(rest, "list-runs", storage_options=options)
-        base = store.prefix + "/" if store.prefix else ""
-        _, prefixes = store._list(base, "listing of runs", delimiter="/")
-        candidates = []
-        for p in prefixes:
-            name = p[len(base) :].rstrip("/")
-            if name == PROBE_DIR:
-                continue
+        async def exists(key: str) -> bool:
             try:
-                candidates.append(validate_run_id(name))
-            except ConfigurationError:
-                continue
-
-        async def exists(run_id: str) -> bool:
-            try:
-                await store._send("head_object", Bucket=store.bucket, Key=join_key(store.prefix, run_id, "state"))
+                await self._send("head_object", Bucket=self.bucket, Key=key)
             except Exception as exc:
                 details = _client_error(exc)
-                if details is not None and _Answer(details[0], details[1]).missing_key:
+                if details is not None and _Answer(details[0], details[1]).missing:
                     return False
                 raise
             return True
 
         async def check_all() -> list[bool]:
-            return list(await asyncio.gather(*(exists(r) for r in candidates)))
+            return list(await asyncio.gather(*(exists(key) for key in keys)))
 
-        found = store._call("check of the runs' documents", check_all)
-        return sorted(r for r, ok in zip(candidates, found, strict=True) if ok)
+        return self._call("check of the runs' documents", lambda: self._run(check_all))

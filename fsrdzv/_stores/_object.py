@@ -1,0 +1,276 @@
+"""What the object stores (S3, Azure Blob, GCS) share: key layout, records, compare-and-set, runs and the boundary.
+
+:class:`ObjectStore` implements the :class:`~fsrdzv._store.Store` contract once, in terms of a few raw requests
+that each store module provides in its SDK's own terms:
+
+* ``_sdk_get(key)`` -> ``(body, version)``, ``_sdk_put(key, data, create=..., match=...)`` -> new version,
+  ``_sdk_list(prefix, delimiter)`` -> ``({key: version}, [sub-prefixes])`` (all pages), ``_sdk_delete(key)``;
+* ``_delete_many(keys)`` (batches, or a few threads) and ``_exist(keys)`` (for :meth:`ObjectStore.list_runs`);
+* ``_translate(exc, what)``: the store's error mapping. It returns an :class:`Answer` for the expected non-2xx
+  answers (a condition that did not hold, a missing key) and a :class:`~fsrdzv.StorageError` (or a
+  configuration error) for everything else.
+
+The ``_sdk_*`` requests raise the SDK's own exceptions; they only ever run inside :meth:`ObjectStore._call`,
+the one place where foreign exceptions are translated. Versions are the store's precondition values (ETags,
+GCS generations) as strings.
+
+Layout of one run::
+
+    <prefix>/<run_id>/state                  the document: one object, written only with a condition
+    <prefix>/<run_id>/records/<kind>/<name>  per-node records (plain overwrites; one writer per name)
+    <prefix>/.fsrdzv-probe/<uuid>            short-lived objects of the start-up self-test
+"""
+
+from __future__ import annotations
+
+import errno
+from abc import abstractmethod
+from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any, ClassVar, TypeVar
+
+from .._errors import ConfigurationError, RendezvousError, StorageError
+from .._store import Store, validate_run_id
+from ._selftest import PROBE_DIR, check_kind, join_key
+
+__all__ = ["Answer", "ObjectStore", "batches", "check_options", "in_threads"]
+
+_T = TypeVar("_T")
+_I = TypeVar("_I")
+
+#: Threads of the stores that check or delete objects one request each.
+_THREADS = 8
+
+
+class Answer(Exception):
+    """An expected non-2xx answer (a condition that did not hold, a missing key): raised by the boundary,
+    handled by the requests of :class:`ObjectStore`, never seen outside a store."""
+
+    def __init__(self, status: int, code: str = "", message: str = "") -> None:
+        super().__init__(status, code, message)
+        self.status = status
+        self.code = code
+        self.message = message
+
+    @property
+    def missing(self) -> bool:
+        """Nothing is stored at the key: a read returns None."""
+        return False
+
+    @property
+    def nothing_to_delete(self) -> bool:
+        """A delete of the key has nothing to do."""
+        return self.missing
+
+    @property
+    def lost(self) -> bool:
+        """The condition of a conditional write did not hold: a lost race, not an error."""
+        return False
+
+    @property
+    def summary(self) -> str:
+        """The answer in an error message: ``412 ConditionNotMet``."""
+        return f"{self.status} {self.code}"
+
+
+def check_options(options: dict[str, Any], known: frozenset[str], location: str) -> None:
+    """Refuse storage options that the store does not know (a typo would otherwise be ignored)."""
+    unknown = set(options) - known
+    if unknown:
+        raise ConfigurationError(f"unknown storage option(s) {sorted(unknown)} for {location}; known: {sorted(known)}")
+
+
+def batches(items: list[_I], size: int) -> Iterator[list[_I]]:
+    """``items`` in consecutive lists of at most ``size``."""
+    for start in range(0, len(items), size):
+        yield items[start : start + size]
+
+
+def in_threads(fn: Callable[[_I], _T], items: list[_I]) -> list[_T]:
+    """``[fn(item) for item in items]`` on a few threads (for services that take one request per object)."""
+    with ThreadPoolExecutor(max_workers=_THREADS) as pool:
+        return list(pool.map(fn, items))
+
+
+class ObjectStore(Store):
+    """A run's document and records as objects under ``<prefix>/<run_id>/`` of a bucket or container."""
+
+    enforces_conditions = True  # checked against the service by the self-test at open
+
+    #: The service in messages ("S3").
+    service: ClassVar[str]
+
+    def __init__(self, run_id: str, location: str, prefix: str, secret: bytes | None) -> None:
+        super().__init__(run_id, location, secret)
+        self.prefix = prefix
+        self.state_key = join_key(prefix, run_id, "state")
+        self.records_prefix = join_key(prefix, run_id, "records") + "/"
+        self.run_prefix = join_key(prefix, run_id) + "/"
+
+    @property
+    @abstractmethod
+    def where(self) -> str:
+        """The location and the endpoint or account it is on, for messages."""
+
+    # -- what a store provides -------------------------------------------------------------------------------
+
+    @abstractmethod
+    def _translate(self, exc: Exception, what: str) -> Exception:
+        """The exception to raise for a foreign one: an :class:`Answer` or a :class:`RendezvousError`."""
+
+    @abstractmethod
+    def _sdk_get(self, key: str) -> tuple[bytes, str]:
+        """Download ``key``: its body and the version of exactly that body."""
+
+    @abstractmethod
+    def _sdk_put(self, key: str, data: bytes, *, create: bool, match: str | None) -> str:
+        """Upload ``data`` to ``key``: only if absent (``create``), only if its version is ``match``, or
+        unconditionally (neither). Return the new version."""
+
+    @abstractmethod
+    def _sdk_list(self, prefix: str, delimiter: str) -> tuple[dict[str, str], list[str]]:
+        """Every key under ``prefix`` with its version (all pages), and with a delimiter the sub-prefixes."""
+
+    @abstractmethod
+    def _sdk_delete(self, key: str) -> None:
+        """Delete ``key``."""
+
+    @abstractmethod
+    def _delete_many(self, keys: list[str]) -> None:
+        """Delete every key of ``keys`` (in batches where the service has them); missing keys are fine."""
+
+    @abstractmethod
+    def _exist(self, keys: list[str]) -> list[bool]:
+        """Whether each key exists (translated: call through :meth:`_call`)."""
+
+    # -- the boundary ----------------------------------------------------------------------------------------
+
+    def _call(self, what: str, op: Callable[[], _T]) -> _T:
+        """Run one request; translate every foreign exception (the one place the object stores do so)."""
+        try:
+            return op()
+        except RendezvousError:
+            raise
+        except Exception as exc:  # noqa: BLE001 - the boundary: everything foreign is translated here
+            raise self._translate(exc, what) from None
+
+    def _unexpected(self, answer: Answer, what: str) -> StorageError:
+        """An :class:`Answer` that the request at hand does not expect."""
+        return StorageError(
+            errno.EIO, f"{self.service} {what} at {self.where} failed: unexpected HTTP {answer.summary}"
+        )
+
+    # -- requests --------------------------------------------------------------------------------------------
+
+    def _get(self, key: str, what: str) -> tuple[bytes, str] | None:
+        """Body and version of ``key``, or None when it does not exist."""
+        try:
+            return self._call(what, lambda: self._sdk_get(key))
+        except Answer as answer:
+            if answer.missing:
+                return None
+            raise self._unexpected(answer, what) from None
+
+    def _put(self, key: str, data: bytes, what: str, *, create: bool = False, match: str | None = None) -> str | None:
+        """Write ``data`` (see :meth:`_sdk_put`); return the new version, or None when a condition did not hold."""
+        try:
+            return self._call(what, lambda: self._sdk_put(key, data, create=create, match=match))
+        except Answer as answer:
+            if answer.lost and (create or match is not None):
+                return None
+            raise self._unexpected(answer, what) from None
+
+    def _delete(self, key: str, what: str) -> None:
+        try:
+            self._call(what, lambda: self._sdk_delete(key))
+        except Answer as answer:
+            if not answer.nothing_to_delete:
+                raise self._unexpected(answer, what) from None
+
+    def _list(self, prefix: str, what: str, delimiter: str = "") -> tuple[dict[str, str], list[str]]:
+        try:
+            return self._call(what, lambda: self._sdk_list(prefix, delimiter))
+        except Answer as answer:
+            raise self._unexpected(answer, what) from None
+
+    # -- the store -------------------------------------------------------------------------------------------
+
+    def _could_match(self, version: str) -> bool:
+        """Whether ``version`` (from a token) can be a version of this store at all."""
+        return bool(version)
+
+    def _read_raw(self) -> tuple[bytes, str] | None:
+        return self._get(self.state_key, "read of the document")
+
+    def _commit(self, raw: bytes, generation: int, expected: tuple[int, str] | None) -> str | None:
+        what = f"conditional write of generation {generation}"
+        if expected is None:
+            return self._put(self.state_key, raw, what, create=True)
+        if not self._could_match(expected[1]):
+            return None  # a foreign token can never match
+        return self._put(self.state_key, raw, what, match=expected[1])
+
+    def _record_key(self, kind: str, name: str) -> str:
+        return f"{self.records_prefix}{check_kind(kind)}/{name}"
+
+    def _put_record(self, kind: str, name: str, raw: bytes) -> None:
+        self._put(self._record_key(kind, name), raw, f"write of record {kind}/{name}")
+
+    def _read_record(self, kind: str, name: str) -> bytes | None:
+        got = self._get(self._record_key(kind, name), f"read of record {kind}/{name}")
+        return None if got is None else got[0]
+
+    def _list_records(self, kind: str) -> dict[str, str]:
+        # One paginated listing; the versions are the tags (they change on every write), so no record is read.
+        prefix = f"{self.records_prefix}{check_kind(kind)}/"
+        objects, _ = self._list(prefix, f"listing of records {kind}", delimiter="/")
+        # Names are escaped and never contain "/"; anything deeper is not a record of this kind.
+        return {key[len(prefix) :]: tag for key, tag in objects.items() if "/" not in key[len(prefix) :]}
+
+    def _delete_record(self, kind: str, name: str) -> None:
+        self._delete(self._record_key(kind, name), f"delete of record {kind}/{name}")
+
+    def delete_run(self) -> None:
+        objects, _ = self._list(self.run_prefix, "listing of the run")
+        self._delete_many(sorted(objects))
+
+    def corrupt_for_tests(self, raw: bytes) -> None:
+        """Overwrite the document with raw bytes, unconditionally (conformance tests of corrupt documents)."""
+        self._put(self.state_key, raw, "raw write of the document")
+
+    # -- self-test operations (see _selftest) ----------------------------------------------------------------
+
+    def probe_create(self, key: str, data: bytes) -> str | None:
+        return self._put(key, data, "self-test create", create=True)
+
+    def probe_update(self, key: str, data: bytes, version: str) -> str | None:
+        return self._put(key, data, "self-test update", match=version)
+
+    def probe_delete(self, key: str) -> None:
+        self._delete(key, "self-test delete")
+
+    # -- runs ------------------------------------------------------------------------------------------------
+
+    @classmethod
+    def list_runs(cls, rest: str, *, storage_options: dict[str, Any] | None = None) -> list[str]:
+        """Run ids under ``rest`` that hold a document: one delimited listing, then one check per run."""
+        options = dict(storage_options or {})
+        options["skip_selftest"] = True  # listing only reads
+        # Any valid run id opens the store; it only borrows the client and the boundary.
+        opener: Callable[..., ObjectStore] = cls
+        store = opener(rest, "list-runs", storage_options=options)
+        try:
+            base = store.prefix + "/" if store.prefix else ""
+            _, prefixes = store._list(base, "listing of runs", delimiter="/")
+            candidates = []
+            for name in (p[len(base) :].rstrip("/") for p in prefixes):
+                if name == PROBE_DIR:
+                    continue
+                try:
+                    candidates.append(validate_run_id(name))
+                except ConfigurationError:
+                    continue
+            found = store._exist([join_key(store.prefix, run_id, "state") for run_id in candidates])
+            return sorted(r for r, ok in zip(candidates, found, strict=True) if ok)
+        finally:
+            store.close()
