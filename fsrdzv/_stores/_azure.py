@@ -26,23 +26,19 @@ from __future__ import annotations
 import errno
 import logging
 import os
-from collections.abc import Callable
-from concurrent.futures import ThreadPoolExecutor
-from typing import Any, Final, TypeVar
+from typing import Any, Final
 
 from azure.core import MatchConditions
 from azure.core import exceptions as az_exc
 from azure.storage.blob import BlobPrefix, BlobServiceClient, LinearRetry
 
 from .._errors import ConfigurationError, RendezvousError, StorageError
-from .._store import Store, validate_run_id
-from ._selftest import PROBE_DIR, check_kind, join_key, one_line, split_rest, verify_conditional_writes
+from ._object import Answer, ObjectStore, batches, check_options, in_threads
+from ._selftest import join_key, one_line, split_rest, verify_conditional_writes
 
 __all__ = ["AzureStore"]
 
 log = logging.getLogger("fsrdzv.store.azure")
-
-_T = TypeVar("_T")
 
 _KNOWN_OPTIONS: Final = frozenset(
     {
@@ -81,22 +77,17 @@ _CODE_HINTS: Final[dict[str, tuple[int, str]]] = {
 }
 
 
-class _Answer(Exception):
-    """An expected non-2xx answer (412, 409 exists, 404 blob): raised by the boundary, handled by callers."""
-
-    def __init__(self, status: int, code: str) -> None:
-        super().__init__(status, code)
-        self.status = status
-        self.code = code
+class _Answer(Answer):
+    """An expected non-2xx answer (412, 409 exists, 404 blob)."""
 
     @property
-    def missing_blob(self) -> bool:
+    def missing(self) -> bool:
         return self.status == 404 and self.code == "BlobNotFound"
 
     @property
     def lost(self) -> bool:
         """A condition did not hold: exists on create (409), stale (412), or the blob vanished (404 blob)."""
-        return self.status == 412 or (self.status == 409 and self.code == "BlobAlreadyExists") or self.missing_blob
+        return self.status == 412 or (self.status == 409 and self.code == "BlobAlreadyExists") or self.missing
 
 
 def _error_code(exc: az_exc.HttpResponseError) -> str:
@@ -179,14 +170,14 @@ def _service_client(options: dict[str, Any], url_account: str | None) -> tuple[A
     return client, account_url.rstrip("/")
 
 
-class AzureStore(Store):
+class AzureStore(ObjectStore):
     """A run's document and records under ``az://container/prefix/<run_id>/``.
 
     :param rest: ``"container/prefix"`` or ``"container@account.dfs.core.windows.net/prefix"``.
     :param storage_options: see the module docstring; ``skip_selftest=True`` skips the conditional-write check.
     """
 
-    enforces_conditions = True  # checked against the service by the self-test at open
+    service = "Azure"
 
     def __init__(
         self,
@@ -198,18 +189,10 @@ class AzureStore(Store):
     ) -> None:
         bucket, prefix = split_rest(rest, "az")
         container, url_account = _parse_container(bucket)
-        super().__init__(run_id, "az://" + join_key(container, prefix), secret)
+        super().__init__(run_id, "az://" + join_key(container, prefix), prefix, secret)
         options = dict(storage_options or {})
-        unknown = set(options) - _KNOWN_OPTIONS
-        if unknown:
-            raise ConfigurationError(
-                f"unknown storage option(s) {sorted(unknown)} for {self.location}; known: {sorted(_KNOWN_OPTIONS)}"
-            )
+        check_options(options, _KNOWN_OPTIONS, self.location)
         self.container_name = container
-        self.prefix = prefix
-        self.state_key = join_key(prefix, run_id, "state")
-        self.records_prefix = join_key(prefix, run_id, "records") + "/"
-        self.run_prefix = join_key(prefix, run_id) + "/"
         self.account_url = url_account or "the configured account"
         try:
             self._service, self.account_url = _service_client(options, url_account)
@@ -231,16 +214,10 @@ class AzureStore(Store):
     def where(self) -> str:
         return f"{self.location} (account {self.account_url})"
 
-    # -- the boundary ----------------------------------------------------------------------------------------
+    def close(self) -> None:
+        self._service.close()
 
-    def _call(self, what: str, op: Callable[[], _T]) -> _T:
-        """Run one SDK operation; translate every foreign exception (the one place this module does so)."""
-        try:
-            return op()
-        except RendezvousError:
-            raise
-        except Exception as exc:  # noqa: BLE001 - the boundary: everything foreign is translated here
-            raise self._translate(exc, what) from None
+    # -- the boundary ----------------------------------------------------------------------------------------
 
     def _translate(self, exc: Exception, what: str) -> Exception:
         log.debug("Azure request failed: %s at %s", what, self.where, exc_info=exc)
@@ -277,96 +254,41 @@ class AzureStore(Store):
             return StorageError(errno.ETIMEDOUT, f"{prefix}: no valid response ({one_line(exc)}); retry later")
         return StorageError(errno.EIO, f"{prefix}: {type(exc).__name__}: {one_line(exc)}; check the account")
 
-    def _unexpected(self, answer: _Answer, what: str) -> StorageError:
-        return StorageError(
-            errno.EIO, f"Azure {what} at {self.where} failed: unexpected HTTP {answer.status} {answer.code}"
-        )
+    # -- raw requests (see ObjectStore) ----------------------------------------------------------------------
 
-    # -- raw requests ----------------------------------------------------------------------------------------
+    def _sdk_get(self, key: str) -> tuple[bytes, str]:
+        # One GET: the downloader carries the ETag of exactly the bytes it returns.
+        downloader = self._container.get_blob_client(key).download_blob()
+        data: bytes = downloader.readall()
+        return data, str(downloader.properties.etag).strip('"')
 
-    def _get(self, key: str, what: str) -> tuple[bytes, str] | None:
-        def op() -> tuple[bytes, str]:
-            # One GET: the downloader carries the ETag of exactly the bytes it returns.
-            downloader = self._container.get_blob_client(key).download_blob()
-            data: bytes = downloader.readall()
-            return data, str(downloader.properties.etag)
-
-        try:
-            data, etag = self._call(what, op)
-        except _Answer as answer:
-            if answer.missing_blob:
-                return None
-            raise self._unexpected(answer, what) from None
-        return data, etag.strip('"')
-
-    def _put(self, key: str, data: bytes, what: str, *, create: bool = False, etag: str | None = None) -> str | None:
-        """Upload ``data``: only if absent (``create``), only if unchanged (``etag``), or unconditionally."""
+    def _sdk_put(self, key: str, data: bytes, *, create: bool, match: str | None) -> str:
         kwargs: dict[str, Any] = {"overwrite": not create}
-        if etag is not None:
-            kwargs.update(etag=f'"{etag}"', match_condition=MatchConditions.IfNotModified)
-        conditional = create or etag is not None
-        try:
-            response = self._call(what, lambda: self._container.get_blob_client(key).upload_blob(data, **kwargs))
-        except _Answer as answer:
-            if conditional:
-                return None
-            raise self._unexpected(answer, what) from None
+        if match is not None:
+            kwargs.update(etag=f'"{match}"', match_condition=MatchConditions.IfNotModified)
+        response = self._container.get_blob_client(key).upload_blob(data, **kwargs)
         return str(response["etag"]).strip('"')
 
-    def _delete(self, key: str, what: str) -> None:
-        try:
-            self._call(what, lambda: self._container.get_blob_client(key).delete_blob())
-        except _Answer as answer:
-            if not answer.missing_blob:
-                raise self._unexpected(answer, what) from None
+    def _sdk_delete(self, key: str) -> None:
+        self._container.get_blob_client(key).delete_blob()
 
-    def _list(self, prefix: str, what: str) -> dict[str, str]:
-        """Every blob under ``prefix`` with its ETag (the SDK follows continuation markers)."""
+    def _sdk_list(self, prefix: str, delimiter: str) -> tuple[dict[str, str], list[str]]:
+        # The SDK follows continuation markers.
+        if not delimiter:
+            blobs = self._container.list_blobs(name_starts_with=prefix or None)
+            return {b.name: str(b.etag).strip('"') for b in blobs}, []
+        objects: dict[str, str] = {}
+        prefixes: list[str] = []
+        for item in self._container.walk_blobs(name_starts_with=prefix or None, delimiter=delimiter):
+            if isinstance(item, BlobPrefix):
+                prefixes.append(str(item.name))
+            else:
+                objects[item.name] = str(item.etag).strip('"')
+        return objects, prefixes
 
-        def op() -> dict[str, str]:
-            return {b.name: str(b.etag).strip('"') for b in self._container.list_blobs(name_starts_with=prefix)}
-
-        try:
-            return self._call(what, op)
-        except _Answer as answer:
-            raise self._unexpected(answer, what) from None
-
-    # -- the store -------------------------------------------------------------------------------------------
-
-    def _read_raw(self) -> tuple[bytes, str] | None:
-        return self._get(self.state_key, "read of the document")
-
-    def _commit(self, raw: bytes, generation: int, expected: tuple[int, str] | None) -> str | None:
-        what = f"conditional write of generation {generation}"
-        if expected is None:
-            return self._put(self.state_key, raw, what, create=True)
-        if not expected[1]:
-            return None
-        return self._put(self.state_key, raw, what, etag=expected[1])
-
-    def _record_key(self, kind: str, name: str) -> str:
-        return f"{self.records_prefix}{check_kind(kind)}/{name}"
-
-    def _put_record(self, kind: str, name: str, raw: bytes) -> None:
-        self._put(self._record_key(kind, name), raw, f"write of record {kind}/{name}")
-
-    def _read_record(self, kind: str, name: str) -> bytes | None:
-        got = self._get(self._record_key(kind, name), f"read of record {kind}/{name}")
-        return None if got is None else got[0]
-
-    def _list_records(self, kind: str) -> dict[str, str]:
-        prefix = f"{self.records_prefix}{check_kind(kind)}/"
-        blobs = self._list(prefix, f"listing of records {kind}")
-        # Names are escaped and never contain "/"; anything deeper is not a record of this kind.
-        return {key[len(prefix) :]: etag for key, etag in blobs.items() if "/" not in key[len(prefix) :]}
-
-    def _delete_record(self, kind: str, name: str) -> None:
-        self._delete(self._record_key(kind, name), f"delete of record {kind}/{name}")
-
-    def delete_run(self) -> None:
-        names = sorted(self._list(self.run_prefix, "listing of the run"))
-        for start in range(0, len(names), _DELETE_BATCH):
-            self._delete_batch(names[start : start + _DELETE_BATCH])
+    def _delete_many(self, keys: list[str]) -> None:
+        for batch in batches(keys, _DELETE_BATCH):
+            self._delete_batch(batch)
 
     def _delete_batch(self, names: list[str]) -> None:
         what = "batch delete of the run's blobs"
@@ -388,54 +310,8 @@ class AzureStore(Store):
                 f"(HTTP {failed[0][1]})",
             )
 
-    def corrupt_for_tests(self, raw: bytes) -> None:
-        """Overwrite the document with raw bytes, unconditionally (conformance tests of corrupt documents)."""
-        self._put(self.state_key, raw, "raw write of the document")
+    def _exist(self, keys: list[str]) -> list[bool]:
+        def exists(key: str) -> bool:
+            return bool(self._call("check of a run's document", self._container.get_blob_client(key).exists))
 
-    def close(self) -> None:
-        self._service.close()
-
-    # -- self-test operations (see _selftest) ----------------------------------------------------------------
-
-    def probe_create(self, key: str, data: bytes) -> str | None:
-        return self._put(key, data, "self-test create", create=True)
-
-    def probe_update(self, key: str, data: bytes, version: str) -> str | None:
-        return self._put(key, data, "self-test update", etag=version)
-
-    def probe_delete(self, key: str) -> None:
-        self._delete(key, "self-test delete")
-
-    # -- runs ------------------------------------------------------------------------------------------------
-
-    @classmethod
-    def list_runs(cls, rest: str, *, storage_options: dict[str, Any] | None = None) -> list[str]:
-        """Run ids under ``az://rest`` that hold a document: one delimited listing, then one HEAD per run."""
-        options = dict(storage_options or {})
-        options["skip_selftest"] = True  # listing only reads
-        store = cls(rest, "list-runs", storage_options=options)
-        try:
-            base = store.prefix + "/" if store.prefix else ""
-
-            def walk() -> list[str]:
-                items = store._container.walk_blobs(name_starts_with=base or None, delimiter="/")
-                return [str(item.name) for item in items if isinstance(item, BlobPrefix)]
-
-            candidates = []
-            for name in (p[len(base) :].rstrip("/") for p in store._call("listing of runs", walk)):
-                if name == PROBE_DIR:
-                    continue
-                try:
-                    candidates.append(validate_run_id(name))
-                except ConfigurationError:
-                    continue
-
-            def has_state(run_id: str) -> bool:
-                blob = store._container.get_blob_client(join_key(store.prefix, run_id, "state"))
-                return bool(store._call("check of a run's document", blob.exists))
-
-            with ThreadPoolExecutor(max_workers=8) as pool:
-                found = list(pool.map(has_state, candidates))
-            return sorted(r for r, ok in zip(candidates, found, strict=True) if ok)
-        finally:
-            store.close()
+        return in_threads(exists, keys)
