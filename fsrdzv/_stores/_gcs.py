@@ -26,9 +26,7 @@ from __future__ import annotations
 import errno
 import logging
 import re
-from collections.abc import Callable
-from concurrent.futures import ThreadPoolExecutor
-from typing import Any, Final, TypeVar
+from typing import Any, Final
 
 import google.auth
 import requests
@@ -39,15 +37,13 @@ from google.auth.credentials import AnonymousCredentials
 from google.cloud import storage
 from google.cloud.storage.retry import DEFAULT_RETRY
 
-from .._errors import ConfigurationError, RendezvousError, StorageError
-from .._store import Store, validate_run_id
-from ._selftest import PROBE_DIR, check_kind, join_key, one_line, split_rest, verify_conditional_writes
+from .._errors import ConfigurationError, StorageError
+from ._object import Answer, ObjectStore, check_options, in_threads
+from ._selftest import join_key, one_line, split_rest, verify_conditional_writes
 
 __all__ = ["GcsStore"]
 
 log = logging.getLogger("fsrdzv.store.gcs")
-
-_T = TypeVar("_T")
 
 _KNOWN_OPTIONS: Final = frozenset(
     {"project", "token", "credentials", "endpoint_url", "timeout", "retry_timeout", "skip_selftest"}
@@ -68,21 +64,25 @@ _STATUS_HINTS: Final[dict[int, tuple[int, str]]] = {
 }
 
 
-class _Answer(Exception):
-    """An expected non-2xx answer (412 precondition, 404): raised by the boundary, handled by callers."""
+class _Answer(Answer):
+    """An expected non-2xx answer (412 precondition, 404)."""
 
-    def __init__(self, status: int, message: str) -> None:
-        super().__init__(status, message)
-        self.status = status
-        self.message = message
+    @property
+    def missing(self) -> bool:
+        # GCS says so for a missing bucket ("No such object: ..." otherwise); emulators may not tell.
+        return self.status == 404 and "bucket does not exist" not in self.message.lower()
+
+    @property
+    def nothing_to_delete(self) -> bool:
+        return self.status == 404
 
     @property
     def lost(self) -> bool:
         return self.status == 412
 
     @property
-    def missing(self) -> bool:
-        return self.status == 404
+    def summary(self) -> str:
+        return f"{self.status}: {self.message}"
 
 
 def _credentials(token: Any, credentials: Any) -> Any:
@@ -116,14 +116,14 @@ def _short_message(exc: api_exc.GoogleAPICallError) -> str:
     return one_line(found.group(1) if found else exc.message, 200)
 
 
-class GcsStore(Store):
+class GcsStore(ObjectStore):
     """A run's document and records under ``gs://bucket/prefix/<run_id>/``.
 
     :param rest: ``"bucket/prefix"`` (the prefix may be empty or have several levels).
     :param storage_options: see the module docstring; ``skip_selftest=True`` skips the conditional-write check.
     """
 
-    enforces_conditions = True  # checked against the service by the self-test at open
+    service = "GCS"
 
     def __init__(
         self,
@@ -134,18 +134,10 @@ class GcsStore(Store):
         secret: bytes | None = None,
     ) -> None:
         bucket, prefix = split_rest(rest, "gs")
-        super().__init__(run_id, "gs://" + join_key(bucket, prefix), secret)
+        super().__init__(run_id, "gs://" + join_key(bucket, prefix), prefix, secret)
         options = dict(storage_options or {})
-        unknown = set(options) - _KNOWN_OPTIONS
-        if unknown:
-            raise ConfigurationError(
-                f"unknown storage option(s) {sorted(unknown)} for {self.location}; known: {sorted(_KNOWN_OPTIONS)}"
-            )
+        check_options(options, _KNOWN_OPTIONS, self.location)
         self.bucket_name = bucket
-        self.prefix = prefix
-        self.state_key = join_key(prefix, run_id, "state")
-        self.records_prefix = join_key(prefix, run_id, "records") + "/"
-        self.run_prefix = join_key(prefix, run_id) + "/"
         self.endpoint_url = str(options.get("endpoint_url") or "")
         self._timeout = float(options.get("timeout", DEFAULT_TIMEOUT))
         self._retry: Retry = DEFAULT_RETRY.with_timeout(float(options.get("retry_timeout", DEFAULT_RETRY_TIMEOUT)))
@@ -174,16 +166,10 @@ class GcsStore(Store):
     def where(self) -> str:
         return f"{self.location} (endpoint {self.endpoint_url or 'Google Cloud Storage'})"
 
-    # -- the boundary ----------------------------------------------------------------------------------------
+    def close(self) -> None:
+        self._client.close()
 
-    def _call(self, what: str, op: Callable[[], _T]) -> _T:
-        """Run one client operation; translate every foreign exception (the one place this module does so)."""
-        try:
-            return op()
-        except RendezvousError:
-            raise
-        except Exception as exc:  # noqa: BLE001 - the boundary: everything foreign is translated here
-            raise self._translate(exc, what) from None
+    # -- the boundary ----------------------------------------------------------------------------------------
 
     def _translate(self, exc: Exception, what: str) -> Exception:
         log.debug("GCS request failed: %s at %s", what, self.where, exc_info=exc)
@@ -198,7 +184,7 @@ class GcsStore(Store):
             status = int(exc.code)
             message = _short_message(exc)
             if status in (404, 412):
-                return _Answer(status, message)
+                return _Answer(status, message=message)
             number, hint = _STATUS_HINTS.get(status, (errno.EIO, "check the endpoint and the bucket"))
             return StorageError(number, f"{prefix}: HTTP {status}: {message}; {hint}")
         if isinstance(exc, (auth_exc.DefaultCredentialsError, auth_exc.RefreshError)):
@@ -217,186 +203,74 @@ class GcsStore(Store):
             return StorageError(errno.ETIMEDOUT, f"{prefix}: timed out ({one_line(exc)}); the endpoint is slow")
         return StorageError(errno.EIO, f"{prefix}: {type(exc).__name__}: {one_line(exc)}; check the endpoint")
 
-    def _missing_bucket(self, what: str, answer: _Answer) -> StorageError:
-        return StorageError(
-            errno.ENOENT,
-            f"GCS {what} at {self.where} failed: HTTP 404: {answer.message}; create bucket {self.bucket_name!r}, "
-            "or fix the bucket name or endpoint_url",
-        )
+    def _unexpected(self, answer: Answer, what: str) -> StorageError:
+        if answer.status == 404:
+            # A missing object is expected where it can be; anywhere else (an upload creates the object, a listing
+            # needs none) a 404 can only mean that the bucket is missing.
+            return StorageError(
+                errno.ENOENT,
+                f"GCS {what} at {self.where} failed: HTTP 404: {answer.message}; create bucket "
+                f"{self.bucket_name!r}, or fix the bucket name or endpoint_url",
+            )
+        return super()._unexpected(answer, what)
 
-    def _unexpected(self, answer: _Answer, what: str) -> StorageError:
-        return StorageError(
-            errno.EIO, f"GCS {what} at {self.where} failed: unexpected HTTP {answer.status}: {answer.message}"
-        )
+    # -- raw requests (see ObjectStore) ----------------------------------------------------------------------
 
-    # -- raw requests ----------------------------------------------------------------------------------------
+    def _could_match(self, version: str) -> bool:
+        return version.isdigit() and int(version) != 0  # a GCS generation
 
-    def _get(self, key: str, what: str) -> tuple[bytes, str] | None:
-        def op() -> tuple[bytes, str]:
-            blob = self._bucket.blob(key)
-            data: bytes = blob.download_as_bytes(retry=self._retry, timeout=self._timeout)
-            if blob.generation is None:
-                # No x-goog-generation header (a proxy stripped it): fetch the generation, then download exactly
-                # that generation, so that data and version always belong together.
-                blob.reload(retry=self._retry, timeout=self._timeout)
-                generation = blob.generation
+    def _sdk_get(self, key: str) -> tuple[bytes, str]:
+        blob = self._bucket.blob(key)
+        data: bytes = blob.download_as_bytes(retry=self._retry, timeout=self._timeout)
+        if blob.generation is None:
+            # No x-goog-generation header (a proxy stripped it): fetch the generation, then download exactly
+            # that generation, so that data and version always belong together.
+            blob.reload(retry=self._retry, timeout=self._timeout)
+            try:
                 data = blob.download_as_bytes(
-                    if_generation_match=generation, retry=self._retry, timeout=self._timeout
+                    if_generation_match=blob.generation, retry=self._retry, timeout=self._timeout
                 )
-            return data, str(blob.generation)
+            except api_exc.PreconditionFailed:
+                return self._sdk_get(key)  # the object changed between the two requests: read again
+        return data, str(blob.generation)
 
-        try:
-            return self._call(what, op)
-        except _Answer as answer:
-            if answer.missing and "bucket does not exist" in answer.message.lower():
-                # GCS says so for a missing bucket ("No such object: ..." otherwise); emulators may not tell.
-                raise self._missing_bucket(what, answer) from None
-            if answer.missing:
-                return None
-            if answer.lost:  # the object changed between the two requests of the fallback: read again
-                return self._get(key, what)
-            raise self._unexpected(answer, what) from None
+    def _sdk_put(self, key: str, data: bytes, *, create: bool, match: str | None) -> str:
+        blob = self._bucket.blob(key)
+        blob.upload_from_string(
+            data,
+            content_type=_CONTENT_TYPE,
+            # 0: only if no live object; a generation: only if it is the live one; None: unconditionally.
+            if_generation_match=0 if create else None if match is None else int(match),
+            retry=self._retry,
+            timeout=self._timeout,
+        )
+        return str(blob.generation)
 
-    def _put(self, key: str, data: bytes, what: str, generation: int | None = None) -> str | None:
-        """Upload ``data``; with ``generation`` only if the live generation is that (0: only if absent)."""
+    def _sdk_delete(self, key: str) -> None:
+        self._bucket.blob(key).delete(retry=self._retry, timeout=self._timeout)
 
-        def op() -> str:
-            blob = self._bucket.blob(key)
-            blob.upload_from_string(
-                data,
-                content_type=_CONTENT_TYPE,
-                if_generation_match=generation,
-                retry=self._retry,
-                timeout=self._timeout,
-            )
-            return str(blob.generation)
+    def _sdk_list(self, prefix: str, delimiter: str) -> tuple[dict[str, str], list[str]]:
+        iterator = self._client.list_blobs(
+            self._bucket,
+            prefix=prefix or None,
+            delimiter=delimiter or None,
+            fields="items(name,generation),nextPageToken,prefixes",
+            retry=self._retry,
+            timeout=self._timeout,
+        )
+        objects = {blob.name: str(blob.generation) for blob in iterator}
+        return objects, sorted(iterator.prefixes)
 
-        try:
-            return self._call(what, op)
-        except _Answer as answer:
-            if answer.lost and generation is not None:
-                return None
-            if answer.missing:
-                # An upload creates the object, so a 404 can only mean the bucket is missing.
-                raise self._missing_bucket(what, answer) from None
-            raise self._unexpected(answer, what) from None
-
-    def _delete(self, key: str, what: str) -> None:
-        try:
-            self._call(what, lambda: self._bucket.blob(key).delete(retry=self._retry, timeout=self._timeout))
-        except _Answer as answer:
-            if not answer.missing:
-                raise self._unexpected(answer, what) from None
-
-    def _list(self, prefix: str, what: str, delimiter: str | None = None) -> tuple[dict[str, str], set[str]]:
-        """Objects under ``prefix`` with their generations, and the sub-prefixes when a delimiter is given."""
-
-        def op() -> tuple[dict[str, str], set[str]]:
-            iterator = self._client.list_blobs(
-                self._bucket,
-                prefix=prefix or None,
-                delimiter=delimiter,
-                fields="items(name,generation),nextPageToken,prefixes",
-                retry=self._retry,
-                timeout=self._timeout,
-            )
-            objects = {blob.name: str(blob.generation) for blob in iterator}
-            return objects, set(iterator.prefixes)
-
-        try:
-            return self._call(what, op)
-        except _Answer as answer:
-            if answer.missing:
-                raise self._missing_bucket(what, answer) from None
-            raise self._unexpected(answer, what) from None
-
-    # -- the store -------------------------------------------------------------------------------------------
-
-    def _read_raw(self) -> tuple[bytes, str] | None:
-        return self._get(self.state_key, "read of the document")
-
-    def _commit(self, raw: bytes, generation: int, expected: tuple[int, str] | None) -> str | None:
-        what = f"conditional write of generation {generation}"
-        if expected is None:
-            return self._put(self.state_key, raw, what, generation=0)
-        if not expected[1].isdigit() or int(expected[1]) == 0:
-            return None  # not a GCS generation: a foreign token can never match
-        return self._put(self.state_key, raw, what, generation=int(expected[1]))
-
-    def _record_key(self, kind: str, name: str) -> str:
-        return f"{self.records_prefix}{check_kind(kind)}/{name}"
-
-    def _put_record(self, kind: str, name: str, raw: bytes) -> None:
-        self._put(self._record_key(kind, name), raw, f"write of record {kind}/{name}")
-
-    def _read_record(self, kind: str, name: str) -> bytes | None:
-        got = self._get(self._record_key(kind, name), f"read of record {kind}/{name}")
-        return None if got is None else got[0]
-
-    def _list_records(self, kind: str) -> dict[str, str]:
-        # One paginated listing; generations are the tags (they change on every write), so no record is read.
-        prefix = f"{self.records_prefix}{check_kind(kind)}/"
-        objects, _ = self._list(prefix, f"listing of records {kind}", delimiter="/")
-        return {key[len(prefix) :]: gen for key, gen in objects.items()}
-
-    def _delete_record(self, kind: str, name: str) -> None:
-        self._delete(self._record_key(kind, name), f"delete of record {kind}/{name}")
-
-    def delete_run(self) -> None:
-        objects, _ = self._list(self.run_prefix, "listing of the run")
+    def _delete_many(self, keys: list[str]) -> None:
         # GCS has no multi-object delete in the JSON API (batches are not universally supported: the emulator
         # rejects them); a few threads keep a run of thousands of records from taking minutes.
-        with ThreadPoolExecutor(max_workers=8) as pool:
-            list(pool.map(lambda key: self._delete(key, "delete of a run object"), sorted(objects)))
+        in_threads(lambda key: self._delete(key, "delete of a run object"), keys)
 
-    def corrupt_for_tests(self, raw: bytes) -> None:
-        """Overwrite the document with raw bytes, unconditionally (conformance tests of corrupt documents)."""
-        self._put(self.state_key, raw, "raw write of the document")
+    def _exist(self, keys: list[str]) -> list[bool]:
+        def exists(key: str) -> bool:
+            blob = self._bucket.blob(key)
+            return bool(
+                self._call("check of a run's document", lambda: blob.exists(retry=self._retry, timeout=self._timeout))
+            )
 
-    def close(self) -> None:
-        self._client.close()
-
-    # -- self-test operations (see _selftest) ----------------------------------------------------------------
-
-    def probe_create(self, key: str, data: bytes) -> str | None:
-        return self._put(key, data, "self-test create", generation=0)
-
-    def probe_update(self, key: str, data: bytes, version: str) -> str | None:
-        return self._put(key, data, "self-test update", generation=int(version))
-
-    def probe_delete(self, key: str) -> None:
-        self._delete(key, "self-test delete")
-
-    # -- runs ------------------------------------------------------------------------------------------------
-
-    @classmethod
-    def list_runs(cls, rest: str, *, storage_options: dict[str, Any] | None = None) -> list[str]:
-        """Run ids under ``gs://rest`` that hold a document: one delimited listing, then one check per run."""
-        options = dict(storage_options or {})
-        options["skip_selftest"] = True  # listing only reads
-        store = cls(rest, "list-runs", storage_options=options)
-        try:
-            base = store.prefix + "/" if store.prefix else ""
-            _, prefixes = store._list(base, "listing of runs", delimiter="/")
-            candidates = []
-            for name in (p[len(base) :].rstrip("/") for p in prefixes):
-                if name == PROBE_DIR:
-                    continue
-                try:
-                    candidates.append(validate_run_id(name))
-                except ConfigurationError:
-                    continue
-
-            def has_state(run_id: str) -> bool:
-                blob = store._bucket.blob(join_key(store.prefix, run_id, "state"))
-                return bool(
-                    store._call(
-                        "check of a run's document", lambda: blob.exists(retry=store._retry, timeout=store._timeout)
-                    )
-                )
-
-            with ThreadPoolExecutor(max_workers=8) as pool:
-                found = list(pool.map(has_state, candidates))
-            return sorted(r for r, ok in zip(candidates, found, strict=True) if ok)
-        finally:
-            store.close()
+        return in_threads(exists, keys)
