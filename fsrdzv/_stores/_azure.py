@@ -1,10 +1,6 @@
 """``az://container/prefix`` (also ``abfs://``, ``abfss://``): Azure Blob Storage, through azure-storage-blob.
 
-Layout of one run (as for S3)::
-
-    <prefix>/<run_id>/state                  the document: one block blob, written only with a condition
-    <prefix>/<run_id>/records/<kind>/<name>  per-node records (plain overwrites)
-    <prefix>/.fsrdzv-probe/<uuid>            short-lived objects of the start-up self-test
+Keys follow the layout of every object store (``<prefix>/<run_id>/state`` and records; see ``_object``).
 
 Compare-and-set is one ``Put Blob``: ``upload_blob(overwrite=False)`` (``If-None-Match: *``) to create, which
 answers 409 ``BlobAlreadyExists`` when it exists; ``upload_blob(overwrite=True, etag=..., match_condition=

@@ -1,10 +1,6 @@
 """``gs://bucket/prefix`` (also ``gcs://``): Google Cloud Storage, through google-cloud-storage.
 
-Layout of one run (as for S3)::
-
-    <prefix>/<run_id>/state                  the document: one object, written only with a precondition
-    <prefix>/<run_id>/records/<kind>/<name>  per-node records (plain overwrites)
-    <prefix>/.fsrdzv-probe/<uuid>            short-lived objects of the start-up self-test
+Keys follow the layout of every object store (``<prefix>/<run_id>/state`` and records; see ``_object``).
 
 Compare-and-set is one upload with ``ifGenerationMatch``: ``0`` to create ("no live object"), the object's
 generation to update. A failed precondition answers 412 (also for an update of an object that is gone), which is

@@ -1,10 +1,6 @@
 """``s3://bucket/prefix``: Amazon S3 and S3-compatible stores that honour conditional writes, through s3fs.
 
-Layout of one run::
-
-    <prefix>/<run_id>/state                  the document: one object, written only with a condition
-    <prefix>/<run_id>/records/<kind>/<name>  per-node records (plain overwrites; one writer per name)
-    <prefix>/.fsrdzv-probe/<uuid>            short-lived objects of the start-up self-test
+Keys follow the layout of every object store (``<prefix>/<run_id>/state`` and records; see ``_object``).
 
 Compare-and-set is one ``PutObject``: ``If-None-Match: *`` to create, ``If-Match: <ETag>`` to update. A failed
 condition answers 412 (or 404 when the object vanished under an If-Match), and that is a lost race, not an error.
@@ -14,8 +10,9 @@ MD5s and repeat for equal bodies, but every document body carries its own genera
 generations share an ETag (no ABA).
 
 Reads are one ``GetObject`` returning body and ETag together (``cat_file`` would add a HEAD and lose the ETag).
-s3fs is asynchronous underneath; every request of this module goes through :meth:`S3Store._call`, which runs it
-on s3fs's event loop and is the single place where botocore and s3fs exceptions are translated.
+s3fs is asynchronous underneath; every request of this module runs on s3fs's event loop (``S3Store._run``) inside
+``ObjectStore._call``, and :meth:`S3Store._translate` is the single place where botocore and s3fs exceptions are
+translated.
 
 Configuration: ``storage_options`` go to ``s3fs.S3FileSystem`` (``endpoint_url``, ``key``, ``secret``, ``anon``,
 ``client_kwargs``, ``config_kwargs``, ...), and everything s3fs and botocore read from the environment works too

@@ -1,4 +1,6 @@
-"""What the object stores share: the start-up check of conditional writes, key layout, backoff and messages.
+"""Helpers of the object stores: the start-up check of conditional writes, key parts, backoff and messages.
+
+(The stores themselves share :class:`~fsrdzv._stores._object.ObjectStore`.)
 
 Why a self-test: S3-compatible servers, proxies and emulators exist that accept ``If-None-Match``/``If-Match``
 (or ``ifGenerationMatch``) and silently ignore them (npm s3rver, gcp-storage-emulator, proxies that drop
