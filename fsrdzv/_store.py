@@ -170,7 +170,7 @@ def _parse_token(token: object) -> tuple[int, str] | None:
     if not isinstance(token, str):
         return None
     gen_text, sep, version = token.partition(":")
-    if not sep or not gen_text.isdigit():
+    if not sep or not (gen_text.isascii() and gen_text.isdigit()):
         return None
     return int(gen_text), version
 

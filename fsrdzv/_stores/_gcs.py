@@ -213,7 +213,7 @@ class GcsStore(ObjectStore):
     # -- raw requests (see ObjectStore) ----------------------------------------------------------------------
 
     def _could_match(self, version: str) -> bool:
-        return version.isdigit() and int(version) != 0  # a GCS generation
+        return version.isascii() and version.isdigit() and int(version) != 0  # a GCS generation
 
     def _sdk_get(self, key: str) -> tuple[bytes, str]:
         blob = self._bucket.blob(key)
