@@ -34,7 +34,7 @@ import sys
 import threading
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from typing import Any
 
 from _common import RESULTS, Series, machine_note, markdown_table, max_rate, plot_against_n, write_result
@@ -333,6 +333,8 @@ def simulate(
             clock.sleep(1.0)
             handler.num_nodes_waiting()
 
+    # Check the limits often enough: on NFS one virtual second of 4,096 nodes is millions of operations.
+    step = min(1.0, 20 * model.read_latency)
     started = time.monotonic()
     note = ""
     steady_ops: SimCounters | None = None
@@ -349,7 +351,7 @@ def simulate(
                 if time.monotonic() - started > real_limit:
                     note = f"stopped after {real_limit:g} s of real time at virtual {clock():.0f} s"
                     break
-                clock.run(until=clock() + 1.0)
+                clock.run(until=clock() + step)
             formed = len(done) == n
             formation_ops = storage.total.snapshot()
             if formed and steady > 0 and design != "naive":
@@ -479,6 +481,15 @@ def report(results: list[SimResult]) -> tuple[str, str]:
     return formation, steady
 
 
+def _from_json(raw: dict[str, Any]) -> SimResult:
+    raw = dict(raw)
+    raw.pop("command", None)
+    raw["formation_ops"] = SimCounters(**raw["formation_ops"])
+    if raw["steady"] is not None:
+        raw["steady"] = SimCounters(**raw["steady"])
+    return SimResult(**raw)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--nodes", type=int, nargs="+", default=[256, 1024, 4096])
@@ -488,7 +499,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--spread", type=float, default=0.0, help="arrivals uniform over this many seconds")
     parser.add_argument("--steady", type=float, default=60.0, help="virtual seconds of stable membership measured")
     parser.add_argument("--time-limit", type=float, default=300.0, help="virtual seconds before giving up a run")
-    parser.add_argument("--real-limit", type=float, default=300.0, help="real seconds before giving up a run")
+    parser.add_argument(
+        "--real-limit",
+        nargs="+",
+        default=["300"],
+        help="real seconds before giving up a run: one number, optionally followed by N:SECONDS for given sizes "
+        "(e.g. 900 4096:180)",
+    )
     parser.add_argument(
         "--read-concurrency", type=int, default=TUNE.read_concurrency, help="proposed design: GETs in flight (folder)"
     )
@@ -505,6 +522,10 @@ def main(argv: list[str] | None = None) -> int:
         metavar="FIELD=VALUE",
         help="override a field of every model, e.g. --set prefix_retries=10 (see fsrdzv.testing.StoreModel)",
     )
+    parser.add_argument("--raw", help="append every result as a JSON line to this file")
+    parser.add_argument(
+        "--merge", nargs="+", metavar="RAW", help="simulate nothing: report the results saved by earlier --raw runs"
+    )
     parser.add_argument("--out", default="simulation", help="base name of the files under benchmarks/results/")
     parser.add_argument("--no-files", action="store_true")
     args = parser.parse_args(argv)
@@ -513,12 +534,31 @@ def main(argv: list[str] | None = None) -> int:
     sys.setswitchinterval(0.001)
 
     results: list[SimResult] = []
+    real_limits: dict[int, float] = {}
+    default_limit = 300.0
+    for item in args.real_limit:
+        if ":" in item:
+            size, _, secs = item.partition(":")
+            real_limits[int(size)] = float(secs)
+        else:
+            default_limit = float(item)
     overrides: dict[str, Any] = {}
     for item in args.set:
         key, _, value = item.partition("=")
         kind = type(getattr(PRESETS["s3"], key))
         overrides[key] = value if kind is str else kind(float(value)) if kind is int else kind(value)
-    for model_name in args.models:
+    commands: list[str] = []
+    if args.merge:
+        for path in args.merge:
+            with open(path) as f:
+                for line in f:
+                    record = json.loads(line)
+                    command = str(record.get("command", "")).replace(sys.executable, "python")
+                    if command and command not in commands:
+                        commands.append(command)
+                    results.append(_from_json(record))
+        args.models = sorted({r.model for r in results})
+    for model_name in [] if args.merge else args.models:
         model = PRESETS[model_name].with_(**overrides) if overrides else PRESETS[model_name]
         for design in args.designs:
             for n in args.nodes:
@@ -530,9 +570,12 @@ def main(argv: list[str] | None = None) -> int:
                     spread=args.spread,
                     steady=args.steady,
                     time_limit=args.time_limit,
-                    real_limit=args.real_limit,
+                    real_limit=real_limits.get(n, default_limit),
                 )
                 results.append(r)
+                if args.raw:
+                    with open(args.raw, "a") as f:
+                        f.write(json.dumps({"command": " ".join(sys.argv), **asdict(r)}) + "\n")
                 ops = r.formation_ops
                 print(
                     f"{r.model:4s} {r.design:9s} N={n:5d} formation {_fmt_time(r):>10s}  writes {ops.writes:7d}"
@@ -545,11 +588,15 @@ def main(argv: list[str] | None = None) -> int:
                 )
     formation, steady = report(results)
     command = "python benchmarks/simulate.py " + " ".join(sys.argv[1:] if argv is None else argv)
-    models = "\n".join(f"- {m.name}: {m}" for m in (PRESETS[k].with_(**overrides) for k in args.models))
+    if commands:
+        command = "` and `".join(c.split("benchmarks/", 1)[-1].join(["python benchmarks/", ""]) for c in commands)
+    shown = [m for m in (p.with_(**overrides) for p in PRESETS.values()) if m.name in {r.model for r in results}]
+    models = "\n".join(f"- {m.name}: {m}" for m in shown)
     text = (
         f"# Simulation: formation and steady state at scale (virtual time)\n\n`{command.strip()}`\n\n"
         f"Machine (real time only): {machine_note()}\n\nModels:\n\n{models}\n\n## Formation\n\n{formation}\n\n"
-        f"## Steady state ({args.steady:g} virtual s after formation)\n\n{steady}\n"
+        f"## Steady state ({max([r.steady_seconds for r in results] or [args.steady]):g} virtual s after formation,"
+        f" every node calling num_nodes_waiting() each second with its keep-alive running)\n\n{steady}\n"
     )
     print()
     print(text)
