@@ -190,6 +190,12 @@ def machine_note() -> str:
     )
 
 
+def section(name: str, body: str) -> str:
+    """Wrap ``body`` in snippet-section markers, so that docs/performance.md can include just this part
+    (``--8<-- "benchmarks/results/<file>.md:<name>"``); the markers are HTML comments, invisible elsewhere."""
+    return f"<!-- --8<-- [start:{name}] -->\n{body.strip()}\n<!-- --8<-- [end:{name}] -->"
+
+
 def write_result(name: str, text: str) -> Path:
     RESULTS.mkdir(parents=True, exist_ok=True)
     path = RESULTS / name

@@ -55,6 +55,7 @@ from _common import (
     moto_server,
     plot_against_n,
     reads,
+    section,
     write_result,
     writes,
 )
@@ -469,10 +470,11 @@ def report(
 
 
 def targets(cells: dict[tuple[str, int], Cell]) -> list[str]:
+    """Issue 3's local targets at N = 32 (directory and tmpfs; an object store is not "local")."""
     out = []
-    for system in ("fsrdzv-dir", "fsrdzv-tmpfs", "fsrdzv-s3"):
-        cell = cells.get((system, 32))
-        if cell is None or not cell.seconds.values:
+    for system in sorted({s for s, n in cells if n == 32 and s.split("+")[0] in ("fsrdzv-dir", "fsrdzv-tmpfs")}):
+        cell = cells[(system, 32)]
+        if not cell.seconds.values:
             continue
         med = cell.seconds.median
         out.append(f"- {system} N=32 median {med:.3f} s: {'met' if med <= 0.1 else 'MISSED'} (target <= 0.1 s)")
@@ -486,7 +488,11 @@ def targets(cells: dict[tuple[str, int], Cell]) -> list[str]:
             f"  - writes per formation max {w:.0f} = {w / 32:.2f} N: {'met' if w <= 4 * 32 else 'MISSED'} (<= 4N)"
         )
         r = cell.read_rate.hi
-        out.append(f"  - max reads/s of a waiting node {r:.0f}: {'met' if r <= 20 else 'MISSED'} (<= 20/s)")
+        over = cell.over_limit.hi
+        out.append(
+            f"  - max reads/s of a waiting node {r:.0f}, up to {over:.0f} nodes over {READ_LIMIT:g}/s: "
+            f"{'met' if r <= READ_LIMIT else 'MISSED'} (<= {READ_LIMIT:g}/s)"
+        )
     return out
 
 
@@ -568,10 +574,11 @@ def main(argv: list[str] | None = None) -> int:
     verdicts = targets(cells)
     note = machine_note()
     command = "python benchmarks/formation.py " + " ".join(sys.argv[1:] if argv is None else argv)
+    main_table, _, breakdown = table.partition("\n\nWhere the time goes:\n\n")
     text = (
-        f"# Formation: N local processes, min = max = N\n\n`{command.strip()}`\n\nMachine: {note}\n\n{table}\n\n"
-        + "\n".join(verdicts)
-        + "\n"
+        f"# Formation: N local processes, min = max = N\n\n{section('command', '`' + command.strip() + '`')}\n\n"
+        f"Machine: {section('machine', note)}\n\n{section('table', main_table)}\n\nWhere the time goes:\n\n"
+        f"{section('breakdown', breakdown)}\n\n{section('verdicts', chr(10).join(verdicts) or '(no N=32 row)')}\n"
     )
     print()
     print(text)

@@ -37,7 +37,7 @@ from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
-from _common import RESULTS, Series, machine_note, markdown_table, max_rate, plot_against_n, write_result
+from _common import RESULTS, Series, machine_note, markdown_table, max_rate, plot_against_n, section, write_result
 
 from fsrdzv import _handler
 from fsrdzv._errors import StorageError
@@ -556,7 +556,14 @@ def main(argv: list[str] | None = None) -> int:
                     command = str(record.get("command", "")).replace(sys.executable, "python")
                     if command and command not in commands:
                         commands.append(command)
-                    results.append(_from_json(record))
+                    result = _from_json(record)
+                    # A later run of the same cell replaces an earlier one (e.g. re-run with a larger real limit).
+                    results = [
+                        r
+                        for r in results
+                        if (r.model, r.design, r.nodes) != (result.model, result.design, result.nodes)
+                    ]
+                    results.append(result)
         args.models = sorted({r.model for r in results})
     for model_name in [] if args.merge else args.models:
         model = PRESETS[model_name].with_(**overrides) if overrides else PRESETS[model_name]
@@ -593,10 +600,13 @@ def main(argv: list[str] | None = None) -> int:
     shown = [m for m in (p.with_(**overrides) for p in PRESETS.values()) if m.name in {r.model for r in results}]
     models = "\n".join(f"- {m.name}: {m}" for m in shown)
     text = (
-        f"# Simulation: formation and steady state at scale (virtual time)\n\n`{command.strip()}`\n\n"
-        f"Machine (real time only): {machine_note()}\n\nModels:\n\n{models}\n\n## Formation\n\n{formation}\n\n"
+        f"# Simulation: formation and steady state at scale (virtual time)\n\n"
+        f"{section('command', '`' + command.strip() + '`')}\n\n"
+        f"Machine (real time only): {machine_note()}\n\nModels:\n\n{section('models', models)}\n\n"
+        f"## Formation\n\n{section('formation', formation)}\n\n"
         f"## Steady state ({max([r.steady_seconds for r in results] or [args.steady]):g} virtual s after formation,"
-        f" every node calling num_nodes_waiting() each second with its keep-alive running)\n\n{steady}\n"
+        f" every node calling num_nodes_waiting() each second with its keep-alive running)\n\n"
+        f"{section('steady', steady)}\n"
     )
     print()
     print(text)

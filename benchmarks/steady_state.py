@@ -27,7 +27,7 @@ import time
 import traceback
 from typing import Any
 
-from _common import Series, machine_note, markdown_table, reads, write_result, writes
+from _common import Series, machine_note, markdown_table, reads, section, write_result, writes
 from formation import CTX, FORMATION_TIMEOUT, SYSTEMS, Target, _fsrdzv_handler, _prepare, _target, _torch_handler
 
 SETTLE = 2.0
@@ -208,8 +208,9 @@ def main(argv: list[str] | None = None) -> int:
     )
     command = "python benchmarks/steady_state.py " + " ".join(sys.argv[1:] if argv is None else argv)
     text = (
-        f"# Steady state: {args.nodes} nodes, {args.seconds:g} s of stable membership\n\n`{command.strip()}`\n\n"
-        f"Machine: {machine_note()}\n\n{table}\n\n" + "\n".join(verdicts) + "\n"
+        f"# Steady state: {args.nodes} nodes, {args.seconds:g} s of stable membership\n\n"
+        f"{section('command', '`' + command.strip() + '`')}\n\nMachine: {section('machine', machine_note())}\n\n"
+        f"{section('table', table)}\n\n{section('verdicts', chr(10).join(verdicts) or '(no fsrdzv row)')}\n"
     )
     print()
     print(text)
