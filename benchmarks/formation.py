@@ -62,8 +62,9 @@ from _common import (
 
 #: Experiments (not fsrdzv as shipped) that test the recommendations of docs/performance.md on real processes:
 #: ``nolock`` opens the directory store with ``lock=False``; ``flatpoll`` keeps the poll at FAST_POLL while a round
-#: forms; ``proposed`` uses the handler subclass of benchmarks/simulate.py; ``all`` is the three together.
-VARIANTS = ("nolock", "flatpoll", "proposed", "all")
+#: forms; ``proposed`` uses the handler subclass of benchmarks/simulate.py; ``all`` is the three together;
+#: ``notify`` wakes a polling node as soon as a new generation is committed (inotify; directory stores only).
+VARIANTS = ("nolock", "flatpoll", "proposed", "all", "notify")
 SYSTEMS = ("fsrdzv-dir", "fsrdzv-tmpfs", "fsrdzv-s3", "torch-c10d-tcp", "torch-c10d-file", "torch-etcd-v2")
 BASELINE = "torch-c10d-tcp"
 #: Reads per second a waiting node should stay under (issue 3).
@@ -109,7 +110,52 @@ def _fsrdzv_handler(t: Target) -> tuple[Any, Any]:
         cls = ProposedHandler
     store = CountingStore(open_store(t.endpoint, t.run_id, storage_options=options))
     handler = cls(store, Settings(t.run_id, t.nodes, t.nodes), local_addr="127.0.0.1")
+    if variants & {"notify"}:
+        store.inner._ensure_dirs()
+        handler._sleep = _inotify_sleep(store.inner.log_dir)
     return handler, store
+
+
+def _inotify_sleep(directory: str) -> Any:
+    """A sleep that returns early when a new log entry (a committed generation) appears in ``directory``.
+
+    The experiment behind recommendation R7 (a store-level "wait for a change" on local file systems): Linux inotify
+    through ctypes; only entries named by digits count (the store's temporary files are ignored).
+    """
+    import ctypes
+    import select
+    import struct
+
+    libc = ctypes.CDLL(None, use_errno=True)
+    fd = libc.inotify_init1(os.O_NONBLOCK | os.O_CLOEXEC)
+    in_create, in_moved_to = 0x100, 0x80
+    if fd < 0 or libc.inotify_add_watch(fd, directory.encode(), in_create | in_moved_to) < 0:
+        return time.sleep
+
+    def changed() -> bool:
+        try:
+            data = os.read(fd, 65536)
+        except BlockingIOError:
+            return False
+        found, offset = False, 0
+        while offset + 16 <= len(data):
+            _, _, _, length = struct.unpack_from("iIII", data, offset)
+            name = data[offset + 16 : offset + 16 + length].rstrip(b"\0")
+            found |= name.isdigit()
+            offset += 16 + length
+        return found
+
+    def sleep(seconds: float) -> None:
+        stop = time.monotonic() + seconds
+        while True:
+            left = stop - time.monotonic()
+            if left <= 0:
+                return
+            ready, _, _ = select.select([fd], [], [], left)
+            if ready and changed():
+                return
+
+    return sleep
 
 
 class _TorchCounter:
