@@ -630,6 +630,7 @@ def main(argv: list[str] | None = None) -> int:
     print(text)
     if not args.no_files:
         write_result(f"{args.out}.md", text)
+    if not args.no_files and len(args.nodes) > 1:  # a plot against N needs more than one N
         series_t = {s: {n: cells[(s, n)].seconds for n in args.nodes if (s, n) in cells} for s in args.systems}
         series_w = {s: {n: cells[(s, n)].writes for n in args.nodes if (s, n) in cells} for s in args.systems}
         plot_against_n(
