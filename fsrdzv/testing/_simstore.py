@@ -49,6 +49,7 @@ __all__ = [
     "PRESETS",
     "S3",
     "S3_THROTTLED",
+    "SimCounters",
     "SimStorage",
     "SimStore",
     "SimulationStalled",
