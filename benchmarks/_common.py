@@ -212,6 +212,7 @@ def plot_against_n(
     logy: bool = True,
     logx: bool = True,
     reference: tuple[str, dict[int, float]] | None = None,
+    styles: dict[str, dict[str, Any]] | None = None,
 ) -> None:
     """One line per system: median against N with min/max error bars. Writes a PNG (Agg backend)."""
     import matplotlib
@@ -219,7 +220,7 @@ def plot_against_n(
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(7, 4.2), dpi=110)
+    fig, ax = plt.subplots(figsize=(8.5, 4.4), dpi=110)
     for label, by_n in series.items():
         ns = sorted(n for n, s in by_n.items() if s.values)
         if not ns:
@@ -227,7 +228,8 @@ def plot_against_n(
         med = [by_n[n].median for n in ns]
         lo = [by_n[n].median - by_n[n].lo for n in ns]
         hi = [by_n[n].hi - by_n[n].median for n in ns]
-        ax.errorbar(ns, med, yerr=[lo, hi], marker="o", capsize=3, label=label)
+        style = {"marker": "o", "capsize": 3, **(styles or {}).get(label, {})}
+        ax.errorbar(ns, med, yerr=[lo, hi], label=label, **style)
     if reference is not None:
         label, points = reference
         ns = sorted(points)
@@ -241,9 +243,9 @@ def plot_against_n(
     ax.set_xticklabels([str(n) for n in all_ns])
     ax.set_xlabel("nodes (N)")
     ax.set_ylabel(ylabel)
-    ax.set_title(title)
+    ax.set_title(title, fontsize=10)
     ax.grid(True, which="both", alpha=0.3)
-    ax.legend(fontsize=8)
+    ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1.0), borderaxespad=0.0)
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path)

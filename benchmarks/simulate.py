@@ -564,7 +564,9 @@ def main(argv: list[str] | None = None) -> int:
                         if (r.model, r.design, r.nodes) != (result.model, result.design, result.nodes)
                     ]
                     results.append(result)
-        args.models = sorted({r.model for r in results})
+        models_seen = list(dict.fromkeys(r.model for r in results))
+        results.sort(key=lambda r: (models_seen.index(r.model), DESIGNS.index(r.design), r.nodes))
+        args.models = models_seen
     for model_name in [] if args.merge else args.models:
         model = PRESETS[model_name].with_(**overrides) if overrides else PRESETS[model_name]
         for design in args.designs:
@@ -618,18 +620,32 @@ def main(argv: list[str] | None = None) -> int:
         ):
             series: dict[str, dict[int, Series]] = {}
             for r in results:
-                if metric == "time" and not r.formed:
-                    continue
+                if not r.formed:
+                    continue  # a run stopped early has neither a time nor a complete count
                 value = r.formation if metric == "time" else float(r.formation_ops.reads + r.formation_ops.writes)
                 series.setdefault(f"{r.design} / {r.model}", {}).setdefault(r.nodes, Series()).add(value)
+            all_ns = sorted({r.nodes for r in results})
+            colors = {"fsrdzv": "tab:red", "proposed": "tab:green", "naive": "tab:grey"}
+            lines = ["-", "--", ":", "-.", (0, (1, 1))]
+            models_seen = list(dict.fromkeys(r.model for r in results))
+            styles = {
+                f"{r.design} / {r.model}": {
+                    "color": colors.get(r.design, "tab:blue"),
+                    "linestyle": lines[models_seen.index(r.model) % len(lines)],
+                    "marker": "osD^v"[models_seen.index(r.model) % 5],
+                }
+                for r in results
+            }
             plot_against_n(
                 RESULTS / f"{args.out}_{fname}.png",
-                f"Simulated formation ({'time' if metric == 'time' else 'operations'}), all nodes arrive at once",
+                f"Simulated formation: {'time' if metric == 'time' else 'storage operations'}"
+                " (all arrive at once; unfinished runs left out)",
                 ylabel,
                 series,
-                reference=("N/15 s (one CAS per node on S3)", {n: n / 15 for n in args.nodes})
+                reference=("N/15 s (one CAS per node on S3)", {n: n / 15 for n in all_ns})
                 if metric == "time"
-                else None,
+                else ("10 operations per node", {n: 10.0 * n for n in all_ns}),
+                styles=styles,
             )
     return 0
 
