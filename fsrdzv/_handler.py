@@ -36,6 +36,7 @@ from typing import Any, Final, TypeVar
 
 from . import _protocol as proto
 from ._errors import (
+    ConfigurationError,
     RendezvousClosedError,
     RendezvousError,
     RendezvousGracefulExitError,
@@ -146,6 +147,35 @@ class _KeepAlive:
             self.thread.join(timeout=10)
 
 
+class _Backoff:
+    """Consecutive storage failures of one wait: jittered exponential sleeps, then give up.
+
+    A wait gives up at once on errors retrying cannot fix (``PERMANENT_ERRNOS``), at the deadline, or once storage
+    has kept failing for longer than others need to see this node dead (``_outage_budget``).
+    """
+
+    def __init__(self, handler: RendezvousHandler, during: str = "for") -> None:
+        self._handler = handler
+        self._during = during
+        self._errors = 0
+        self._first = 0.0
+
+    def reset(self) -> None:
+        self._errors = 0
+
+    def failed(self, exc: StorageError, deadline: float) -> None:
+        """Sleep before the next try, or re-raise ``exc`` if the wait must give up."""
+        h = self._handler
+        now = h._clock()
+        self._errors += 1
+        if self._errors == 1:
+            self._first = now
+        if exc.errno in PERMANENT_ERRNOS or now > deadline or now - self._first > h._outage_budget():
+            raise exc
+        log.warning("storage error %s %s (retrying): %s", self._during, h.node_id, exc)
+        h._sleep(min(SLOW_POLL, FAST_POLL * 2**self._errors) * h._rng.uniform(0.5, 1.5))
+
+
 class RendezvousHandler:
     """One node's view of an elastic rendezvous. Use :func:`create_handler` to make one.
 
@@ -193,7 +223,6 @@ class RendezvousHandler:
         self._request_cache: dict[str, tuple[str, JoinRequest | None]] = {}
         self._last_call_seen: dict[tuple[str, int, int], float] = {}
         self._cached: tuple[float, RendezvousState | None] | None = None
-        self._closed_here = False
         self._verified = False
         #: Heartbeat tags whose signature was checked (only with a job secret): name -> (tag, valid).
         self._verified_beats: dict[str, tuple[str, bool]] = {}
@@ -335,8 +364,7 @@ class RendezvousHandler:
         leave_round = state.round if state is not None and me in state.participants else None
         self._node = replace(self._node, port=self._port_factory(self._node.addr))
         request = JoinRequest(self._node, secrets.token_hex(8), leave_round)
-        self.ops["put"] += 1
-        self._retry(lambda: self.store.put_record("req", me, encode_request(request)), deadline)
+        self._retry(lambda: self._put_request(request), deadline)
 
         poll = FAST_POLL
         fold_attempts = 0
@@ -344,9 +372,7 @@ class RendezvousHandler:
         next_sweep = start + settings.keep_alive_interval / 2
         next_list = start
         was_spare = False
-        errors = 0
-        first_error = 0.0
-        polls = 0
+        backoff = _Backoff(self, "during join of")
         while True:
             now = self._clock()
             try:
@@ -362,8 +388,7 @@ class RendezvousHandler:
                     # Folded, then removed (others judged us dead while our storage was cut off): ask again,
                     # as torch's join op re-adds a node the sanitizer dropped.
                     request = JoinRequest(self._node, secrets.token_hex(8), None)
-                    self.ops["put"] += 1
-                    self.store.put_record("req", me, encode_request(request))
+                    self._put_request(request)
                     self._beat()
                     next_fold = now
                     mine = False
@@ -388,7 +413,6 @@ class RendezvousHandler:
                 if was_spare and not spare:
                     deadline = now + settings.join_timeout  # torch refreshes the deadline leaving the spare list
                 was_spare = spare
-                changed = False
                 if not mine:
                     if now >= next_fold:
                         changed, state, snap = self._fold(state, snap, request)
@@ -427,10 +451,9 @@ class RendezvousHandler:
                         "run id, or raise join_timeout"
                     )
                 self._sleep(poll)
-                polls += 1
                 before = state.generation
                 state, snap = self._read()
-                errors = 0
+                backoff.reset()
                 if state is not None and state.generation != before:
                     poll = FAST_POLL
                 elif state is not None and (state.complete or spare):
@@ -439,40 +462,27 @@ class RendezvousHandler:
                     # A forming round: stay responsive, since the last arrival completes it at any moment.
                     poll = min(4 * FAST_POLL, poll * POLL_GROWTH)
             except StorageError as exc:
-                errors += 1
-                if errors == 1:
-                    first_error = self._clock()
-                if self._give_up(exc, first_error, deadline):
-                    raise
-                log.warning("storage error during join of %s (retrying): %s", me, exc)
-                self._sleep(min(SLOW_POLL, FAST_POLL * 2**errors) * self._rng.uniform(0.5, 1.5))
+                backoff.failed(exc, deadline)
                 with contextlib.suppress(StorageError):
-                    self.store.put_record("req", me, encode_request(request))
+                    self._put_request(request)
                     state, snap = self._read()
 
     def _outage_budget(self) -> float:
         """How long storage may keep failing before a wait gives up: longer than others need to see us dead."""
         return max(2 * self.settings.liveness_timeout, MIN_OUTAGE)
 
-    def _give_up(self, exc: StorageError, first_error: float, deadline: float) -> bool:
-        now = self._clock()
-        return exc.errno in PERMANENT_ERRNOS or now > deadline or now - first_error > self._outage_budget()
-
     def _retry(self, fn: Callable[[], _T], deadline: float) -> _T:
         """Run ``fn``, retrying storage errors with jittered back-off (every write here is idempotent)."""
-        errors = 0
-        first_error = 0.0
+        backoff = _Backoff(self)
         while True:
             try:
                 return fn()
             except StorageError as exc:
-                errors += 1
-                if errors == 1:
-                    first_error = self._clock()
-                if self._give_up(exc, first_error, deadline):
-                    raise
-                log.warning("storage error for %s (retrying): %s", self.node_id, exc)
-                self._sleep(min(SLOW_POLL, FAST_POLL * 2**errors) * self._rng.uniform(0.5, 1.5))
+                backoff.failed(exc, deadline)
+
+    def _put_request(self, request: JoinRequest) -> None:
+        self.ops["put"] += 1
+        self.store.put_record("req", self.node_id, encode_request(request))
 
     def _is_folder(self, state: RendezvousState) -> bool:
         waiting = [m for m in state.members() if not (state.complete and m in state.participants)]
@@ -690,8 +700,6 @@ def create_handler(
 
 def read_secret_file(path: str) -> bytes:
     """Read a job secret file (whitespace stripped). Raises ConfigurationError if unusable."""
-    from ._errors import ConfigurationError
-
     try:
         with open(path, "rb") as f:
             secret = f.read().strip()
