@@ -8,7 +8,9 @@ from __future__ import annotations
 import contextlib
 import os
 import platform
+import queue
 import shutil
+import signal
 import socket
 import statistics
 import subprocess
@@ -253,6 +255,36 @@ def plot_against_n(
 
 
 # -- servers ----------------------------------------------------------------------------------------------------
+
+
+def collect_results(
+    procs: Sequence[Any], results: Any, count: int, deadline: float, label: str
+) -> list[dict[str, Any]]:
+    """Gather one result dict per node process from ``results`` (a multiprocessing queue), then reap the processes.
+
+    A node that reports ``{"error": ...}`` or a missing report by ``deadline`` (monotonic) raises RuntimeError;
+    processes still alive afterwards are killed, so a failed run leaves nothing behind.
+    """
+    got: list[dict[str, Any]] = []
+    try:
+        while len(got) < count:
+            try:
+                item = results.get(timeout=max(0.1, deadline - time.monotonic()))
+            except queue.Empty:
+                raise RuntimeError(f"{label}: only {len(got)} of {count} nodes reported") from None
+            if "error" in item:
+                raise RuntimeError(f"{label}: node {item['index']} failed: {item['error']}")
+            got.append(item)
+    finally:
+        for p in procs:
+            p.join(timeout=30)
+        for p in procs:
+            if p.is_alive() and p.pid is not None:
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(p.pid, signal.SIGKILL)
+                p.join(timeout=5)
+        results.close()
+    return got
 
 
 def free_port() -> int:

@@ -31,9 +31,7 @@ import contextlib
 import multiprocessing
 import multiprocessing.synchronize
 import os
-import queue
 import shutil
-import signal
 import sys
 import tempfile
 import time
@@ -47,6 +45,7 @@ from _common import (
     CountingStore,
     Series,
     ServerUnavailable,
+    collect_results,
     etcd_server,
     free_port,
     machine_note,
@@ -298,26 +297,7 @@ def run_formation(t: Target) -> Outcome:
     procs = [CTX.Process(target=_node, args=(t, i, start, done, results), daemon=True) for i in range(t.nodes)]
     for p in procs:
         p.start()
-    got: list[dict[str, Any]] = []
-    deadline = time.monotonic() + FORMATION_TIMEOUT + 30
-    try:
-        while len(got) < t.nodes:
-            try:
-                item = results.get(timeout=max(0.1, deadline - time.monotonic()))
-            except queue.Empty:
-                raise RuntimeError(f"{t.system} N={t.nodes}: only {len(got)} of {t.nodes} nodes finished") from None
-            if "error" in item:
-                raise RuntimeError(f"{t.system} N={t.nodes}: node {item['index']} failed: {item['error']}")
-            got.append(item)
-    finally:
-        for p in procs:
-            p.join(timeout=30)
-        for p in procs:
-            if p.is_alive() and p.pid is not None:
-                with contextlib.suppress(ProcessLookupError):
-                    os.kill(p.pid, signal.SIGKILL)
-                p.join(timeout=5)
-        results.close()
+    got = collect_results(procs, results, t.nodes, time.monotonic() + FORMATION_TIMEOUT + 30, f"{t.system} N={t.nodes}")
     ranks = sorted(r["rank"] for r in got)
     ok = ranks == list(range(t.nodes)) and all(r["world"] == t.nodes for r in got)
     last_arrival = max(r["arrival"] for r in got)

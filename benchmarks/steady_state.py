@@ -20,14 +20,12 @@ import argparse
 import contextlib
 import multiprocessing.synchronize
 import os
-import queue
-import signal
 import sys
 import time
 import traceback
 from typing import Any
 
-from _common import Series, machine_note, markdown_table, reads, section, write_result, writes
+from _common import Series, collect_results, machine_note, markdown_table, reads, section, write_result, writes
 from formation import CTX, FORMATION_TIMEOUT, SYSTEMS, Target, _fsrdzv_handler, _prepare, _target, _torch_handler
 
 SETTLE = 2.0
@@ -97,26 +95,7 @@ def run(t: Target, seconds: float) -> dict[str, Any]:
     ]
     for p in procs:
         p.start()
-    got: list[dict[str, Any]] = []
-    deadline = time.monotonic() + 2 * FORMATION_TIMEOUT + seconds + 30
-    try:
-        while len(got) < t.nodes:
-            try:
-                item = results.get(timeout=max(0.1, deadline - time.monotonic()))
-            except queue.Empty:
-                raise RuntimeError(f"{t.system}: only {len(got)} of {t.nodes} nodes reported") from None
-            if "error" in item:
-                raise RuntimeError(f"{t.system}: node {item['index']} failed: {item['error']}")
-            got.append(item)
-    finally:
-        for p in procs:
-            p.join(timeout=30)
-        for p in procs:
-            if p.is_alive() and p.pid is not None:
-                with contextlib.suppress(ProcessLookupError):
-                    os.kill(p.pid, signal.SIGKILL)
-                p.join(timeout=5)
-        results.close()
+    got = collect_results(procs, results, t.nodes, time.monotonic() + 2 * FORMATION_TIMEOUT + seconds + 30, t.system)
     kinds = sorted({k for r in got for k in r["ops"]})
     total = {k: sum(r["ops"].get(k, 0) for r in got) for k in kinds}
     generations = next((r["generations"] for r in got if r["index"] == 0), (-1, -1))

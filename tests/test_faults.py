@@ -57,28 +57,28 @@ class Versions:
         return [(generation, decode_state(payload, f"version {generation}")) for generation, payload in out]
 
 
-class RecordingMemoryStore(MemoryStore):
+class _Recording(fsrdzv.Store):
+    """Mixin: record every committed document version into ``self.versions``."""
+
+    versions: Versions
+
+    def _commit(self, raw: bytes, generation: int, expected: tuple[int, str] | None) -> str | None:
+        version = super()._commit(raw, generation, expected)  # type: ignore[safe-super]
+        if version is not None:
+            self.versions.raw.append(raw)
+        return version
+
+
+class RecordingMemoryStore(_Recording, MemoryStore):
     def __init__(self, name: str, run_id: str, versions: Versions) -> None:
         super().__init__(name, run_id)
         self.versions = versions
 
-    def _commit(self, raw: bytes, generation: int, expected: tuple[int, str] | None) -> str | None:
-        version = super()._commit(raw, generation, expected)
-        if version is not None:
-            self.versions.raw.append(raw)
-        return version
 
-
-class RecordingFileStore(FileStore):
+class RecordingFileStore(_Recording, FileStore):
     def __init__(self, root: str, run_id: str, versions: Versions) -> None:
         super().__init__(root, run_id)
         self.versions = versions
-
-    def _commit(self, raw: bytes, generation: int, expected: tuple[int, str] | None) -> str | None:
-        version = super()._commit(raw, generation, expected)
-        if version is not None:
-            self.versions.raw.append(raw)
-        return version
 
 
 class CountingFaulty(FaultyStore):
@@ -377,7 +377,6 @@ def _wait_for(predicate: Callable[[], bool], timeout: float, what: str) -> None:
             return
         time.sleep(0.02)
     raise AssertionError(f"{what} not seen within {timeout}s")
-
 
 
 @pytest.mark.parametrize(
