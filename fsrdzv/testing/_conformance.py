@@ -15,7 +15,7 @@ from typing import Any
 import pytest
 
 from .._errors import StateCorruptError
-from .._store import Snapshot, Store
+from .._store import Store
 from .._stores import open_store
 
 __all__ = ["StoreConformance", "StoreSpec", "increment_worker"]
@@ -255,7 +255,3 @@ class StoreConformance:
         assert snap is not None
         assert int(snap.data) == self.processes * self.increments, attempts
         assert snap.generation == self.processes * self.increments
-
-
-def snapshot_equal(a: Snapshot | None, b: Snapshot | None) -> bool:
-    return a == b
