@@ -2,13 +2,18 @@
 
 How a join works (the I/O shell around the pure rules of ``_protocol``):
 
-1. The node writes its heartbeat record ``hb/<id>`` and its join request ``req/<id>`` (its own objects: no
-   contention), then tries once to fold *every* pending request into the document with one compare-and-set.
-2. It polls the document, fast while a round forms and slower while nothing changes. If its request is still
-   not folded, it folds again after a jittered back-off; a node already in the document folds others' requests.
-3. A participant that has watched the last-call mark for ``last_call_timeout`` seconds of its own monotonic
+1. The node writes its heartbeat record ``hb/<id>`` and its join request record (its own objects: no
+   contention). The request travels in the record's *name*, so one listing shows every pending request.
+2. It tries once to fold its own request into the document with one compare-and-set. When many nodes arrive at
+   once most of these lose; they do not retry but wait: the *folder* (the lowest waiting member of the document)
+   lists the request records at every poll and folds all pending ones in one compare-and-set. A joiner folds its
+   own request again only when there is no folder or the document has not changed for ``FOLD_GRACE`` seconds.
+3. Nodes poll the document, fast while a round forms and slower while nothing changes, never faster than the
+   read budget (``READ_RATE`` + ``READ_BURST`` reads in any second per node) nor than ``max_nodes /
+   AGGREGATE_READ_RATE`` (the whole job's polling stays bounded at any scale).
+4. A participant that has watched the last-call mark for ``last_call_timeout`` seconds of its own monotonic
    time completes the round. Reaching ``max_nodes`` completes it at once, in the folding write.
-4. Waiting nodes list the heartbeat records now and then; a member whose record has not changed for
+5. Waiting nodes list the heartbeat records now and then; a member whose record has not changed for
    ``keep_alive_interval x keep_alive_max_attempt`` seconds (observer's clock) is removed with one CAS.
 
 Error handling: storage failures surface as :class:`RendezvousConnectionError` (``StorageError``) after the
@@ -47,13 +52,17 @@ from ._errors import (
 from ._liveness import LivenessTracker
 from ._settings import Settings
 from ._state import (
+    INLINE_PREFIX,
     JoinRequest,
     NodeInfo,
     RendezvousState,
     decode_request,
+    decode_request_name,
     decode_state,
     encode_request,
     encode_state,
+    request_owner,
+    request_record_name,
 )
 from ._store import Snapshot, Store
 from ._stores import open_store
@@ -62,9 +71,20 @@ __all__ = ["RendezvousHandler", "RendezvousInfo", "create_handler"]
 
 log = logging.getLogger("fsrdzv")
 
-#: Poll period while a round is forming or anything just changed (s): at most ~17 document reads/s per waiting
-#: node (issue target: 20), so the last arrival's completing write is seen within ~60 ms.
+#: Poll period while a round is forming or anything just changed (s), so the last arrival's completing write is
+#: seen within ~60 ms. (At most ~17 document reads/s per waiting node.)
 FAST_POLL: Final = 0.06
+#: Read budget of one node (token bucket): at most READ_RATE + READ_BURST reads of the store in any second.
+READ_RATE: Final = 16.0
+READ_BURST: Final = 4.0
+#: Polls of the whole job stay under this many reads per second: the poll period is at least max_nodes / this
+#: (a 1,000-node job polls every 0.5 s, well under S3's 5,500 GETs/s per prefix and an NFS server's capacity).
+AGGREGATE_READ_RATE: Final = 2000.0
+#: A joiner whose request was not folded folds it itself once the document has not changed for this long (the
+#: folder may be stuck; a dead one is removed by the liveness sweep after the liveness timeout).
+FOLD_GRACE: Final = 5.0
+#: The folder reads the document when the request listing changed, and at least this often (in polls).
+FOLDER_READ_EVERY: Final = 4
 #: Poll period once nothing has changed for a while (s).
 SLOW_POLL: Final = 1.0
 #: Growth factor of the poll period while nothing changes.
@@ -109,6 +129,31 @@ def _free_port(addr: str) -> int:
             s.bind(("", 0))
         port: int = s.getsockname()[1]
         return port
+
+
+class _ReadBudget:
+    """A token bucket over one node's reads: at most ``rate + burst`` reads in any one-second window.
+
+    Every read of the store while joining takes a token, so the per-node read rate holds by construction
+    whatever the node's role (joiner, folder, sweeper), with the clock and sleep of the handler.
+    """
+
+    def __init__(self, rate: float, burst: float, clock: Clock, sleep: Sleep) -> None:
+        self._rate, self._burst = rate, burst
+        self._clock, self._sleep = clock, sleep
+        self._tokens = burst
+        self._last = clock()
+
+    def take(self) -> None:
+        now = self._clock()
+        self._tokens = min(self._burst, self._tokens + (now - self._last) * self._rate)
+        self._last = now
+        if self._tokens < 1:
+            self._sleep((1 - self._tokens) / self._rate)
+            now = self._clock()
+            self._tokens = min(self._burst, self._tokens + (now - self._last) * self._rate)
+            self._last = now
+        self._tokens -= 1
 
 
 class _KeepAlive:
@@ -218,9 +263,18 @@ class RendezvousHandler:
         self._liveness = LivenessTracker(
             settings.liveness_timeout, max(settings.liveness_timeout / 2, settings.keep_alive_interval)
         )
+        #: The fastest poll: FAST_POLL, or slower for big jobs so that the whole job's polling stays bounded.
+        self._fast_poll = max(FAST_POLL, settings.max_nodes / AGGREGATE_READ_RATE)
         # Never poll slower than a sweep is due, so that death detection is not delayed by a slow poll.
-        self._slow_poll = min(SLOW_POLL, max(FAST_POLL, settings.keep_alive_interval / 2))
+        self._slow_poll = max(self._fast_poll, min(SLOW_POLL, settings.keep_alive_interval / 2))
+        self._budget = _ReadBudget(READ_RATE, READ_BURST, clock, sleep)
+        #: Body records (fallback for requests too long for a name): name -> (tag, request or None if invalid).
         self._request_cache: dict[str, tuple[str, JoinRequest | None]] = {}
+        #: Inline request names already judged (valid request or None if invalid), so that each is decoded once.
+        self._inline_cache: dict[str, JoinRequest | None] = {}
+        #: The name of this node's current request record and how many requests it has made.
+        self._request_name: str | None = None
+        self._request_count = 0
         self._last_call_seen: dict[tuple[str, int, int], float] = {}
         self._cached: tuple[float, RendezvousState | None] | None = None
         self._verified = False
@@ -255,6 +309,7 @@ class RendezvousHandler:
         return self.store.describe("document")
 
     def _read(self) -> tuple[RendezvousState | None, Snapshot | None]:
+        self._budget.take()
         self.ops["read"] += 1
         snap = self.store.read()
         if snap is None:
@@ -276,9 +331,18 @@ class RendezvousHandler:
             self.ops["put"] += 1
             self.store.put_record("hb", self.node_id, payload)
 
-    def _heartbeat_tags(self) -> dict[str, str]:
+    def _list(self, kind: str) -> dict[str, str]:
+        self._budget.take()
         self.ops["list"] += 1
-        tags = self.store.list_records("hb")
+        return self.store.list_records(kind)
+
+    def _get(self, kind: str, name: str) -> bytes | None:
+        self._budget.take()
+        self.ops["get"] += 1
+        return self.store.read_record(kind, name)
+
+    def _heartbeat_tags(self) -> dict[str, str]:
+        tags = self._list("hb")
         if not self.store.signed:
             return tags
         # With a job secret, only signed heartbeats count: a forged one must not keep a dead node alive.
@@ -286,9 +350,8 @@ class RendezvousHandler:
         for name, tag in tags.items():
             known = self._verified_beats.get(name)
             if known is None or known[0] != tag:
-                self.ops["get"] += 1
                 try:
-                    self.store.read_record("hb", name)
+                    self._get("hb", name)
                     known = (tag, True)
                 except RendezvousStateError as exc:
                     log.warning("ignoring heartbeat: %s", exc)
@@ -300,19 +363,33 @@ class RendezvousHandler:
             del self._verified_beats[stale]
         return valid
 
-    def _requests(self) -> list[JoinRequest]:
-        self.ops["list"] += 1
-        tags = self.store.list_records("req")
+    def _requests(self) -> tuple[list[JoinRequest], frozenset[str]]:
+        """Every pending-looking join request, from one listing, and the listed names.
+
+        Inline names carry the request itself; a body record (a request too long for a name) is read once per
+        change of its tag. A record that does not decode, or is not signed with the job's secret, is reported
+        once and ignored: never act on a record we cannot trust.
+        """
+        tags = self._list("req")
         out = []
         for name, tag in tags.items():
+            if name.startswith(INLINE_PREFIX):
+                if name not in self._inline_cache:
+                    try:
+                        self._inline_cache[name] = decode_request_name(name, self.store.name_mac)
+                    except RendezvousStateError as exc:
+                        log.warning("ignoring %s", exc)
+                        self._inline_cache[name] = None
+                inline = self._inline_cache[name]
+                if inline is not None:
+                    out.append(inline)
+                continue
             cached = self._request_cache.get(name)
             if cached is None or cached[0] != tag:
-                self.ops["get"] += 1
                 try:
-                    raw = self.store.read_record("req", name)
+                    raw = self._get("req", name)
                     request = None if raw is None else decode_request(raw, f"join request {name!r}")
                 except RendezvousStateError as exc:
-                    # Never act on a record we cannot trust; report it and go on without it.
                     log.warning("ignoring %s", exc)
                     request = None
                 cached = (tag, request)
@@ -321,7 +398,9 @@ class RendezvousHandler:
                 out.append(cached[1])
         for stale in set(self._request_cache) - set(tags):
             del self._request_cache[stale]
-        return out
+        for stale in set(self._inline_cache) - set(tags):
+            del self._inline_cache[stale]
+        return out, frozenset(tags)
 
     # -- the public API ------------------------------------------------------------------------------------
 
@@ -363,35 +442,38 @@ class RendezvousHandler:
         state, snap = self._retry(lambda: self._reuse_if_finished(state, snap), deadline)
         leave_round = state.round if state is not None and me in state.participants else None
         self._node = replace(self._node, port=self._port_factory(self._node.addr))
-        request = JoinRequest(self._node, secrets.token_hex(8), leave_round)
+        request = self._new_request(leave_round)
         self._retry(lambda: self._put_request(request), deadline)
 
-        poll = FAST_POLL
-        fold_attempts = 0
-        next_fold = start  # the first fold is immediate
+        poll = self._fast_poll
+        own_folds = 0  # how often this node folded its own request into the document
+        next_own = start  # the first is immediate
+        seen: tuple[str, int] | None = None  # (epoch, generation) last seen, and when it changed
+        progress_at = start
+        listed: frozenset[str] = frozenset()  # request names of the folder's last listing
+        polls_since_read = 0
         next_sweep = start + settings.keep_alive_interval / 2
-        next_list = start
         was_spare = False
         backoff = _Backoff(self, "during join of")
         while True:
             now = self._clock()
             try:
                 if state is None or snap is None:
-                    # No document yet: create it with every request seen so far (create-if-absent CAS).
+                    # No document yet: create it with our own request (a create-if-absent CAS).
                     base = proto.new_state(settings.run_id, secrets.token_hex(8))
-                    others = [r for r in self._requests() if r.node.node_id != me]
-                    new = proto.fold_requests(base, [*others, request], settings)
-                    _, state, snap = self._cas(new, None)
+                    _, state, snap = self._cas(proto.fold_requests(base, [request], settings), None)
+                    own_folds += 1
                     continue
+                if (state.epoch, state.generation) != seen:
+                    seen, progress_at = (state.epoch, state.generation), now
                 mine = state.applied.get(me) == request.nonce
                 if mine and me not in state.members() and not state.closed:
                     # Folded, then removed (others judged us dead while our storage was cut off): ask again,
                     # as torch's join op re-adds a node the sanitizer dropped.
-                    request = JoinRequest(self._node, secrets.token_hex(8), None)
+                    request = self._new_request(None)
                     self._put_request(request)
                     self._beat()
-                    next_fold = now
-                    mine = False
+                    own_folds, next_own, mine = 0, now, False
                 if mine and state.complete and me in state.participants:
                     # A completed round is a fact even if someone closed the run right after: report it.
                     # Refresh the cache too: a read from before the round formed would still show this round's
@@ -414,29 +496,24 @@ class RendezvousHandler:
                     deadline = now + settings.join_timeout  # torch refreshes the deadline leaving the spare list
                 was_spare = spare
                 if not mine:
-                    if now >= next_fold:
-                        changed, state, snap = self._fold(state, snap, request)
-                        fold_attempts += 1
-                        # Jittered exponential back-off so that simultaneous arrivals do not collide in lockstep.
-                        next_fold = now + self._rng.uniform(0, min(1.0, 0.02 * 2**fold_attempts))
-                        continue
+                    # Fold our own request once; after that only if nobody is folding (no waiting member, or the
+                    # document stood still for FOLD_GRACE). Jittered back-off so that retries do not collide.
+                    folder_at_work = self._has_folder(state) and now - progress_at < FOLD_GRACE
+                    if now >= next_own and (own_folds == 0 or not folder_at_work):
+                        own_folds += 1
+                        next_own = now + self._rng.uniform(0, min(1.0, 0.02 * 2**own_folds))
+                        new = proto.fold_requests(state, [request], settings)
+                        if new is not state:
+                            _, state, snap = self._cas(new, snap)
+                            continue
                 elif me in state.participants and state.last_call is not None:
                     key = (state.epoch, state.round, state.last_call)
-                    seen = self._last_call_seen.setdefault(key, now)
-                    if now - seen >= settings.last_call_timeout:
+                    seen_at = self._last_call_seen.setdefault(key, now)
+                    if now - seen_at >= settings.last_call_timeout:
                         new = proto.mark_complete(state, settings)
                         if new is not state:
                             _, state, snap = self._cas(new, snap)
                             continue
-                if state is None:
-                    continue
-                if mine and now >= next_list and self._is_folder(state):
-                    # The lowest waiting member folds other nodes' requests, so a joiner whose own writes keep
-                    # losing still gets in within a few polls.
-                    next_list = now + 5 * FAST_POLL
-                    changed, state, snap = self._fold(state, snap, None)
-                    if changed or state is None:
-                        continue
                 if now >= next_sweep:
                     next_sweep = now + settings.keep_alive_interval / 2
                     changed, state, snap = self._sweep(state, snap, now)
@@ -452,19 +529,33 @@ class RendezvousHandler:
                     )
                 self._sleep(poll)
                 before = state.generation
-                state, snap = self._read()
+                if mine and self._is_folder(state):
+                    # The folder lists the requests at every poll (one read shows them all) and reads the
+                    # document only when the listing changed or every few polls: a joiner always writes its
+                    # request before its own fold, so a join never goes unnoticed.
+                    requests, names = self._requests()
+                    polls_since_read += 1
+                    if names != listed or polls_since_read >= FOLDER_READ_EVERY:
+                        state, snap = self._read()
+                        polls_since_read = 0
+                    listed = names
+                    if state is not None and snap is not None:
+                        _, state, snap = self._fold(state, snap, requests)
+                else:
+                    state, snap = self._read()
+                    polls_since_read = 0
                 backoff.reset()
                 if state is not None and state.generation != before:
-                    poll = FAST_POLL
+                    poll = self._fast_poll
                 elif state is not None and (state.complete or spare):
                     poll = min(self._slow_poll, poll * POLL_GROWTH)
                 else:
                     # A forming round: stay responsive, since the last arrival completes it at any moment.
-                    poll = min(4 * FAST_POLL, poll * POLL_GROWTH)
+                    poll = min(4 * self._fast_poll, poll * POLL_GROWTH)
             except StorageError as exc:
                 backoff.failed(exc, deadline)
+                # Our records are written; read again and go on (the loop re-folds if need be).
                 with contextlib.suppress(StorageError):
-                    self._put_request(request)
                     state, snap = self._read()
 
     def _outage_budget(self) -> float:
@@ -480,32 +571,49 @@ class RendezvousHandler:
             except StorageError as exc:
                 backoff.failed(exc, deadline)
 
+    def _new_request(self, leave_round: int | None) -> JoinRequest:
+        # Ordered nonces: a stale listing that still shows this node's previous request can never refold it.
+        self._request_count += 1
+        return JoinRequest(self._node, f"{self._request_count}.{secrets.token_hex(6)}", leave_round)
+
     def _put_request(self, request: JoinRequest) -> None:
+        name = request_record_name(request, self.store.name_mac)
         self.ops["put"] += 1
-        self.store.put_record("req", self.node_id, encode_request(request))
+        self.store.put_record("req", name, encode_request(request))
+        previous, self._request_name = self._request_name, name
+        if previous is not None and previous != name:
+            # Best effort: a leftover is harmless (ordered nonces) and removed at shutdown or run reuse.
+            with contextlib.suppress(StorageError):
+                self.ops["delete"] += 1
+                self.store.delete_record("req", previous)
+
+    @staticmethod
+    def _waiting(state: RendezvousState) -> list[str]:
+        """Members still waiting for a round (everyone but the participants of a complete round)."""
+        return [m for m in state.members() if not (state.complete and m in state.participants)]
+
+    def _has_folder(self, state: RendezvousState) -> bool:
+        return bool(self._waiting(state))
 
     def _is_folder(self, state: RendezvousState) -> bool:
-        waiting = [m for m in state.members() if not (state.complete and m in state.participants)]
+        waiting = self._waiting(state)
         return bool(waiting) and min(waiting, key=lambda i: state.nodes[i]) == self.node_id
 
     def _fold(
-        self, state: RendezvousState, snap: Snapshot | None, own: JoinRequest | None
+        self, state: RendezvousState, snap: Snapshot, requests: list[JoinRequest]
     ) -> tuple[bool, RendezvousState | None, Snapshot | None]:
-        requests = self._requests()
-        if own is not None:
-            # Our own request as we wrote it: a listing may lag behind our write (NFS attribute caches).
-            requests = [r for r in requests if r.node.node_id != own.node.node_id] + [own]
+        """Fold every pending request with one compare-and-set (none if nothing is pending)."""
         new = proto.fold_requests(state, requests, self.settings)
         if new is state:
             return False, state, snap
-        won, state2, snap2 = self._cas(new, snap)
-        return won, state2, snap2
+        return self._cas(new, snap)
 
     def _sweep(
         self, state: RendezvousState, snap: Snapshot | None, now: float
     ) -> tuple[bool, RendezvousState | None, Snapshot | None]:
         members = state.members() - {self.node_id}
         tags = self._heartbeat_tags()
+        now = self._clock()  # when we looked (the read budget may have made us wait)
         self._liveness.observe(tags, now, members)
         self._liveness.forget(members)
         dead = self._liveness.dead(members, now)
@@ -551,7 +659,7 @@ class RendezvousHandler:
             members = state.members()
         log.info("run %r was closed and all its nodes are gone: starting it afresh", self.run_id)
         for name in self.store.list_records("req"):
-            if name in members:
+            if request_owner(name) in members:
                 with contextlib.suppress(StorageError):
                     self.store.delete_record("req", name)
         _, state, snap = self._cas(proto.restart(state, secrets.token_hex(8)), snap)
@@ -639,10 +747,13 @@ class RendezvousHandler:
             log.warning("shutdown of %s could not close rendezvous %r: %s", self.node_id, self.run_id, exc)
             return False
         # Our records are the proof that we are alive: remove them so that a new job can reuse the run id now.
-        for kind in ("hb", "req"):
+        records = [("hb", self.node_id)]
+        if self._request_name is not None:
+            records.append(("req", self._request_name))
+        for kind, name in records:
             with contextlib.suppress(RendezvousError):
                 self.ops["delete"] += 1
-                self.store.delete_record(kind, self.node_id)
+                self.store.delete_record(kind, name)
         return True
 
     def __enter__(self) -> RendezvousHandler:

@@ -18,8 +18,9 @@ class LivenessTracker:
 
     :param timeout: seconds without an observed change after which a node is dead.
     :param max_gap: if this observer itself saw nothing for longer than this (its own storage outage, or it was
-        busy elsewhere), the clocks of all nodes restart from the next listing: time during which the observer
-        could not look is never counted against the others.
+        busy elsewhere), only ``max_gap`` of that blind spell is counted against the others: a long blind spell
+        never causes a false death, and an observer that can only look slowly (throttled by its read budget)
+        still detects dead nodes, a little later.
     """
 
     def __init__(self, timeout: float, max_gap: float | None = None) -> None:
@@ -31,7 +32,8 @@ class LivenessTracker:
     def observe(self, tags: Mapping[str, str], now: float, members: Iterable[str]) -> None:
         """Record one listing of heartbeat tags, taken at local time ``now``, for the given members."""
         if self._last is not None and now - self._last > self.max_gap:
-            self._seen = {k: (tag, now) for k, (tag, _) in self._seen.items()}
+            blind = now - self._last - self.max_gap
+            self._seen = {k: (tag, since + blind) for k, (tag, since) in self._seen.items()}
         self._last = now
         for node_id in members:
             tag = tags.get(node_id)

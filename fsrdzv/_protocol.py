@@ -20,7 +20,7 @@ from __future__ import annotations
 from collections.abc import Iterable
 
 from ._settings import Settings
-from ._state import APPLIED_HISTORY, JoinRequest, NodeInfo, RendezvousState
+from ._state import APPLIED_HISTORY, JoinRequest, NodeInfo, RendezvousState, nonce_order
 
 __all__ = ["close", "complete", "fold_requests", "new_state", "pending", "remove_nodes", "restart"]
 
@@ -39,8 +39,22 @@ def restart(state: RendezvousState, epoch: str) -> RendezvousState:
 
 
 def pending(state: RendezvousState, requests: Iterable[JoinRequest]) -> list[JoinRequest]:
-    """Requests not yet folded into ``state`` (by nonce)."""
-    return [r for r in requests if state.applied.get(r.node.node_id) != r.nonce]
+    """Requests not yet folded into ``state``: not the applied one, and not older than it.
+
+    A node's nonces are ordered when the handler made them (:func:`nonce_order`): a listing that still shows a
+    node's previous request (NFS caches directory listings) must never fold it again after the newer one.
+    """
+    out = []
+    for request in requests:
+        applied = state.applied.get(request.node.node_id)
+        if applied == request.nonce:
+            continue
+        if applied is not None:
+            old, new = nonce_order(applied), nonce_order(request.nonce)
+            if old is not None and new is not None and new <= old:
+                continue
+        out.append(request)
+    return out
 
 
 def _ordered(state: RendezvousState, ids: Iterable[str]) -> list[str]:
@@ -53,9 +67,7 @@ def complete(state: RendezvousState) -> RendezvousState:
     ranks = {node_id: rank for rank, node_id in enumerate(order)}
     first = state.nodes[order[0]]
     roster = tuple(state.nodes[n].addr for n in order)
-    return state.bump(
-        complete=True, last_call=None, participants=ranks, master=(first.addr, first.port), roster=roster
-    )
+    return state.bump(complete=True, last_call=None, participants=ranks, master=(first.addr, first.port), roster=roster)
 
 
 def _with_last_call(state: RendezvousState, settings: Settings, generation: int) -> RendezvousState:
@@ -96,9 +108,7 @@ def _settle(state: RendezvousState, settings: Settings, generation: int) -> Rend
             )
         state = _with_last_call(state, settings, generation)
         if state.complete and state.wait_list:
-            state = state.bump(
-                redundancy_list=tuple(sorted({*state.redundancy_list, *state.wait_list})), wait_list=()
-            )
+            state = state.bump(redundancy_list=tuple(sorted({*state.redundancy_list, *state.wait_list})), wait_list=())
         return state
     if state.redundancy_list and len(state.participants) < settings.max_nodes:
         # A spare replaces a lost node: as a waiting node it makes every agent re-rendezvous.
@@ -157,17 +167,22 @@ def _join_one(state: RendezvousState, node: NodeInfo, settings: Settings, genera
     return _with_last_call(state, settings, generation)
 
 
-def fold_requests(
-    state: RendezvousState, requests: Iterable[JoinRequest], settings: Settings
-) -> RendezvousState:
+def fold_requests(state: RendezvousState, requests: Iterable[JoinRequest], settings: Settings) -> RendezvousState:
     """Apply every pending join request (sorted by node identity) and bump the generation once.
 
     A request first takes its node out of the round it was a participant of (torch's exit op), then joins it by
     torch's join rules. Requests already applied (same nonce) are skipped, so folding is idempotent. Requests
     on a closed run are left alone: their nodes will see ``closed`` and stop.
     """
-    # One request per node (the last one given wins): a node's record holds only its newest request.
-    latest = {r.node.node_id: r for r in pending(state, requests)}
+    # One request per node: the newest by nonce order when known, else the last one given.
+    latest: dict[str, JoinRequest] = {}
+    for r in pending(state, requests):
+        seen = latest.get(r.node.node_id)
+        if seen is not None:
+            a, b = nonce_order(seen.nonce), nonce_order(r.nonce)
+            if a is not None and b is not None and b < a:
+                continue
+        latest[r.node.node_id] = r
     todo = sorted(latest.values(), key=lambda r: r.node)
     if state.closed or not todo:
         return state

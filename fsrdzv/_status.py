@@ -25,7 +25,7 @@ from collections.abc import Callable, Mapping
 from typing import Any, Final
 
 from ._errors import RendezvousStateError, StorageError
-from ._state import NodeInfo, RendezvousState, decode_state
+from ._state import NodeInfo, RendezvousState, decode_state, request_owner
 from ._store import Store
 
 __all__ = [
@@ -157,7 +157,7 @@ def collect_status(
                 observer.observe(store.list_records("hb"))
     state = read_state(store)
     tags = store.list_records("hb")
-    requests = set(store.list_records("req"))
+    requests = {request_owner(name) for name in store.list_records("req")}
     now = observer.observe(tags)
     window = 0.0 if observer.first_observation is None else now - observer.first_observation
     doc: dict[str, Any] = {

@@ -331,6 +331,15 @@ class Store(ABC):
         """Whether a job secret is set (every object carries an HMAC that is checked on read)."""
         return self._secret is not None
 
+    def name_mac(self, text: str) -> str | None:
+        """Signature of a record name that carries data (an inline join request), or None without a job secret.
+
+        128 bits of the HMAC keep names short enough for any file system.
+        """
+        if self._secret is None:
+            return None
+        return _hmac.new(self._secret, b"name\n" + text.encode(), hashlib.sha256).hexdigest()[:32]
+
     def describe(self, what: str) -> str:
         """Name an object of this store for error messages."""
         return f"the rendezvous {what} of run {self.run_id!r} at {self.location}"

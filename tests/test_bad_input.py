@@ -227,8 +227,9 @@ def test_stray_file_with_unescaped_name_in_records_is_ignored(
     tmp_path: Any, name: str, caplog: pytest.LogCaptureFixture
 ) -> None:
     """A stray file whose name is not a valid escaped node id (an editor backup, a copied file) sits in
-    ``records/req/``: joining ignores it with a warning naming it instead of dying with a raw UnicodeDecodeError
-    (found by this test; fixed in ``Store.list_records``). 3 names."""
+    ``records/req/``: joining works, and listing the records (what the folding node does) ignores it with a
+    warning naming it instead of dying with a raw UnicodeDecodeError (found by this test; fixed in
+    ``Store.list_records``). 3 names."""
     endpoint, rid = str(tmp_path / "rdzv"), _rid()
     directory = os.path.join(endpoint, rid, "records", "req")
     os.makedirs(directory)
@@ -240,6 +241,8 @@ def test_stray_file_with_unescaped_name_in_records_is_ignored(
     finally:
         h._stop_keepalive()
     assert os.path.exists(os.path.join(directory, name))
+    listed = fsrdzv.open_store(endpoint, rid).list_records("req")
+    assert len(listed) == 1 + (name == "stray%")  # the node's own request (and a literally decoded name)
     if name != "stray%":  # a lone '%' at the end is decoded literally
         assert any(name in r.getMessage() for r in caplog.records if r.levelname == "WARNING"), caplog.text
 

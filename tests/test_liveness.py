@@ -129,16 +129,25 @@ def test_forget_starts_afresh() -> None:
 
 
 def test_observers_blind_spell_is_not_counted_against_others() -> None:
-    """If the observer itself could not look for longer than max_gap, everyone gets a full timeout again."""
+    """If the observer itself could not look for longer than max_gap, only max_gap of that time counts."""
     tracker = LivenessTracker(TIMEOUT, max_gap=5.0)
     tracker.observe({NODE: "1"}, 0.0, [NODE])
-    tracker.observe({NODE: "1"}, 60.0, [NODE])  # 60 s blind: the node's silence is not held against it
+    tracker.observe({NODE: "1"}, 60.0, [NODE])  # 60 s blind: only 5 s of the node's silence is held against it
     assert tracker.dead([NODE], 60.0) == set()
-    for t in grid(62.5, 72.5, 2.5):
+    for t in grid(62.5, 67.5, 2.5):
         tracker.observe({NODE: "1"}, t, [NODE])
-    assert tracker.dead([NODE], 72.5) == set()
-    tracker.observe({NODE: "1"}, 75.0, [NODE])
-    assert tracker.dead([NODE], 75.0) == {NODE}
+    assert tracker.dead([NODE], 67.5) == set()
+    tracker.observe({NODE: "1"}, 70.0, [NODE])
+    assert tracker.dead([NODE], 70.0) == {NODE}
+
+
+def test_an_observer_that_looks_slowly_still_detects_death() -> None:
+    """Throttled by its read budget, an observer may look a little less often than max_gap: it must still call
+    a silent node dead (counting max_gap per look), and never an advancing one."""
+    tracker = LivenessTracker(0.6, max_gap=0.3)
+    for i in range(40):
+        tracker.observe({NODE: "1", "b": str(i)}, i * 0.31, [NODE, "b"])
+    assert tracker.dead([NODE, "b"], 39 * 0.31) == {NODE}
 
 
 def test_default_max_gap_is_half_the_timeout() -> None:

@@ -132,9 +132,18 @@ def test_pickle_payloads_on_storage_are_never_unpickled(tmp_path: Any, caplog: p
     store.reset(encode_state(proto.new_state(rid, "e")))
     store.put_record("req", "bomb-node", bomb)
     store.put_record("hb", "bomb-node", bomb)
-    h = fsrdzv.create_handler(endpoint, rid, 1, 1, local_addr="10.0.0.2", join_timeout=10)
-    assert h.next_rendezvous().world_size == 1
-    h.shutdown()
+    # Two nodes: the first waits as the folder, listing and reading the request records (and the heartbeats).
+    first = fsrdzv.create_handler(endpoint, rid, 2, 2, local_addr="10.0.0.2", join_timeout=10, keep_alive_interval=0.2)
+    second = fsrdzv.create_handler(endpoint, rid, 2, 2, local_addr="10.0.0.3", join_timeout=10, keep_alive_interval=0.2)
+    got: list[Any] = []
+    waiting = threading.Thread(target=lambda: got.append(first.next_rendezvous()))
+    waiting.start()
+    time.sleep(1.0)
+    assert second.next_rendezvous().world_size == 2
+    waiting.join(10)
+    assert got and got[0].world_size == 2
+    first.shutdown()
+    second.shutdown()
     assert not marker.exists(), "a payload read from storage was unpickled"
     assert any("bomb-node" in r.getMessage() for r in caplog.records)
 
