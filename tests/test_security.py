@@ -27,7 +27,7 @@ import pytest
 
 import fsrdzv
 from fsrdzv import _protocol as proto
-from fsrdzv._state import JoinRequest, NodeInfo, decode_state, encode_request, encode_state
+from fsrdzv._state import JoinRequest, NodeInfo, decode_state, encode_request, encode_request_name, encode_state
 from fsrdzv._store import seal
 from fsrdzv._stores._memory import memory_space
 
@@ -334,13 +334,20 @@ def test_forged_and_tampered_join_requests_are_ignored_and_reported(
     tmp_path: Any, caplog: pytest.LogCaptureFixture
 ) -> None:
     """Three join requests planted by someone without the secret: unsigned, signed with another secret, and a
-    correctly signed request whose payload was altered (checksum recomputed). Folding nodes refuse each with a
-    warning naming it; two real nodes (min 2, max 5) form a round of exactly two; no planted node ever appears in
-    any committed document version; the secret never appears in the log. 3 forgeries."""
+    correctly signed request whose payload was altered (checksum recomputed), plus two requests carried in record
+    names (unsigned, and signed with another secret). Folding nodes refuse each with a warning naming it; two real
+    nodes (min 2, max 5) form a round of exactly two; no planted node ever appears in any committed document
+    version; the secret never appears in the log. 5 forgeries."""
     caplog.set_level(logging.DEBUG)
     endpoint, rid = str(tmp_path / "rdzv"), _rid()
     forger = fsrdzv.open_store(endpoint, rid)  # no secret
-    evil = [NodeInfo(f"6.6.6.{i}", 666, i, f"ev{i}", 1, "evil") for i in range(3)]
+    evil = [NodeInfo(f"6.6.6.{i}", 666, i, f"ev{i}", 1, "evil") for i in range(5)]
+    inline = []
+    for node, store_ in ((evil[3], forger), (evil[4], fsrdzv.open_store(endpoint, rid, secret=OTHER_SECRET))):
+        name_ = encode_request_name(JoinRequest(node, "1.ff"), store_.name_mac)
+        assert name_ is not None
+        store_.put_record("req", name_, encode_request(JoinRequest(node, "1.ff")))
+        inline.append(name_)
     forger.put_record("req", evil[0].node_id, encode_request(JoinRequest(evil[0], "n0")))
     other = fsrdzv.open_store(endpoint, rid, secret=OTHER_SECRET)
     other.put_record("req", evil[1].node_id, encode_request(JoinRequest(evil[1], "n1")))
@@ -371,8 +378,10 @@ def test_forged_and_tampered_join_requests_are_ignored_and_reported(
         with open(os.path.join(log_dir, name), "rb") as f:
             assert not any(e.encode() in f.read() for e in evil_ids), f"a forged node reached log entry {name}"
     refused = [r.getMessage() for r in caplog.records if "not signed with this job's secret" in r.getMessage()]
-    for node in evil:
+    for node in evil[:3]:
         assert any(node.node_id in m for m in refused), (node.node_id, refused)
+    for name_ in inline:
+        assert any(name_[:40] in m for m in refused), (name_, refused)
     assert all("\n" not in m for m in refused)
     _assert_no_secret(caplog.text)
 
