@@ -64,7 +64,7 @@ from ._state import (
     request_owner,
     request_record_name,
 )
-from ._store import Snapshot, Store
+from ._store import ChangeWatch, Snapshot, Store
 from ._stores import open_store
 
 __all__ = ["RendezvousHandler", "RendezvousInfo", "create_handler"]
@@ -272,6 +272,10 @@ class RendezvousHandler:
         self._request_cache: dict[str, tuple[str, JoinRequest | None]] = {}
         #: Inline request names already judged (valid request or None if invalid), so that each is decoded once.
         self._inline_cache: dict[str, JoinRequest | None] = {}
+        #: Wakes the poll early when the document changes (local directories; see Store.change_watch). Used
+        #: only with the real sleep: an injected sleep (tests, simulation) keeps full control of time.
+        self._watch: ChangeWatch | None = None
+        self._watch_tried = sleep is not time.sleep
         #: The name of this node's current request record and how many requests it has made.
         self._request_name: str | None = None
         self._request_count = 0
@@ -527,7 +531,7 @@ class RendezvousHandler:
                         f"min_nodes={settings.min_nodes}; check that the other nodes use the same endpoint and "
                         "run id, or raise join_timeout"
                     )
-                self._sleep(poll)
+                woke = self._wait(poll)
                 before = state.generation
                 if mine and self._is_folder(state):
                     # The folder lists the requests at every poll (one read shows them all) and reads the
@@ -535,7 +539,7 @@ class RendezvousHandler:
                     # request before its own fold, so a join never goes unnoticed.
                     requests, names = self._requests()
                     polls_since_read += 1
-                    if names != listed or polls_since_read >= FOLDER_READ_EVERY:
+                    if woke or names != listed or polls_since_read >= FOLDER_READ_EVERY:
                         state, snap = self._read()
                         polls_since_read = 0
                     listed = names
@@ -570,6 +574,17 @@ class RendezvousHandler:
                 return fn()
             except StorageError as exc:
                 backoff.failed(exc, deadline)
+
+    def _wait(self, seconds: float) -> bool:
+        """Sleep one poll period; True if a watch saw the document change (then the sleep ended early)."""
+        if not self._watch_tried:
+            self._watch_tried = True
+            with contextlib.suppress(OSError, RendezvousError):
+                self._watch = self.store.change_watch()
+        if self._watch is None:
+            self._sleep(seconds)
+            return False
+        return self._watch.wait(seconds)
 
     def _new_request(self, leave_round: int | None) -> JoinRequest:
         # Ordered nonces: a stale listing that still shows this node's previous request can never refold it.
@@ -741,6 +756,9 @@ class RendezvousHandler:
         Returns True on success; False if the run could not be closed (the error is logged).
         """
         self._stop_keepalive()
+        if self._watch is not None:
+            self._watch.close()
+            self._watch = None
         try:
             self.set_closed()
         except RendezvousError as exc:

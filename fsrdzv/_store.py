@@ -26,7 +26,7 @@ import re
 import secrets
 from abc import ABC, abstractmethod
 from dataclasses import dataclass
-from typing import Final
+from typing import Final, Protocol
 
 from ._errors import ConfigurationError, StateCorruptError, TamperedError, UnsupportedStoreError
 
@@ -34,6 +34,7 @@ __all__ = [
     "MAX_DOCUMENT_BYTES",
     "MAX_RECORD_BYTES",
     "CasResult",
+    "ChangeWatch",
     "Snapshot",
     "Store",
     "decode_name",
@@ -53,6 +54,16 @@ log = logging.getLogger("fsrdzv.store")
 _MAGIC: Final = b"fsrdzv1"
 _RUN_ID_RE: Final = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
 _SAFE_NAME_CHARS: Final = frozenset("ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789.-_")
+
+
+class ChangeWatch(Protocol):
+    """Returned by :meth:`Store.change_watch`."""
+
+    def wait(self, timeout: float) -> bool:
+        """Sleep up to ``timeout`` seconds; True if it returned early because the document changed."""
+
+    def close(self) -> None:
+        """Release the watch."""
 
 
 @dataclass(frozen=True)
@@ -330,6 +341,14 @@ class Store(ABC):
     def signed(self) -> bool:
         """Whether a job secret is set (every object carries an HMAC that is checked on read)."""
         return self._secret is not None
+
+    def change_watch(self) -> ChangeWatch | None:
+        """A way to sleep until the document may have changed, or None (the default: callers poll).
+
+        Only a shortcut for latency: a watch may miss changes (another host's write on NFS), so callers still
+        read at their normal poll period.
+        """
+        return None
 
     def name_mac(self, text: str) -> str | None:
         """Signature of a record name that carries data (an inline join request), or None without a job secret.

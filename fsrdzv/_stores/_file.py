@@ -35,7 +35,8 @@ from typing import Final, TypeVar
 import filelock
 
 from .._errors import ConfigurationError, StorageError
-from .._store import MAX_DOCUMENT_BYTES, MAX_RECORD_BYTES, Store
+from .._store import MAX_DOCUMENT_BYTES, MAX_RECORD_BYTES, ChangeWatch, Store
+from ._notify import watch_directory
 
 __all__ = ["FileStore", "list_file_runs", "map_os_error"]
 
@@ -429,6 +430,14 @@ class FileStore(Store):
         except OSError as exc:
             raise map_os_error(exc, f"deleting {self.dir}") from exc
         self._dirs_ready = False
+
+    def change_watch(self) -> ChangeWatch | None:
+        # Every commit creates log/<generation> (link(2)): watching that directory wakes waiters on this host.
+        try:
+            self._ensure_dirs()
+        except StorageError:
+            return None
+        return watch_directory(self.log_dir)
 
     def sibling(self, run_id: str) -> FileStore:
         return FileStore(

@@ -1,0 +1,84 @@
+"""Waking waiting nodes on a commit in a local directory (inotify), and falling back to polling everywhere else."""
+
+from __future__ import annotations
+
+import os
+import sys
+import threading
+import time
+import uuid
+from typing import Any
+
+import pytest
+
+import fsrdzv
+from fsrdzv._stores._notify import watch_directory
+
+linux_only = pytest.mark.skipif(not sys.platform.startswith("linux"), reason="inotify is Linux-only")
+
+
+def _rid() -> str:
+    return f"notify-{uuid.uuid4().hex[:8]}"
+
+
+@linux_only
+def test_a_commit_wakes_the_watch_at_once(tmp_path: Any) -> None:
+    endpoint, rid = str(tmp_path / "rdzv"), _rid()
+    store = fsrdzv.open_store(endpoint, rid)
+    watch = store.change_watch()
+    assert watch is not None
+    writer = fsrdzv.open_store(endpoint, rid)
+    timer = threading.Timer(0.2, lambda: writer.compare_and_set(b"one", None))
+    started = time.monotonic()
+    timer.start()
+    assert watch.wait(5.0) is True
+    assert 0.15 < time.monotonic() - started < 2.0
+    timer.join()
+    watch.close()
+
+
+@linux_only
+def test_no_commit_means_a_full_sleep_and_records_do_not_wake(tmp_path: Any) -> None:
+    endpoint, rid = str(tmp_path / "rdzv"), _rid()
+    store = fsrdzv.open_store(endpoint, rid)
+    store.compare_and_set(b"one", None)
+    watch = store.change_watch()
+    assert watch is not None
+    store.put_record("hb", "node-a", b"1")  # records live elsewhere: not a change of the document
+    started = time.monotonic()
+    assert watch.wait(0.3) is False
+    assert time.monotonic() - started >= 0.29
+    watch.close()
+    assert watch.wait(0.05) is False  # a closed watch just sleeps
+
+
+def test_unwatchable_places_fall_back_to_polling(tmp_path: Any) -> None:
+    assert watch_directory(str(tmp_path / "does-not-exist")) is None
+    assert fsrdzv.open_store(f"memory://{_rid()}", "run").change_watch() is None
+
+
+@linux_only
+def test_a_waiting_node_sees_completion_without_waiting_for_its_poll(tmp_path: Any) -> None:
+    """Two nodes (min=max=2): the second's arrival completes the round; the first, waiting with the real sleep,
+    returns within a few milliseconds of the completing write rather than at its next poll."""
+    endpoint, rid = str(tmp_path / "rdzv"), _rid()
+    first = fsrdzv.create_handler(endpoint, rid, 2, 2, local_addr="10.0.0.1")
+    second = fsrdzv.create_handler(endpoint, rid, 2, 2, local_addr="10.0.0.2")
+    done: dict[str, float] = {}
+
+    def wait_first() -> None:
+        first.next_rendezvous()
+        done["first"] = time.monotonic()
+
+    thread = threading.Thread(target=wait_first)
+    thread.start()
+    time.sleep(1.5)  # the first node's poll has grown to its slowest while the round forms (240 ms)
+    second.next_rendezvous()
+    done["second"] = time.monotonic()
+    thread.join(10)
+    assert first._watch is not None
+    assert done["first"] - done["second"] < 0.15
+    for h in (first, second):
+        h.shutdown()
+    assert first._watch is None
+    assert os.listdir(os.path.join(endpoint, rid, "records", "req")) == []
