@@ -128,3 +128,27 @@ def test_64_real_handlers_form_and_stay_off_the_document(model: object) -> None:
             clock.stop()
     assert steady.cas_won == 0 and steady.ops["cas"] == 0  # heartbeats never touch the document
     assert 0.8 * n * 30 / 5 <= steady.ops["put"] <= 1.2 * n * 30 / 5  # one heartbeat per node every 5 s
+
+
+def test_a_node_that_beats_while_its_keep_alive_beats_does_not_stall_the_simulation() -> None:
+    # The two share the handler's beat lock; the keep-alive holds it across its modelled write. A real lock would
+    # block the node's thread outside the scheduler (a node that rejoins beats at once), and the whole run with it.
+    clock = VirtualClock()
+    storage = SimStorage(S3.with_(sigma=0.0), clock, seed=1)
+    settings = Settings("beats", 1, 1, keep_alive_interval=1.0)
+    handler = RendezvousHandler(storage.open("test-sim-beats", "beats"), settings, clock=clock, sleep=clock.sleep)
+
+    def node() -> None:
+        handler._start_keepalive()  # beats now (done at 0.06 s); the keep-alive beats at 1.06 s (done at 1.12 s)
+        clock.sleep(1.01)
+        handler._beat()  # at 1.07 s: waits for the keep-alive's write in flight
+        handler._stop_keepalive()
+
+    with simulated_handlers(clock):
+        clock.spawn(node, name="node")
+        try:
+            clock.run(until=5.0, stall_timeout=5.0)
+        finally:
+            clock.stop()
+    assert not clock.errors, clock.errors
+    assert handler._beats == 3 and storage.total.ops["put"] == 3

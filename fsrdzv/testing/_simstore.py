@@ -618,6 +618,37 @@ def _tag(raw: bytes) -> str:
 # -- keep-alive threads on virtual time ------------------------------------------------------------------------
 
 
+class _VirtualLock:
+    """A lock shared by simulated threads: a contended acquire waits in virtual time.
+
+    A real lock held across a modelled latency (the keep-alive's heartbeat write) would block the node's own
+    thread outside the scheduler if it wanted the lock meanwhile, and with it the whole simulation. One simulated
+    thread runs at a time, so testing and taking the flag needs no other protection.
+    """
+
+    def __init__(self, clock: VirtualClock) -> None:
+        self._clock = clock
+        self._held = False
+
+    def acquire(self, blocking: bool = True, timeout: float = -1) -> bool:
+        start = self._clock()
+        while self._held:
+            if not blocking or 0 <= timeout <= self._clock() - start:
+                return False
+            self._clock.sleep(0.001)
+        self._held = True
+        return True
+
+    def release(self) -> None:
+        self._held = False
+
+    def __enter__(self) -> bool:
+        return self.acquire()
+
+    def __exit__(self, *exc: object) -> None:
+        self.release()
+
+
 class _SimKeepAlive:
     """Stand-in for the handler's keep-alive thread that beats on the virtual clock."""
 
@@ -627,6 +658,9 @@ class _SimKeepAlive:
         self._clock = clock
         self._stopped = False
         self.thread = self  # the handler asks ``thread.is_alive()``
+        # The node's thread and this one both beat (a node that rejoins beats at once): they share a lock.
+        if not isinstance(getattr(handler, "_beat_lock", None), _VirtualLock):
+            handler._beat_lock = _VirtualLock(clock)
 
     def is_alive(self) -> bool:
         return not self._stopped
@@ -648,7 +682,8 @@ class _SimKeepAlive:
 def simulated_handlers(clock: VirtualClock, *, cache_size: int = 64) -> Iterator[None]:
     """Within the block, fsrdzv handlers run on ``clock`` and share decoded documents.
 
-    * The handler's keep-alive waits on a real-time ``threading.Event``; here it is a simulated thread instead.
+    * The handler's keep-alive waits on a real-time ``threading.Event``; here it is a simulated thread instead,
+      and the lock it shares with the node's thread waits in virtual time.
     * Decoding a document is memoised by its bytes (identical documents decode to the same immutable state),
       so that 4,096 nodes polling a 600 KB document do not spend real minutes parsing the same JSON. It changes
       nothing the handler decides, only how much real CPU the simulation takes.
