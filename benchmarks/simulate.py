@@ -10,11 +10,8 @@ modelled. All nodes arrive at t=0 unless ``--spread`` says otherwise (the worst 
 
 Designs:
 
-* ``fsrdzv``: the handler as shipped (``fsrdzv._handler.RendezvousHandler``).
-* ``proposed``: the same handler with the changes recommended in docs/performance.md, as a subclass: a joiner
-  that sees a folder at work does not read other nodes' join requests (it waits, and folds only its own request
-  if not folded within a grace period), the folder reads pending requests with 32 concurrent GETs, and the poll
-  period of a waiting node grows with ``max_nodes`` to keep the whole run under a read budget (2,000 reads/s).
+* ``fsrdzv``: the handler as shipped (``fsrdzv._handler.RendezvousHandler``), with the simulation's clock and
+  sleep injected (its per-node read budget and its polls sleep in virtual time too).
 * ``naive``: torch's design on the same storage: each node adds itself to the document with its own
   compare-and-set, retrying at once on a conflict, then polls once a second. (torch also writes heartbeats into
   the document, which only makes it worse; they are left out here, so the numbers are a lower bound.)
@@ -39,12 +36,9 @@ from typing import Any
 
 from _common import RESULTS, Series, machine_note, markdown_table, max_rate, plot_against_n, section, write_result
 
-from fsrdzv import _handler
 from fsrdzv._errors import StorageError
 from fsrdzv._handler import RendezvousHandler
 from fsrdzv._settings import Settings
-from fsrdzv._state import JoinRequest, RendezvousState, decode_request
-from fsrdzv._store import Snapshot
 from fsrdzv._stores._memory import MemoryStore
 from fsrdzv.testing._simstore import (
     PRESETS,
@@ -56,167 +50,8 @@ from fsrdzv.testing._simstore import (
     simulated_handlers,
 )
 
-DESIGNS = ("fsrdzv", "proposed", "naive")
+DESIGNS = ("fsrdzv", "naive")
 RUN_ID = "sim"
-
-
-# -- the proposed handler changes, as a subclass (the shipped handler is not edited here) -------------------------
-
-
-@dataclass
-class Tuning:
-    """Parameters of the proposed design (command-line options change them)."""
-
-    #: Reads per second that all waiting nodes of one run may make together (S3 allows 5,500 GET/s per prefix).
-    read_budget: float = 2000.0
-    #: Concurrent GETs of join requests by the folder.
-    read_concurrency: int = 64
-    #: A joiner folds its own request again only when the document has not changed for this long (s).
-    grace: float = 5.0
-
-
-TUNE = Tuning()
-
-
-class ProposedHandler(RendezvousHandler):
-    """The shipped handler with the recommended changes (docs/performance.md); everything else is inherited.
-
-    1. A joiner makes one compare-and-set with its own request only (creating the document if there is none):
-       no listing, no reading of other nodes' requests. If it loses, it waits for the folder; it folds its own
-       request again only when there is no folder (no waiting member) or the document
-       has not changed for ``TUNE.grace`` seconds.
-    2. The folder (the lowest waiting member) folds on every poll while the round forms, reading the pending
-       requests with ``TUNE.read_concurrency`` requests in flight (the proposed ``Store.read_records``).
-    3. The poll period of a waiting node is at least ``max_nodes / TUNE.read_budget``.
-    """
-
-    def __init__(self, *args: Any, **kwargs: Any) -> None:
-        super().__init__(*args, **kwargs)
-        inner_sleep = self._sleep
-        floor = max(_handler.FAST_POLL, self.settings.max_nodes / TUNE.read_budget)
-        self._poll_floor = floor
-        # The loop's poll sleep is the only sleep shorter than the floor; error back-offs are longer anyway.
-        self._sleep = lambda seconds: inner_sleep(max(seconds, floor))
-        self._doc_absent = False
-        self._generation: tuple[str, int] | None = None
-        self._progress_at = self._clock()
-        self._own_folds = 0
-        self._in_join = False
-        self._folding = False
-
-    def _seen(self, state: RendezvousState | None) -> None:
-        self._doc_absent = state is None
-        key = None if state is None else (state.epoch, state.generation)
-        if key != self._generation:
-            self._generation = key
-            self._progress_at = self._clock()
-
-    def _next_rendezvous(self) -> Any:
-        self._own_folds = 0
-        self._in_join = True
-        try:
-            return super()._next_rendezvous()
-        finally:
-            self._in_join = False
-
-    def _read(self) -> tuple[RendezvousState | None, Snapshot | None]:
-        state, snap = super()._read()
-        self._seen(state)
-        if (
-            self._in_join
-            and not self._folding
-            and state is not None
-            and not state.complete
-            and not state.closed
-            and self.node_id in state.members()
-            and self._is_folder(state)
-        ):
-            # (2) The folder folds at every poll of a forming round, not every fifth.
-            self._folding = True
-            try:
-                _, folded, folded_snap = self._fold(state, snap, None)
-            finally:
-                self._folding = False
-            if folded is not None:
-                state, snap = folded, folded_snap
-        return state, snap
-
-    def _cas(self, new: RendezvousState, snap: Snapshot | None) -> tuple[bool, RendezvousState | None, Snapshot | None]:
-        won, state, snap2 = super()._cas(new, snap)
-        self._seen(state)
-        return won, state, snap2
-
-    def _fold(
-        self, state: RendezvousState, snap: Snapshot | None, own: JoinRequest | None
-    ) -> tuple[bool, RendezvousState | None, Snapshot | None]:
-        if own is not None and not self._is_folder(state):
-            # (1) A joiner folds only its own request: once, then only if nobody else is folding.
-            waiting = [m for m in state.members() if not (state.complete and m in state.participants)]
-            folder_at_work = bool(waiting) and self._clock() - self._progress_at < TUNE.grace
-            if self._own_folds > 0 and folder_at_work:
-                return False, state, snap
-            self._own_folds += 1
-            new = _fold_only(state, own, self.settings)
-            if new is state:
-                return False, state, snap
-            return self._cas(new, snap)
-        return super()._fold(state, snap, own)
-
-    def _requests(self) -> list[JoinRequest]:
-        store = self.store
-        if self._doc_absent:
-            self._own_folds += 1  # creating the document with our own request is our one compare-and-set
-            return []
-        if not isinstance(store, SimStore):
-            return super()._requests()
-        self.ops["list"] += 1
-        tags = store.list_records("req")
-        todo = [n for n, t in tags.items() if self._request_cache.get(n, ("", None))[0] != t]
-        got = store.read_records_batch("req", todo, TUNE.read_concurrency)  # type: ignore[attr-defined]
-        self.ops["get"] += len(todo)
-        for name in todo:
-            raw = got.get(name)
-            self._request_cache[name] = (tags[name], None if raw is None else decode_request(raw, name))
-        for stale in set(self._request_cache) - set(tags):
-            del self._request_cache[stale]
-        return [r for _, r in self._request_cache.values() if r is not None]
-
-
-def _fold_only(state: RendezvousState, own: JoinRequest, settings: Settings) -> RendezvousState:
-    from fsrdzv import _protocol as proto
-
-    return proto.fold_requests(state, [own], settings)
-
-
-def _read_records_batch(self: SimStore, kind: str, names: list[str], concurrency: int) -> dict[str, bytes | None]:
-    """The proposed ``Store.read_records``: ``concurrency`` GETs in flight (asyncio.gather on s3fs / gcsfs)."""
-    out: dict[str, bytes | None] = {}
-    clock = self.storage.clock
-    for start in range(0, len(names), concurrency):
-        batch = names[start : start + concurrency]
-        longest = 0.0
-        for _name in batch:
-            self._count("get")
-            self._admit("get")
-            longest = max(longest, self.storage.latency(self.storage.model.read_latency))
-        clock.sleep(longest / 2)
-        for name in batch:
-            out[name] = self.read_record_now(kind, name)
-        clock.sleep(longest / 2)
-    return out
-
-
-def _read_record_now(self: SimStore, kind: str, name: str) -> bytes | None:
-    from fsrdzv._store import MAX_RECORD_BYTES, encode_name, unseal
-
-    raw = self.inner._read_record(kind, encode_name(name))
-    if raw is None:
-        return None
-    return unseal(raw, self.describe(f"record {kind}/{name}"), self._secret, MAX_RECORD_BYTES)[1]
-
-
-SimStore.read_records_batch = _read_records_batch  # type: ignore[attr-defined]
-SimStore.read_record_now = _read_record_now  # type: ignore[attr-defined]
 
 
 # -- the naive design ------------------------------------------------------------------------------------------
@@ -318,8 +153,7 @@ def simulate(
             NaiveNode(store, n, clock, random.Random(seed * 100003 + i), i).join()
             done[i] = clock()
             return
-        cls: Callable[..., RendezvousHandler] = ProposedHandler if design == "proposed" else RendezvousHandler
-        handler = cls(
+        handler = RendezvousHandler(
             store,
             settings,
             local_addr=f"10.{i // 65536}.{i // 256 % 256}.{i % 256}",
@@ -418,6 +252,7 @@ def report(results: list[SimResult]) -> tuple[str, str]:
                 ops.writes,
                 f"{ops.writes / r.nodes:.2f}",
                 ops.reads,
+                f"{ops.ops['read']} / {ops.ops['list']} ({ops.ops['list_pages']}) / {ops.ops['get']}",
                 f"{(ops.reads + ops.writes) / r.nodes:.1f}",
                 ops.cas_won,
                 ops.cas_lost,
@@ -437,6 +272,7 @@ def report(results: list[SimResult]) -> tuple[str, str]:
             "writes",
             "writes / N",
             "reads",
+            "reads: document / list (pages) / get",
             "ops / N",
             "document CAS won",
             "CAS lost",
@@ -507,15 +343,6 @@ def main(argv: list[str] | None = None) -> int:
         "(e.g. 900 4096:180)",
     )
     parser.add_argument(
-        "--read-concurrency", type=int, default=TUNE.read_concurrency, help="proposed design: GETs in flight (folder)"
-    )
-    parser.add_argument(
-        "--read-budget",
-        type=float,
-        default=TUNE.read_budget,
-        help="proposed design: reads/s of a run (inf: off)",
-    )
-    parser.add_argument(
         "--set",
         action="append",
         default=[],
@@ -529,7 +356,6 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", default="simulation", help="base name of the files under benchmarks/results/")
     parser.add_argument("--no-files", action="store_true")
     args = parser.parse_args(argv)
-    TUNE.read_concurrency, TUNE.read_budget = args.read_concurrency, args.read_budget
     threading.stack_size(512 * 1024)
     sys.setswitchinterval(0.001)
 
@@ -625,7 +451,7 @@ def main(argv: list[str] | None = None) -> int:
                 value = r.formation if metric == "time" else float(r.formation_ops.reads + r.formation_ops.writes)
                 series.setdefault(f"{r.design} / {r.model}", {}).setdefault(r.nodes, Series()).add(value)
             all_ns = sorted({r.nodes for r in results})
-            colors = {"fsrdzv": "tab:red", "proposed": "tab:green", "naive": "tab:grey"}
+            colors = {"fsrdzv": "tab:green", "naive": "tab:grey"}
             lines = ["-", "--", ":", "-.", (0, (1, 1))]
             models_seen = list(dict.fromkeys(r.model for r in results))
             styles = {
