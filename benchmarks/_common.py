@@ -29,7 +29,7 @@ RESULTS = REPO / "benchmarks" / "results"
 if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
-from fsrdzv._store import Store  # noqa: E402
+from fsrdzv._store import ChangeWatch, Store  # noqa: E402
 
 #: Kinds of raw storage operation that read, and that write.
 READ_KINDS = ("read", "get", "list")
@@ -95,6 +95,10 @@ class CountingStore(Store):
 
     def delete_run(self) -> None:
         self.inner.delete_run()
+
+    def change_watch(self) -> ChangeWatch | None:
+        # Not an operation on the storage: the handler sleeps on it (inotify on local directories) between polls.
+        return self.inner.change_watch()
 
     def close(self) -> None:
         self.inner.close()

@@ -59,11 +59,9 @@ from _common import (
     writes,
 )
 
-#: Experiments (not fsrdzv as shipped) that test the recommendations of docs/performance.md on real processes:
-#: ``nolock`` opens the directory store with ``lock=False``; ``flatpoll`` keeps the poll at FAST_POLL while a round
-#: forms; ``proposed`` uses the handler subclass of benchmarks/simulate.py; ``all`` is the three together;
-#: ``notify`` wakes a polling node as soon as a new generation is committed (inotify; directory stores only).
-VARIANTS = ("nolock", "flatpoll", "proposed", "all", "notify")
+#: Experiments (not fsrdzv as shipped) on real processes: ``nolock`` opens the directory store with ``lock=False``;
+#: ``flatpoll`` keeps the poll at its fastest while a round forms.
+VARIANTS = ("nolock", "flatpoll")
 SYSTEMS = ("fsrdzv-dir", "fsrdzv-tmpfs", "fsrdzv-s3", "torch-c10d-tcp", "torch-c10d-file", "torch-etcd-v2")
 BASELINE = "torch-c10d-tcp"
 #: Reads per second a waiting node should stay under (issue 3).
@@ -98,63 +96,13 @@ def _fsrdzv_handler(t: Target) -> tuple[Any, Any]:
 
     variants = set(t.system.split("+")[1:])
     options = dict(t.options)
-    cls: Any = _handler.RendezvousHandler
-    if variants & {"nolock", "all"}:
+    if "nolock" in variants:
         options["lock"] = False
-    if variants & {"flatpoll", "all"}:
+    if "flatpoll" in variants:
         _handler.POLL_GROWTH = 1.0  # type: ignore[misc]
-    if variants & {"proposed", "all"}:
-        from simulate import ProposedHandler
-
-        cls = ProposedHandler
     store = CountingStore(open_store(t.endpoint, t.run_id, storage_options=options))
-    handler = cls(store, Settings(t.run_id, t.nodes, t.nodes), local_addr="127.0.0.1")
-    if variants & {"notify"}:
-        store.inner._ensure_dirs()
-        handler._sleep = _inotify_sleep(store.inner.log_dir)
+    handler = _handler.RendezvousHandler(store, Settings(t.run_id, t.nodes, t.nodes), local_addr="127.0.0.1")
     return handler, store
-
-
-def _inotify_sleep(directory: str) -> Any:
-    """A sleep that returns early when a new log entry (a committed generation) appears in ``directory``.
-
-    The experiment behind recommendation R7 (a store-level "wait for a change" on local file systems): Linux inotify
-    through ctypes; only entries named by digits count (the store's temporary files are ignored).
-    """
-    import ctypes
-    import select
-    import struct
-
-    libc = ctypes.CDLL(None, use_errno=True)
-    fd = libc.inotify_init1(os.O_NONBLOCK | os.O_CLOEXEC)
-    in_create, in_moved_to = 0x100, 0x80
-    if fd < 0 or libc.inotify_add_watch(fd, directory.encode(), in_create | in_moved_to) < 0:
-        return time.sleep
-
-    def changed() -> bool:
-        try:
-            data = os.read(fd, 65536)
-        except BlockingIOError:
-            return False
-        found, offset = False, 0
-        while offset + 16 <= len(data):
-            _, _, _, length = struct.unpack_from("iIII", data, offset)
-            name = data[offset + 16 : offset + 16 + length].rstrip(b"\0")
-            found |= name.isdigit()
-            offset += 16 + length
-        return found
-
-    def sleep(seconds: float) -> None:
-        stop = time.monotonic() + seconds
-        while True:
-            left = stop - time.monotonic()
-            if left <= 0:
-                return
-            ready, _, _ = select.select([fd], [], [], left)
-            if ready and changed():
-                return
-
-    return sleep
 
 
 class _TorchCounter:
@@ -532,7 +480,7 @@ def main(argv: list[str] | None = None) -> int:
         default=list(SYSTEMS),
         type=_system,
         help=f"any of {', '.join(SYSTEMS)}; an fsrdzv system may carry experiment suffixes "
-        f"({', '.join('+' + v for v in VARIANTS)}), e.g. fsrdzv-tmpfs+proposed: see docs/performance.md",
+        f"({', '.join('+' + v for v in VARIANTS)}), e.g. fsrdzv-dir+nolock: see docs/performance.md",
     )
     parser.add_argument("--out", default="formation", help="base name of the files under benchmarks/results/")
     parser.add_argument("--no-files", action="store_true", help="print only; write no result files")
