@@ -2,12 +2,16 @@
 
 from __future__ import annotations
 
+import hashlib
 import os
 import uuid
+from typing import Any
 
 import pytest
 
-from fsrdzv import Store
+from fsrdzv import StateCorruptError, Store
+from fsrdzv._store import seal
+from fsrdzv._stores._file import FileStore
 from fsrdzv.testing import StoreConformance, StoreSpec
 
 
@@ -62,3 +66,68 @@ class TestMemoryStore(StoreConformance):
             t.join()
         snap = spec.open(run_id).read()
         assert snap is not None and int(snap.data) == 1600
+
+
+# -- the directory store's read path: one hash per read, rolling forward as strictly as before -------------------
+
+
+def _file_store(tmp_path: os.PathLike[str]) -> FileStore:
+    return FileStore(str(tmp_path), "run")
+
+
+def _sha256_calls_over(size: int, monkeypatch: pytest.MonkeyPatch) -> list[int]:
+    """Record the length of every sha256 input of at least ``size`` bytes (the document, not headers)."""
+    calls: list[int] = []
+    real = hashlib.sha256
+
+    def counting(data: bytes = b"", **kwargs: Any) -> Any:
+        if len(data) >= size:
+            calls.append(len(data))
+        return real(data, **kwargs)
+
+    monkeypatch.setattr(hashlib, "sha256", counting)
+    return calls
+
+
+def test_one_read_hashes_the_document_once(tmp_path: os.PathLike[str], monkeypatch: pytest.MonkeyPatch) -> None:
+    store = _file_store(tmp_path)
+    first = store.compare_and_set(b"x" * 100_000, None).snapshot
+    assert first is not None
+    calls = _sha256_calls_over(100_000, monkeypatch)
+    snap = store.read()
+    assert snap == first
+    assert len(calls) == 1  # was 3: completeness check, version, unseal
+    calls.clear()
+    result = store.compare_and_set(b"y" * 100_000, snap.token)
+    assert result.won
+    assert len(calls) == 2  # sealing the new document and checking the current one (was 5)
+    assert store.read() == result.snapshot
+
+
+def test_a_damaged_state_is_reported_even_when_newer_log_entries_exist(tmp_path: os.PathLike[str]) -> None:
+    store = _file_store(tmp_path)
+    first = store.compare_and_set(b"a" * 500, None).snapshot
+    assert first is not None
+    second = store.compare_and_set(b"b" * 500, first.token).snapshot
+    assert second is not None
+    sealed = seal(first.data, first.generation)
+    with open(store.state_path, "wb") as f:
+        f.write(sealed[: len(sealed) // 2])  # a header of generation 1 with half its payload; log/2 exists
+    with pytest.raises(StateCorruptError):
+        store.read()
+    with pytest.raises(StateCorruptError):  # the CAS loses and its re-read fails closed
+        store.compare_and_set(b"c", second.token)
+    assert len(os.listdir(store.log_dir)) == 2  # nothing was committed on top of it
+
+
+def test_readers_roll_forward_from_an_old_state(tmp_path: os.PathLike[str]) -> None:
+    store = _file_store(tmp_path)
+    first = store.compare_and_set(b"a" * 500, None).snapshot
+    assert first is not None
+    second = store.compare_and_set(b"b" * 500, first.token).snapshot
+    assert second is not None
+    with open(store.state_path, "wb") as f:
+        f.write(seal(first.data, first.generation))  # a writer died between its commit and publishing ``state``
+    assert store.read() == second
+    assert not store.compare_and_set(b"stale", first.token).won
+    assert store.compare_and_set(b"c", second.token).won

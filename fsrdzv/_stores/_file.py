@@ -47,6 +47,13 @@ KEEP_LOG_ENTRIES: Final = 64
 #: Retries for the transient errors of shared file systems (ESTALE after a rename on NFS, ENOENT races).
 _READ_RETRIES: Final = 20
 _GEN_WIDTH: Final = 20
+#: Seconds between attempts to take a contended lock. filelock's default (50 ms) leaves the lock idle for up to
+#: 50 ms after each release while every waiter sleeps; a commit holds it for well under a millisecond locally, so a
+#: waiter should retry soon after a release (a CAS that lost then learns it within ms and can retry: formation
+#: latency). Each attempt is an open(2) + flock(2) (RPCs on NFS), hence not 0. The price: more wake-ups, and more
+#: losers reaching the lock; with 8 busy writers on 2 CPUs benchmarks/cas_throughput.py counts fewer CAS/s overall
+#: than with 50 ms, which let one writer run nearly alone while the others slept.
+_LOCK_POLL_INTERVAL: Final = 0.002
 _T = TypeVar("_T")
 
 _ERRNO_HINTS: Final = {
@@ -92,24 +99,34 @@ def _read_file(path: str, limit: int = MAX_DOCUMENT_BYTES) -> bytes:
     return _retry_stale(once)
 
 
-def _header_generation(raw: bytes) -> int | None:
-    head = raw[:200].partition(b"\n")[0]
+def _envelope(raw: bytes, verify: bool) -> tuple[int, str] | None:
+    """Parse an envelope's header once: ``(generation, version)``, or None when it is damaged or foreign.
+
+    ``verify`` also checks the payload against the header's sha256: the one hash of the document per read.
+    Without it, the caller must leave that check to :func:`fsrdzv._store.unseal` (``Store.read`` does it) before
+    anything trusts the version. The version hashes the header line only: once the payload matches the header's
+    sha256, the header (generation, payload hash, HMAC) names the whole document, so hashing all of it again
+    would only repeat the work.
+    """
+    end = raw.find(b"\n")
+    if end < 0:
+        return None
+    head = raw[:end]
+    generation: int | None = None
+    digest: bytes | None = None
     for field in head.split(b" ")[1:]:
-        if field.startswith(b"gen="):
+        if generation is None and field.startswith(b"gen="):
             try:
-                return int(field[4:])
+                generation = int(field[4:])
             except ValueError:
                 return None
-    return None
-
-
-def _complete(raw: bytes) -> bool:
-    """True if ``raw`` is a whole envelope (a log entry that was not truncated while we read it)."""
-    head, sep, payload = raw.partition(b"\n")
-    for field in head.split(b" ")[1:]:
-        if field.startswith(b"sha256="):
-            return bool(sep) and hashlib.sha256(payload).hexdigest().encode() == field[7:]
-    return False
+        elif digest is None and field.startswith(b"sha256="):
+            digest = field[7:]
+    if generation is None or digest is None:
+        return None
+    if verify and hashlib.sha256(memoryview(raw)[end + 1 :]).hexdigest().encode() != digest:
+        return None  # truncated (a pruned log entry, or read while being truncated) or altered
+    return generation, _version(head)
 
 
 def _version(raw: bytes) -> str:
@@ -248,7 +265,8 @@ class FileStore(Store):
         if self._lock is None:
             self._lock = filelock.FileLock(self.lock_path, timeout=self.lock_timeout, mode=self.file_mode)
         try:
-            self._lock.acquire()
+            # Given to acquire(), which takes it in every filelock this package allows (>= 3.12).
+            self._lock.acquire(poll_interval=_LOCK_POLL_INTERVAL)
         except (filelock.Timeout, OSError, NotImplementedError) as exc:
             # The lock is an optimisation: the exclusive link below keeps CAS correct without it.
             if not self._lock_warned:
@@ -265,11 +283,18 @@ class FileStore(Store):
 
     def _read_raw(self) -> tuple[bytes, str] | None:
         try:
-            return self._read_current()
+            current = self._read_current(verify=False)  # Store.read unseals it: that checks the checksum
         except OSError as exc:
             raise map_os_error(exc, f"reading {self.state_path}") from exc
+        return None if current is None else (current[0], current[1])
 
-    def _read_current(self) -> tuple[bytes, str] | None:
+    def _read_current(self, verify: bool) -> tuple[bytes, str, int | None] | None:
+        """The newest document as ``(raw, version, generation)``; generation None: damaged or foreign.
+
+        With ``verify`` the returned document's checksum was checked here. Without it, a ``state`` that is the
+        newest generation is returned unchecked, for the caller's ``unseal`` (one hash per read, not two); every
+        log entry read and any ``state`` rolled forward from are still checked here, as before.
+        """
         for _ in range(_READ_RETRIES):
             try:
                 raw: bytes | None = _read_file(self.state_path)
@@ -277,35 +302,43 @@ class FileStore(Store):
                 raw = None
             except NotADirectoryError:
                 return None
+            parsed: tuple[int, str] | None
             if raw is not None:
-                generation = _header_generation(raw)
-                if generation is None or not _complete(raw):
+                parsed = _envelope(raw, verify)
+                if parsed is None:
                     # Not ours or damaged: report it as it is (the base class raises StateCorruptError).
-                    return raw, _version(raw)
+                    return raw, _version(raw), None
+                generation = parsed[0]
             else:
-                generation = 0
-            latest, ok = raw, True
+                parsed, generation = None, 0
+            latest, checked, ok = raw, verify, True
             while True:
                 try:
                     nxt = _read_file(self._log_path(generation + 1))
                 except (FileNotFoundError, NotADirectoryError):
                     break
-                if not _complete(nxt):
+                if raw is not None and not checked:
+                    # Rolling forward: check ``state`` as a verified read would have (a damaged one is reported).
+                    if _envelope(raw, True) is None:
+                        return raw, _version(raw), None
+                    checked = True
+                entry = _envelope(nxt, True)
+                if entry is None:
                     # A pruned (truncated) entry: ``state`` is far behind; fall back to the newest entry.
                     ok = False
                     break
-                latest, generation = nxt, generation + 1
+                latest, parsed, generation = nxt, entry, generation + 1
             if not ok:
                 found = self._newest_log_entry()
                 if found is None:
                     continue
-                latest = found
-            if latest is None:
+                latest, parsed = found
+            if latest is None or parsed is None:
                 return None
-            return latest, _version(latest)
+            return latest, parsed[1], parsed[0]
         return None
 
-    def _newest_log_entry(self) -> bytes | None:
+    def _newest_log_entry(self) -> tuple[bytes, tuple[int, str]] | None:
         try:
             names = sorted((n for n in os.listdir(self.log_dir) if n.isdigit()), reverse=True)
         except FileNotFoundError:
@@ -315,24 +348,21 @@ class FileStore(Store):
                 raw = _read_file(os.path.join(self.log_dir, name))
             except FileNotFoundError:
                 continue
-            if _complete(raw):
-                return raw
+            parsed = _envelope(raw, True)
+            if parsed is not None:
+                return raw, parsed
         return None
 
     def _commit(self, raw: bytes, generation: int, expected: tuple[int, str] | None) -> str | None:
         self._ensure_dirs()
         try:
             with self._locked():
-                current = self._read_current()
+                current = self._read_current(verify=True)
                 if expected is None:
                     if current is not None:
                         return None
-                else:
-                    if current is None:
-                        return None
-                    current_gen = _header_generation(current[0])
-                    if current_gen != expected[0] or current[1] != expected[1] or not _complete(current[0]):
-                        return None
+                elif current is None or current[2] != expected[0] or current[1] != expected[1]:
+                    return None  # stale token, or a damaged document (generation None: never overwritten)
                 entry = self._write_temp(self.log_dir, raw, self.fsync)
                 try:
                     # The commit point: exclusive across processes and NFS clients, lock or no lock.
@@ -348,7 +378,7 @@ class FileStore(Store):
                 except OSError as exc:
                     log.warning("generation %d of %s committed; 'state' not updated: %s", generation, self.dir, exc)
                 self._prune(generation - KEEP_LOG_ENTRIES)
-                return _version(raw)
+                return _version(raw[: raw.index(b"\n")])  # what _envelope gives readers of this entry
         except OSError as exc:
             raise map_os_error(exc, f"writing generation {generation} of {self.dir}") from exc
 
@@ -453,11 +483,11 @@ class FileStore(Store):
     def corrupt_for_tests(self, raw: bytes) -> None:
         """Overwrite ``state`` and the newest log entry with raw bytes (conformance tests)."""
         self._ensure_dirs()
-        current = self._read_current()
+        current = self._read_current(verify=False)
         with open(self.state_path, "wb") as f:
             f.write(raw)
         if current is not None:
-            generation = _header_generation(current[0])
+            generation = current[2]
             if generation is not None:
                 with open(self._log_path(generation), "wb") as f:
                     f.write(raw)
