@@ -80,6 +80,8 @@ READ_BURST: Final = 4.0
 #: Polls of the whole job stay under this many reads per second: the poll period is at least max_nodes / this
 #: (a 1,000-node job polls every 0.5 s, well under S3's 5,500 GETs/s per prefix and an NFS server's capacity).
 AGGREGATE_READ_RATE: Final = 2000.0
+#: Heartbeat sweeps of the whole job stay under this many listings per second (a 4,096-node job sweeps every 8 s).
+AGGREGATE_SWEEP_RATE: Final = 500.0
 #: A joiner whose request was not folded folds it itself once the document has not changed for this long (the
 #: folder may be stuck; a dead one is removed by the liveness sweep after the liveness timeout).
 FOLD_GRACE: Final = 5.0
@@ -257,16 +259,25 @@ class RendezvousHandler:
         self._beat_lock = threading.Lock()
         self._beats = 0
         self._keepalive: _KeepAlive | None = None
-        # Sweeps happen every interval/2 while waiting; a longer silence means we could not look.
-        # Waiting nodes sweep every interval/2 (polls are capped at that), so a silence longer than the interval
-        # means this observer itself could not look, and it must not count that time against the others.
-        self._liveness = LivenessTracker(
-            settings.liveness_timeout, max(settings.liveness_timeout / 2, settings.keep_alive_interval)
-        )
         #: The fastest poll: FAST_POLL, or slower for big jobs so that the whole job's polling stays bounded.
         self._fast_poll = max(FAST_POLL, settings.max_nodes / AGGREGATE_READ_RATE)
         # Never poll slower than a sweep is due, so that death detection is not delayed by a slow poll.
         self._slow_poll = max(self._fast_poll, min(SLOW_POLL, settings.keep_alive_interval / 2))
+        #: While a round forms the poll grows to this at most: 4 fast polls, but never beyond the floor of big jobs
+        #: (4x the floor would leave a 4,096-node job 8 s behind the completing write).
+        self._forming_poll = max(4 * FAST_POLL, self._fast_poll)
+        #: Waiting nodes sweep (list every heartbeat) every interval/2, and for big jobs no more often than keeps
+        #: the whole job under AGGREGATE_SWEEP_RATE listings per second (each lists N records).
+        self._sweep_period = max(settings.keep_alive_interval / 2, settings.max_nodes / AGGREGATE_SWEEP_RATE)
+        # A silence longer than a sweep period means this observer could not look; at most max_gap of it counts
+        # against the others (kept below the timeout, so that a blind spell alone never causes a death).
+        self._liveness = LivenessTracker(
+            settings.liveness_timeout,
+            min(
+                max(settings.liveness_timeout / 2, settings.keep_alive_interval, 1.5 * self._sweep_period),
+                0.9 * settings.liveness_timeout,
+            ),
+        )
         self._budget = _ReadBudget(READ_RATE, READ_BURST, clock, sleep)
         #: Body records (fallback for requests too long for a name): name -> (tag, request or None if invalid).
         self._request_cache: dict[str, tuple[str, JoinRequest | None]] = {}
@@ -456,7 +467,7 @@ class RendezvousHandler:
         progress_at = start
         listed: frozenset[str] = frozenset()  # request names of the folder's last listing
         polls_since_read = 0
-        next_sweep = start + settings.keep_alive_interval / 2
+        next_sweep = start + self._sweep_period
         was_spare = False
         backoff = _Backoff(self, "during join of")
         while True:
@@ -519,7 +530,7 @@ class RendezvousHandler:
                             _, state, snap = self._cas(new, snap)
                             continue
                 if now >= next_sweep:
-                    next_sweep = now + settings.keep_alive_interval / 2
+                    next_sweep = now + self._sweep_period
                     changed, state, snap = self._sweep(state, snap, now)
                     if changed or state is None:
                         continue
@@ -555,7 +566,7 @@ class RendezvousHandler:
                     poll = min(self._slow_poll, poll * POLL_GROWTH)
                 else:
                     # A forming round: stay responsive, since the last arrival completes it at any moment.
-                    poll = min(4 * self._fast_poll, poll * POLL_GROWTH)
+                    poll = min(self._forming_poll, poll * POLL_GROWTH)
             except StorageError as exc:
                 backoff.failed(exc, deadline)
                 # Our records are written; read again and go on (the loop re-folds if need be).
