@@ -286,7 +286,9 @@ class RendezvousHandler:
         #: Wakes the poll early when the document changes (local directories; see Store.change_watch). Used
         #: only with the real sleep: an injected sleep (tests, simulation) keeps full control of time.
         self._watch: ChangeWatch | None = None
-        self._watch_tried = sleep is not time.sleep
+        #: The folder's watch also wakes on new join requests, so that it folds them at once.
+        self._folder_watch: ChangeWatch | None = None
+        self._watch_tried = self._folder_watch_tried = sleep is not time.sleep
         #: The name of this node's current request record and how many requests it has made.
         self._request_name: str | None = None
         self._request_count = 0
@@ -542,9 +544,10 @@ class RendezvousHandler:
                         f"min_nodes={settings.min_nodes}; check that the other nodes use the same endpoint and "
                         "run id, or raise join_timeout"
                     )
-                woke = self._wait(poll)
+                folder = mine and self._is_folder(state)
+                woke = self._wait(poll, folder)
                 before = state.generation
-                if mine and self._is_folder(state):
+                if folder:
                     # The folder lists the requests at every poll (one read shows them all) and reads the
                     # document only when the listing changed or every few polls: a joiner always writes its
                     # request before its own fold, so a join never goes unnoticed.
@@ -586,16 +589,28 @@ class RendezvousHandler:
             except StorageError as exc:
                 backoff.failed(exc, deadline)
 
-    def _wait(self, seconds: float) -> bool:
-        """Sleep one poll period; True if a watch saw the document change (then the sleep ended early)."""
-        if not self._watch_tried:
+    def _wait(self, seconds: float, folder: bool = False) -> bool:
+        """Sleep one poll period; True if a watch saw a change (then the sleep ended early).
+
+        Every waiting node wakes on a new document generation; the folder also on a new join request (only the
+        folder: waking every node on every arrival would cost O(N^2) reads).
+        """
+        # A new watch has not seen what happened before it existed: look once more before sleeping on it.
+        if folder and not self._folder_watch_tried:
+            self._folder_watch_tried = True
+            with contextlib.suppress(OSError, RendezvousError):
+                self._folder_watch = self.store.change_watch(("req",))
+            return self._folder_watch is not None
+        if not folder and not self._watch_tried:
             self._watch_tried = True
             with contextlib.suppress(OSError, RendezvousError):
                 self._watch = self.store.change_watch()
-        if self._watch is None:
+            return self._watch is not None
+        watch = self._folder_watch if folder else self._watch
+        if watch is None:
             self._sleep(seconds)
             return False
-        return self._watch.wait(seconds)
+        return watch.wait(seconds)
 
     def _new_request(self, leave_round: int | None) -> JoinRequest:
         # Ordered nonces: a stale listing that still shows this node's previous request can never refold it.
@@ -767,9 +782,10 @@ class RendezvousHandler:
         Returns True on success; False if the run could not be closed (the error is logged).
         """
         self._stop_keepalive()
-        if self._watch is not None:
-            self._watch.close()
-            self._watch = None
+        for watch in (self._watch, self._folder_watch):
+            if watch is not None:
+                watch.close()
+        self._watch = self._folder_watch = None
         try:
             self.set_closed()
         except RendezvousError as exc:

@@ -76,9 +76,24 @@ def test_a_waiting_node_sees_completion_without_waiting_for_its_poll(tmp_path: A
     second.next_rendezvous()
     done["second"] = time.monotonic()
     thread.join(10)
-    assert first._watch is not None
+    assert first._folder_watch is not None  # the first node waited alone: it was the folder
     assert done["first"] - done["second"] < 0.15
     for h in (first, second):
         h.shutdown()
-    assert first._watch is None
+    assert first._watch is None and first._folder_watch is None
     assert os.listdir(os.path.join(endpoint, rid, "records", "req")) == []
+
+
+@linux_only
+def test_the_folders_watch_also_wakes_on_a_new_join_request(tmp_path: Any) -> None:
+    endpoint, rid = str(tmp_path / "rdzv"), _rid()
+    store = fsrdzv.open_store(endpoint, rid)
+    folder_watch, plain_watch = store.change_watch(("req",)), store.change_watch()
+    assert folder_watch is not None and plain_watch is not None
+    timer = threading.Timer(0.2, lambda: store.put_record("req", "i.request", b"{}"))
+    timer.start()
+    assert folder_watch.wait(5.0) is True
+    timer.join()
+    assert plain_watch.wait(0.2) is False  # a request alone does not wake every waiting node
+    folder_watch.close()
+    plain_watch.close()

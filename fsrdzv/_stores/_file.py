@@ -36,7 +36,7 @@ import filelock
 
 from .._errors import ConfigurationError, StorageError
 from .._store import MAX_DOCUMENT_BYTES, MAX_RECORD_BYTES, ChangeWatch, Store
-from ._notify import watch_directory
+from ._notify import watch_directories
 
 __all__ = ["FileStore", "list_file_runs", "map_os_error"]
 
@@ -97,6 +97,10 @@ def _read_file(path: str, limit: int = MAX_DOCUMENT_BYTES) -> bytes:
             return f.read(limit + 4096)
 
     return _retry_stale(once)
+
+
+def _not_hidden(name: bytes) -> bool:
+    return not name.startswith(b".")
 
 
 def _envelope(raw: bytes, verify: bool) -> tuple[int, str] | None:
@@ -461,13 +465,19 @@ class FileStore(Store):
             raise map_os_error(exc, f"deleting {self.dir}") from exc
         self._dirs_ready = False
 
-    def change_watch(self) -> ChangeWatch | None:
+    def change_watch(self, kinds: tuple[str, ...] = ()) -> ChangeWatch | None:
         # Every commit creates log/<generation> (link(2)): watching that directory wakes waiters on this host.
+        # A record appears by rename(2) under its own name; the stores' temporary files start with a dot.
         try:
             self._ensure_dirs()
-        except StorageError:
+            paths: list[tuple[str, Callable[[bytes], bool]]] = [(self.log_dir, bytes.isdigit)]
+            for kind in kinds:
+                directory = self._kind_dir(kind)
+                self._mkdir(directory)
+                paths.append((directory, _not_hidden))
+        except (StorageError, OSError):
             return None
-        return watch_directory(self.log_dir)
+        return watch_directories(paths)
 
     def sibling(self, run_id: str) -> FileStore:
         return FileStore(

@@ -18,9 +18,10 @@ import select
 import struct
 import sys
 import time
+from collections.abc import Callable
 from typing import Final
 
-__all__ = ["DirectoryWatch", "watch_directory"]
+__all__ = ["DirectoryWatch", "watch_directories", "watch_directory"]
 
 log = logging.getLogger("fsrdzv.store")
 
@@ -42,10 +43,15 @@ def _load_libc() -> ctypes.CDLL | None:
 
 
 class DirectoryWatch:
-    """An inotify watch on one directory: :meth:`wait` returns early when an entry named by digits appears."""
+    """An inotify watch on directories: :meth:`wait` returns early when an entry that matters appears in one.
 
-    def __init__(self, fd: int) -> None:
+    ``relevant`` maps each watch descriptor to the test of an entry name (log entries are named by digits;
+    records by anything but the stores' hidden temporary names).
+    """
+
+    def __init__(self, fd: int, relevant: dict[int, Callable[[bytes], bool]]) -> None:
         self._fd = fd
+        self._relevant = relevant
 
     def wait(self, timeout: float) -> bool:
         """Sleep up to ``timeout`` seconds; return True as soon as a new generation was committed."""
@@ -75,9 +81,10 @@ class DirectoryWatch:
             return False
         found, offset = False, 0
         while offset + _EVENT.size <= len(data):
-            _, _, _, length = _EVENT.unpack_from(data, offset)
+            wd, _, _, length = _EVENT.unpack_from(data, offset)
             name = data[offset + _EVENT.size : offset + _EVENT.size + length].rstrip(b"\0")
-            found |= name.isdigit()
+            test = self._relevant.get(wd)
+            found |= test is not None and test(name)
             offset += _EVENT.size + length
         return found
 
@@ -91,8 +98,13 @@ class DirectoryWatch:
         self.close()
 
 
-def watch_directory(path: str) -> DirectoryWatch | None:
+def watch_directory(path: str, relevant: Callable[[bytes], bool] = bytes.isdigit) -> DirectoryWatch | None:
     """Watch ``path`` for new entries, or None where inotify is unavailable (then callers just sleep)."""
+    return watch_directories([(path, relevant)])
+
+
+def watch_directories(paths: list[tuple[str, Callable[[bytes], bool]]]) -> DirectoryWatch | None:
+    """One watch over several directories, each with its test of entry names; None where inotify is unavailable."""
     libc = _load_libc()
     if libc is None:
         return None
@@ -100,8 +112,12 @@ def watch_directory(path: str) -> DirectoryWatch | None:
     if fd < 0:
         log.debug("inotify unavailable (errno %d): polling only", ctypes.get_errno())
         return None
-    if libc.inotify_add_watch(fd, os.fsencode(path), _IN_CREATE | _IN_MOVED_TO) < 0:
-        log.debug("cannot watch %s (errno %d): polling only", path, ctypes.get_errno())
-        os.close(fd)
-        return None
-    return DirectoryWatch(fd)
+    relevant = {}
+    for path, test in paths:
+        wd = libc.inotify_add_watch(fd, os.fsencode(path), _IN_CREATE | _IN_MOVED_TO)
+        if wd < 0:
+            log.debug("cannot watch %s (errno %d): polling only", path, ctypes.get_errno())
+            os.close(fd)
+            return None
+        relevant[wd] = test
+    return DirectoryWatch(fd, relevant)
