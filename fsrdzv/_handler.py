@@ -85,6 +85,8 @@ AGGREGATE_SWEEP_RATE: Final = 500.0
 #: A joiner whose request was not folded folds it itself once the document has not changed for this long (the
 #: folder may be stuck; a dead one is removed by the liveness sweep after the liveness timeout).
 FOLD_GRACE: Final = 5.0
+#: After a watch wakes a node, it waits this long before reading, so that a burst of changes costs one read.
+WAKE_SETTLE: Final = 0.01
 #: The folder reads the document when the request listing changed, and at least this often (in polls).
 FOLDER_READ_EVERY: Final = 4
 #: Poll period once nothing has changed for a while (s).
@@ -289,6 +291,10 @@ class RendezvousHandler:
         #: The folder's watch also wakes on new join requests, so that it folds them at once.
         self._folder_watch: ChangeWatch | None = None
         self._watch_tried = self._folder_watch_tried = sleep is not time.sleep
+        # Waking every waiting node on every new generation is a thundering herd when the nodes outnumber the
+        # cores (all nodes of a local-directory job share this host). Measured N=32 on 2 cores: 0.17 s with the
+        # wake-up for every node, 0.08 s with it for the folder only; N=4: 0.015 s with, 0.068 s without.
+        self._doc_watch_pays = settings.max_nodes <= 2 * (os.cpu_count() or 1)
         #: The name of this node's current request record and how many requests it has made.
         self._request_name: str | None = None
         self._request_count = 0
@@ -601,6 +607,9 @@ class RendezvousHandler:
             with contextlib.suppress(OSError, RendezvousError):
                 self._folder_watch = self.store.change_watch(("req",))
             return self._folder_watch is not None
+        if not folder and not self._doc_watch_pays:
+            self._sleep(seconds)
+            return False
         if not folder and not self._watch_tried:
             self._watch_tried = True
             with contextlib.suppress(OSError, RendezvousError):
@@ -610,7 +619,12 @@ class RendezvousHandler:
         if watch is None:
             self._sleep(seconds)
             return False
-        return watch.wait(seconds)
+        woke = watch.wait(seconds)
+        if woke:
+            # Let a burst settle (nodes arriving together, folds in quick succession): one read then sees all of
+            # it, instead of every waiting node reading once per generation.
+            time.sleep(WAKE_SETTLE)
+        return woke
 
     def _new_request(self, leave_round: int | None) -> JoinRequest:
         # Ordered nonces: a stale listing that still shows this node's previous request can never refold it.
