@@ -281,16 +281,13 @@ class RendezvousHandler:
             ),
         )
         self._budget = _ReadBudget(READ_RATE, READ_BURST, clock, sleep)
-        #: Body records (fallback for requests too long for a name): name -> (tag, request or None if invalid).
+        #: Request records judged so far: name -> (tag, request or None if invalid).
         self._request_cache: dict[str, tuple[str, JoinRequest | None]] = {}
-        #: Inline request names already judged (valid request or None if invalid), so that each is decoded once.
-        self._inline_cache: dict[str, JoinRequest | None] = {}
-        #: Wakes the poll early when the document changes (local directories; see Store.change_watch). Used
-        #: only with the real sleep: an injected sleep (tests, simulation) keeps full control of time.
-        self._watch: ChangeWatch | None = None
-        #: The folder's watch also wakes on new join requests, so that it folds them at once.
-        self._folder_watch: ChangeWatch | None = None
-        self._watch_tried = self._folder_watch_tried = sleep is not time.sleep
+        #: Watches that wake the poll early (local directories; see Store.change_watch), made on first use: key
+        #: True is the folder's (document and join requests), False the other waiting nodes' (document only).
+        #: Only with the real sleep: an injected sleep (tests, simulation) keeps full control of time.
+        self._watches: dict[bool, ChangeWatch | None] = {}
+        self._watching = sleep is time.sleep
         # Waking every waiting node on every new generation is a thundering herd when the nodes outnumber the
         # cores (all nodes of a local-directory job share this host). Measured N=32 on 2 cores: 0.17 s with the
         # wake-up for every node, 0.08 s with it for the folder only; N=4: 0.015 s with, 0.068 s without.
@@ -396,22 +393,16 @@ class RendezvousHandler:
         tags = self._list("req")
         out = []
         for name, tag in tags.items():
-            if name.startswith(INLINE_PREFIX):
-                if name not in self._inline_cache:
-                    try:
-                        self._inline_cache[name] = decode_request_name(name, self.store.name_mac)
-                    except RendezvousStateError as exc:
-                        log.warning("ignoring %s", exc)
-                        self._inline_cache[name] = None
-                inline = self._inline_cache[name]
-                if inline is not None:
-                    out.append(inline)
-                continue
+            inline = name.startswith(INLINE_PREFIX)
             cached = self._request_cache.get(name)
-            if cached is None or cached[0] != tag:
+            # An inline name is its own content: decoded once. A body record is read again when its tag changes.
+            if cached is None or (not inline and cached[0] != tag):
                 try:
-                    raw = self._get("req", name)
-                    request = None if raw is None else decode_request(raw, f"join request {name!r}")
+                    if inline:
+                        request = decode_request_name(name, self.store.name_mac)
+                    else:
+                        raw = self._get("req", name)
+                        request = None if raw is None else decode_request(raw, f"join request {name!r}")
                 except RendezvousStateError as exc:
                     log.warning("ignoring %s", exc)
                     request = None
@@ -421,8 +412,6 @@ class RendezvousHandler:
                 out.append(cached[1])
         for stale in set(self._request_cache) - set(tags):
             del self._request_cache[stale]
-        for stale in set(self._inline_cache) - set(tags):
-            del self._inline_cache[stale]
         return out, frozenset(tags)
 
     # -- the public API ------------------------------------------------------------------------------------
@@ -601,21 +590,16 @@ class RendezvousHandler:
         Every waiting node wakes on a new document generation; the folder also on a new join request (only the
         folder: waking every node on every arrival would cost O(N^2) reads).
         """
-        # A new watch has not seen what happened before it existed: look once more before sleeping on it.
-        if folder and not self._folder_watch_tried:
-            self._folder_watch_tried = True
-            with contextlib.suppress(OSError, RendezvousError):
-                self._folder_watch = self.store.change_watch(("req",))
-            return self._folder_watch is not None
-        if not folder and not self._doc_watch_pays:
+        if not self._watching or not (folder or self._doc_watch_pays):
             self._sleep(seconds)
             return False
-        if not folder and not self._watch_tried:
-            self._watch_tried = True
+        if folder not in self._watches:
+            self._watches[folder] = None
             with contextlib.suppress(OSError, RendezvousError):
-                self._watch = self.store.change_watch()
-            return self._watch is not None
-        watch = self._folder_watch if folder else self._watch
+                self._watches[folder] = self.store.change_watch(("req",) if folder else ())
+            # A new watch has not seen what happened before it existed: look once more before sleeping on it.
+            return self._watches[folder] is not None
+        watch = self._watches[folder]
         if watch is None:
             self._sleep(seconds)
             return False
@@ -623,7 +607,7 @@ class RendezvousHandler:
         if woke:
             # Let a burst settle (nodes arriving together, folds in quick succession): one read then sees all of
             # it, instead of every waiting node reading once per generation.
-            time.sleep(WAKE_SETTLE)
+            self._sleep(WAKE_SETTLE)
         return woke
 
     def _new_request(self, leave_round: int | None) -> JoinRequest:
@@ -796,10 +780,10 @@ class RendezvousHandler:
         Returns True on success; False if the run could not be closed (the error is logged).
         """
         self._stop_keepalive()
-        for watch in (self._watch, self._folder_watch):
+        for watch in self._watches.values():
             if watch is not None:
                 watch.close()
-        self._watch = self._folder_watch = None
+        self._watches.clear()
         try:
             self.set_closed()
         except RendezvousError as exc:

@@ -12,7 +12,7 @@ from typing import Any
 import pytest
 
 import fsrdzv
-from fsrdzv._stores._notify import watch_directory
+from fsrdzv._stores._notify import watch_directories
 
 linux_only = pytest.mark.skipif(not sys.platform.startswith("linux"), reason="inotify is Linux-only")
 
@@ -53,7 +53,7 @@ def test_no_commit_means_a_full_sleep_and_records_do_not_wake(tmp_path: Any) -> 
 
 
 def test_unwatchable_places_fall_back_to_polling(tmp_path: Any) -> None:
-    assert watch_directory(str(tmp_path / "does-not-exist")) is None
+    assert watch_directories([(str(tmp_path / "does-not-exist"), bytes.isdigit)]) is None
     assert fsrdzv.open_store(f"memory://{_rid()}", "run").change_watch() is None
 
 
@@ -76,11 +76,11 @@ def test_a_waiting_node_sees_completion_without_waiting_for_its_poll(tmp_path: A
     second.next_rendezvous()
     done["second"] = time.monotonic()
     thread.join(10)
-    assert first._folder_watch is not None  # the first node waited alone: it was the folder
+    assert first._watches[True] is not None  # the first node waited alone: it was the folder
     assert done["first"] - done["second"] < 0.15
     for h in (first, second):
         h.shutdown()
-    assert first._watch is None and first._folder_watch is None
+    assert first._watches == {}
     assert os.listdir(os.path.join(endpoint, rid, "records", "req")) == []
 
 

@@ -21,7 +21,7 @@ import time
 from collections.abc import Callable
 from typing import Final
 
-__all__ = ["DirectoryWatch", "watch_directories", "watch_directory"]
+__all__ = ["DirectoryWatch", "watch_directories"]
 
 log = logging.getLogger("fsrdzv.store")
 
@@ -96,11 +96,6 @@ class DirectoryWatch:
 
     def __del__(self) -> None:
         self.close()
-
-
-def watch_directory(path: str, relevant: Callable[[bytes], bool] = bytes.isdigit) -> DirectoryWatch | None:
-    """Watch ``path`` for new entries, or None where inotify is unavailable (then callers just sleep)."""
-    return watch_directories([(path, relevant)])
 
 
 def watch_directories(paths: list[tuple[str, Callable[[bytes], bool]]]) -> DirectoryWatch | None:
