@@ -47,14 +47,16 @@ def pending(state: RendezvousState, requests: Iterable[JoinRequest]) -> list[Joi
     out = []
     for request in requests:
         applied = state.applied.get(request.node.node_id)
-        if applied == request.nonce:
-            continue
-        if applied is not None:
-            old, new = nonce_order(applied), nonce_order(request.nonce)
-            if old is not None and new is not None and new <= old:
-                continue
-        out.append(request)
+        orders = None if applied is None else _orders(request.nonce, applied)
+        if applied != request.nonce and not (orders and orders[0] <= orders[1]):
+            out.append(request)
     return out
+
+
+def _orders(nonce: str, other: str) -> tuple[int, int] | None:
+    """The sequence numbers of two nonces of one node, when both are ordered (see :func:`nonce_order`)."""
+    a, b = nonce_order(nonce), nonce_order(other)
+    return None if a is None or b is None else (a, b)
 
 
 def _ordered(state: RendezvousState, ids: Iterable[str]) -> list[str]:
@@ -178,11 +180,9 @@ def fold_requests(state: RendezvousState, requests: Iterable[JoinRequest], setti
     latest: dict[str, JoinRequest] = {}
     for r in pending(state, requests):
         seen = latest.get(r.node.node_id)
-        if seen is not None:
-            a, b = nonce_order(seen.nonce), nonce_order(r.nonce)
-            if a is not None and b is not None and b < a:
-                continue
-        latest[r.node.node_id] = r
+        orders = None if seen is None else _orders(r.nonce, seen.nonce)
+        if not (orders and orders[0] < orders[1]):
+            latest[r.node.node_id] = r
     todo = sorted(latest.values(), key=lambda r: r.node)
     if state.closed or not todo:
         return state
