@@ -9,7 +9,7 @@ from typing import Any
 
 import pytest
 
-from fsrdzv import StateCorruptError, Store
+from fsrdzv import Snapshot, StateCorruptError, Store
 from fsrdzv._store import seal
 from fsrdzv._stores._file import FileStore
 from fsrdzv.testing import StoreConformance, StoreSpec
@@ -104,12 +104,17 @@ def test_one_read_hashes_the_document_once(tmp_path: os.PathLike[str], monkeypat
     assert store.read() == result.snapshot
 
 
-def test_a_damaged_state_is_reported_even_when_newer_log_entries_exist(tmp_path: os.PathLike[str]) -> None:
+def _two_generations(tmp_path: os.PathLike[str]) -> tuple[FileStore, Snapshot, Snapshot]:
     store = _file_store(tmp_path)
     first = store.compare_and_set(b"a" * 500, None).snapshot
     assert first is not None
     second = store.compare_and_set(b"b" * 500, first.token).snapshot
     assert second is not None
+    return store, first, second
+
+
+def test_a_damaged_state_is_reported_even_when_newer_log_entries_exist(tmp_path: os.PathLike[str]) -> None:
+    store, first, second = _two_generations(tmp_path)
     sealed = seal(first.data, first.generation)
     with open(store.state_path, "wb") as f:
         f.write(sealed[: len(sealed) // 2])  # a header of generation 1 with half its payload; log/2 exists
@@ -121,11 +126,7 @@ def test_a_damaged_state_is_reported_even_when_newer_log_entries_exist(tmp_path:
 
 
 def test_readers_roll_forward_from_an_old_state(tmp_path: os.PathLike[str]) -> None:
-    store = _file_store(tmp_path)
-    first = store.compare_and_set(b"a" * 500, None).snapshot
-    assert first is not None
-    second = store.compare_and_set(b"b" * 500, first.token).snapshot
-    assert second is not None
+    store, first, second = _two_generations(tmp_path)
     with open(store.state_path, "wb") as f:
         f.write(seal(first.data, first.generation))  # a writer died between its commit and publishing ``state``
     assert store.read() == second
