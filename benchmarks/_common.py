@@ -96,9 +96,9 @@ class CountingStore(Store):
     def delete_run(self) -> None:
         self.inner.delete_run()
 
-    def change_watch(self, kinds: tuple[str, ...] = ()) -> ChangeWatch | None:
+    def change_watch(self, kinds: tuple[str, ...] = (), document: bool = True) -> ChangeWatch | None:
         # Not an operation on the storage: the handler sleeps on it (inotify on local directories) between polls.
-        return self.inner.change_watch(kinds)
+        return self.inner.change_watch(kinds, document)
 
     def close(self) -> None:
         self.inner.close()

@@ -75,8 +75,8 @@ log = logging.getLogger("fsrdzv")
 #: seen within ~60 ms. (At most ~17 document reads/s per waiting node.)
 FAST_POLL: Final = 0.06
 #: Read budget of one node (token bucket): at most READ_RATE + READ_BURST reads of the store in any second.
-READ_RATE: Final = 16.0
-READ_BURST: Final = 4.0
+READ_RATE: Final = 12.0
+READ_BURST: Final = 8.0
 #: Polls of the whole job stay under this many reads per second: the poll period is at least max_nodes / this
 #: (a 1,000-node job polls every 0.5 s, well under S3's 5,500 GETs/s per prefix and an NFS server's capacity).
 AGGREGATE_READ_RATE: Final = 2000.0
@@ -87,8 +87,13 @@ AGGREGATE_SWEEP_RATE: Final = 500.0
 FOLD_GRACE: Final = 5.0
 #: After a watch wakes a node, it waits this long before reading, so that a burst of changes costs one read.
 WAKE_SETTLE: Final = 0.01
-#: The folder reads the document when the request listing changed, and at least this often (in polls).
+#: Record kind of the announcement that a round completed (see RendezvousHandler._announce).
+COMPLETE_KIND: Final = "done"
+#: The folder reads the document when it has not seen it for this many fast polls; in between it folds into what
+#: it last saw.
 FOLDER_READ_EVERY: Final = 4
+#: Compare-and-sets one fold tries before it waits for the next poll (each lost one returned the new document).
+FOLD_ATTEMPTS: Final = 3
 #: Poll period once nothing has changed for a while (s).
 SLOW_POLL: Final = 1.0
 #: Growth factor of the poll period while nothing changes.
@@ -268,6 +273,7 @@ class RendezvousHandler:
         #: While a round forms the poll grows to this at most: 4 fast polls, but never beyond the floor of big jobs
         #: (4x the floor would leave a 4,096-node job 8 s behind the completing write).
         self._forming_poll = max(4 * FAST_POLL, self._fast_poll)
+        self._folder_read_period = FOLDER_READ_EVERY * self._fast_poll
         #: Waiting nodes sweep (list every heartbeat) every interval/2, and for big jobs no more often than keeps
         #: the whole job under AGGREGATE_SWEEP_RATE listings per second (each lists N records).
         self._sweep_period = max(settings.keep_alive_interval / 2, settings.max_nodes / AGGREGATE_SWEEP_RATE)
@@ -284,18 +290,16 @@ class RendezvousHandler:
         #: Request records judged so far: name -> (tag, request or None if invalid).
         self._request_cache: dict[str, tuple[str, JoinRequest | None]] = {}
         #: Watches that wake the poll early (local directories; see Store.change_watch), made on first use: key
-        #: True is the folder's (document and join requests), False the other waiting nodes' (document only).
+        #: True is the folder's (join requests, completions), False the other waiting nodes' (completions).
         #: Only with the real sleep: an injected sleep (tests, simulation) keeps full control of time.
         self._watches: dict[bool, ChangeWatch | None] = {}
         self._watching = sleep is time.sleep
-        # Waking every waiting node on every new generation is a thundering herd when the nodes outnumber the
-        # cores (all nodes of a local-directory job share this host). Measured N=32 on 2 cores: 0.17 s with the
-        # wake-up for every node, 0.08 s with it for the folder only; N=4: 0.015 s with, 0.068 s without.
-        self._doc_watch_pays = settings.max_nodes <= 2 * (os.cpu_count() or 1)
         #: The name of this node's current request record and how many requests it has made.
         self._request_name: str | None = None
         self._request_count = 0
         self._last_call_seen: dict[tuple[str, int, int], float] = {}
+        #: The last round seen complete (epoch, round): a won write that completes another one announces it.
+        self._complete_seen: tuple[str, int] | None = None
         self._cached: tuple[float, RendezvousState | None] | None = None
         self._verified = False
         #: Heartbeat tags whose signature was checked (only with a job secret): name -> (tag, valid).
@@ -334,7 +338,9 @@ class RendezvousHandler:
         snap = self.store.read()
         if snap is None:
             return None, None
-        return decode_state(snap.data, self._where()), snap
+        state = decode_state(snap.data, self._where())
+        self._saw(state)
+        return state, snap
 
     def _cas(self, new: RendezvousState, snap: Snapshot | None) -> tuple[bool, RendezvousState | None, Snapshot | None]:
         self.ops["cas"] += 1
@@ -342,7 +348,15 @@ class RendezvousHandler:
         if result.snapshot is None:
             return result.won, None, None
         state = new if result.won else decode_state(result.snapshot.data, self._where())
+        if result.won and state.complete and (state.epoch, state.round) != self._complete_seen:
+            # This write completed the round (its base was a document where the round was not complete).
+            self._announce(state)
+        self._saw(state)
         return result.won, state, result.snapshot
+
+    def _saw(self, state: RendezvousState) -> None:
+        if state.complete:
+            self._complete_seen = (state.epoch, state.round)
 
     def _beat(self) -> None:
         with self._beat_lock:
@@ -455,6 +469,8 @@ class RendezvousHandler:
         leave_round = state.round if state is not None and me in state.participants else None
         self._node = replace(self._node, port=self._port_factory(self._node.addr))
         request = self._new_request(leave_round)
+        # Watch before asking to join: a completion announced while this node folds or reads must still wake it.
+        self._watch(False)
         self._retry(lambda: self._put_request(request), deadline)
 
         poll = self._fast_poll
@@ -462,10 +478,10 @@ class RendezvousHandler:
         next_own = start  # the first is immediate
         seen: tuple[str, int] | None = None  # (epoch, generation) last seen, and when it changed
         progress_at = start
-        listed: frozenset[str] = frozenset()  # request names of the folder's last listing
-        polls_since_read = 0
+        looked_at = start  # when this node last learnt the current document
         next_sweep = start + self._sweep_period
         was_spare = False
+        was_folder = False
         backoff = _Backoff(self, "during join of")
         while True:
             now = self._clock()
@@ -508,10 +524,14 @@ class RendezvousHandler:
                     deadline = now + settings.join_timeout  # torch refreshes the deadline leaving the spare list
                 was_spare = spare
                 if not mine:
-                    # Fold our own request once; after that only if nobody is folding (no waiting member, or the
-                    # document stood still for FOLD_GRACE). Jittered back-off so that retries do not collide.
-                    folder_at_work = self._has_folder(state) and now - progress_at < FOLD_GRACE
-                    if now >= next_own and (own_folds == 0 or not folder_at_work):
+                    # A forming round has a folder (its lowest waiting member) that folds every pending request
+                    # in one write: leave ours to it, so that while a round forms the folder is the only writer
+                    # and its writes win without a read first. Fold our own request ourselves when nobody forms a
+                    # round (the first arrival, a newcomer to the wait list of a complete round: seen at once) or
+                    # the document stood still for FOLD_GRACE (the folder may be stuck). Jittered back-off so
+                    # that retries do not collide.
+                    folder_at_work = self._has_folder(state) and not state.complete and now - progress_at < FOLD_GRACE
+                    if now >= next_own and not folder_at_work:
                         own_folds += 1
                         next_own = now + self._rng.uniform(0, min(1.0, 0.02 * 2**own_folds))
                         new = proto.fold_requests(state, [request], settings)
@@ -540,23 +560,33 @@ class RendezvousHandler:
                         "run id, or raise join_timeout"
                     )
                 folder = mine and self._is_folder(state)
-                woke = self._wait(poll, folder)
+                if folder and not was_folder:
+                    # A node that just became the folder looks at once: requests may have waited for it since the
+                    # previous folder's last fold. Its watch starts first, so that none arrives unseen in between.
+                    self._watch(True)
+                else:
+                    self._wait(poll, folder)
+                was_folder = folder
                 before = state.generation
                 if folder:
-                    # The folder lists the requests at every poll (one read shows them all) and reads the
-                    # document only when the listing changed or every few polls: a joiner always writes its
-                    # request before its own fold, so a join never goes unnoticed.
-                    requests, names = self._requests()
-                    polls_since_read += 1
-                    if woke or names != listed or polls_since_read >= FOLDER_READ_EVERY:
+                    # The folder lists the requests at every poll (one read shows them all) and folds the new
+                    # ones into the document as it last saw it: while a round forms it is the only writer, so
+                    # that write wins without a read first (a lost one returns the current document, and the
+                    # fold is made again on it). It reads the document itself only when it has not seen it for a
+                    # few polls, to notice what others wrote (a last call that ended, a close): a read at every
+                    # wake-up would spend its read budget while nodes arrive in a burst.
+                    requests, _ = self._requests()
+                    if self._clock() - looked_at >= self._folder_read_period:
                         state, snap = self._read()
-                        polls_since_read = 0
-                    listed = names
+                        looked_at = self._clock()
                     if state is not None and snap is not None:
+                        folded_on = snap
                         _, state, snap = self._fold(state, snap, requests)
+                        if snap is not folded_on:  # a write, won or lost, brought the current document
+                            looked_at = self._clock()
                 else:
                     state, snap = self._read()
-                    polls_since_read = 0
+                    looked_at = self._clock()
                 backoff.reset()
                 if state is not None and state.generation != before:
                     poll = self._fast_poll
@@ -584,31 +614,46 @@ class RendezvousHandler:
             except StorageError as exc:
                 backoff.failed(exc, deadline)
 
-    def _wait(self, seconds: float, folder: bool = False) -> bool:
-        """Sleep one poll period; True if a watch saw a change (then the sleep ended early).
+    def _wait(self, seconds: float, folder: bool = False) -> None:
+        """Sleep one poll period, or less if this node's watch sees a change that concerns it.
 
-        Every waiting node wakes on a new document generation; the folder also on a new join request (only the
-        folder: waking every node on every arrival would cost O(N^2) reads).
+        The folder wakes on a new join request; every waiting node on the announcement that a round completed:
+        one wake per round, not one per write (waking every waiting node on every new generation is a thundering
+        herd when the nodes outnumber the cores, as all nodes of a local-directory job share one host; measured
+        N=32 on 2 cores: 0.17 s with that, 0.08 s without, 0.04 s with announcements).
         """
-        if not self._watching or not (folder or self._doc_watch_pays):
-            self._sleep(seconds)
-            return False
-        if folder not in self._watches:
-            self._watches[folder] = None
-            with contextlib.suppress(OSError, RendezvousError):
-                self._watches[folder] = self.store.change_watch(("req",) if folder else ())
-            # A new watch has not seen what happened before it existed: look once more before sleeping on it.
-            return self._watches[folder] is not None
-        watch = self._watches[folder]
+        watch = self._watch(folder)
         if watch is None:
             self._sleep(seconds)
-            return False
-        woke = watch.wait(seconds)
-        if woke:
-            # Let a burst settle (nodes arriving together, folds in quick succession): one read then sees all of
-            # it, instead of every waiting node reading once per generation.
+        elif watch.wait(seconds) and folder:
+            # Let a burst settle (nodes arriving together, folds in quick succession): one look then sees all of
+            # it. (An announced completion has nothing to wait for.)
             self._sleep(WAKE_SETTLE)
-        return woke
+
+    def _watch(self, folder: bool) -> ChangeWatch | None:
+        """The folder's or the other waiting nodes' watch, made on first use; None where there is none."""
+        if not self._watching:
+            return None
+        if folder not in self._watches:
+            self._watches[folder] = None
+            kinds = ("req", COMPLETE_KIND) if folder else (COMPLETE_KIND,)
+            with contextlib.suppress(OSError, RendezvousError):
+                self._watches[folder] = self.store.change_watch(kinds, document=False)
+        return self._watches[folder]
+
+    def _announce(self, state: RendezvousState) -> None:
+        """Tell the waiting nodes on this host that the round completed, if they can sleep on a watch.
+
+        One small record rewritten per round (a rename, which a watch sees): the nodes that are not folding sleep
+        on it instead of on every new generation, and learn of completion within milliseconds, not at their
+        next poll. Where the store offers no watch this writes nothing.
+        """
+        if self._watch(False) is None:
+            return
+        self.ops["put"] += 1
+        with contextlib.suppress(StorageError):  # only a shortcut: the others still poll
+            payload = b'{"epoch":"%s","round":%d}' % (state.epoch.encode(), state.round)
+            self.store.put_record(COMPLETE_KIND, "round", payload)
 
     def _new_request(self, leave_round: int | None) -> JoinRequest:
         # Ordered nonces: a stale listing that still shows this node's previous request can never refold it.
@@ -635,17 +680,35 @@ class RendezvousHandler:
         return bool(self._waiting(state))
 
     def _is_folder(self, state: RendezvousState) -> bool:
-        waiting = self._waiting(state)
-        return bool(waiting) and min(waiting, key=lambda i: state.nodes[i]) == self.node_id
+        """Whether this node folds the others' requests: the waiting member whose request was folded first.
+
+        The document keeps the order in which requests were folded, so every node names the same folder, and
+        the role stays with one node while others arrive (were it the lowest node identity, each newcomer with a
+        lower one would take it over, and learn of it only at its next poll).
+        """
+        waiting = set(self._waiting(state))
+        first = next((node_id for node_id in state.applied if node_id in waiting), None)
+        if first is None and waiting:
+            first = min(waiting, key=lambda i: state.nodes[i])
+        return first == self.node_id
 
     def _fold(
         self, state: RendezvousState, snap: Snapshot, requests: list[JoinRequest]
     ) -> tuple[bool, RendezvousState | None, Snapshot | None]:
-        """Fold every pending request with one compare-and-set (none if nothing is pending)."""
-        new = proto.fold_requests(state, requests, self.settings)
-        if new is state:
-            return False, state, snap
-        return self._cas(new, snap)
+        """Fold every pending request with one compare-and-set (none if nothing is pending).
+
+        A lost write brings the current document: fold into that at once (a few times at most; the loop's next
+        poll tries again), rather than wait a poll with every request still pending.
+        """
+        for _ in range(FOLD_ATTEMPTS):
+            new = proto.fold_requests(state, requests, self.settings)
+            if new is state:
+                return False, state, snap
+            won, got, got_snap = self._cas(new, snap)
+            if won or got is None or got_snap is None:
+                return won, got, got_snap
+            state, snap = got, got_snap
+        return False, state, snap
 
     def _sweep(
         self, state: RendezvousState, snap: Snapshot | None, now: float

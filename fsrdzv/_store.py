@@ -342,9 +342,9 @@ class Store(ABC):
         """Whether a job secret is set (every object carries an HMAC that is checked on read)."""
         return self._secret is not None
 
-    def change_watch(self, kinds: tuple[str, ...] = ()) -> ChangeWatch | None:
-        """A way to sleep until the document, or a record of one of ``kinds``, may have changed; or None (the
-        default: callers poll).
+    def change_watch(self, kinds: tuple[str, ...] = (), document: bool = True) -> ChangeWatch | None:
+        """A way to sleep until the document (unless ``document`` is false), or a record of one of ``kinds``, may
+        have changed; or None (the default: callers poll).
 
         Only a shortcut for latency: a watch may miss changes (another host's write on NFS), so callers still
         read at their normal poll period.

@@ -24,7 +24,7 @@ from hypothesis import strategies as st
 
 import fsrdzv
 from fsrdzv import _handler
-from fsrdzv._protocol import fold_requests, new_state, pending
+from fsrdzv._protocol import fold_requests, new_state, pending, remove_nodes
 from fsrdzv._state import (
     BODY_PREFIX,
     INLINE_PREFIX,
@@ -253,3 +253,50 @@ def test_a_rejoin_replaces_the_previous_request_record() -> None:
         )
     h.shutdown()
     assert store.list_records("req") == {}
+
+
+def test_while_a_round_forms_only_its_folder_writes_the_document() -> None:
+    """The first node waits as folder; two more arrive. They write only their own records (heartbeat, request):
+    the folder folds them, so while a round forms the document has one writer and its writes win without a read."""
+    name = f"folder-{uuid.uuid4().hex[:8]}"
+    handlers = [
+        fsrdzv.RendezvousHandler(MemoryStore(name, "run"), fsrdzv.Settings("run", 3, 3), local_addr=f"10.0.0.{9 - i}")
+        for i in range(3)
+    ]
+    infos: list[Any] = [None] * 3
+
+    def run(i: int) -> None:
+        infos[i] = handlers[i].next_rendezvous()
+
+    first = threading.Thread(target=run, args=(0,))
+    first.start()
+    deadline = time.monotonic() + 10
+    while handlers[0]._cached_state() is None and time.monotonic() < deadline:
+        time.sleep(0.01)
+    others = [threading.Thread(target=run, args=(i,)) for i in (1, 2)]
+    for t in others:
+        t.start()
+    for t in [first, *others]:
+        t.join(30)
+    for h in handlers:
+        h._stop_keepalive()
+    assert sorted(i.rank for i in infos) == [0, 1, 2]
+    # The newcomers have lower identities (10.0.0.8, 10.0.0.7): the role stayed with the first.
+    assert [h.ops["cas"] for h in handlers[1:]] == [0, 0]
+    assert handlers[0].ops["cas"] >= 2  # the document's creation, then the fold(s)
+
+
+def test_the_folder_is_the_waiting_member_folded_first() -> None:
+    """Every node names the same folder from the document, and a newcomer never takes the role over, whatever its
+    identity; when the folder leaves the waiting members, the next in folding order takes over."""
+    settings_ = fsrdzv.Settings("run", 3, 3)
+    late, early = (
+        fsrdzv.RendezvousHandler(MemoryStore(f"order-{uuid.uuid4().hex[:8]}", "run"), settings_, local_addr=addr)
+        for addr in ("10.0.0.1", "10.0.0.9")
+    )
+    state = fold_requests(new_state("run", "e"), [JoinRequest(early._node, "1.a")], settings_)
+    state = fold_requests(state, [JoinRequest(late._node, "1.b")], settings_)
+    assert early._is_folder(state) and not late._is_folder(state)
+    assert late._node < early._node  # the newcomer sorts first, yet the folder did not change
+    without_early = remove_nodes(state, [early.node_id], settings_)
+    assert late._is_folder(without_early)

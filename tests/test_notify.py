@@ -97,3 +97,34 @@ def test_the_folders_watch_also_wakes_on_a_new_join_request(tmp_path: Any) -> No
     assert plain_watch.wait(0.2) is False  # a request alone does not wake every waiting node
     folder_watch.close()
     plain_watch.close()
+
+
+@linux_only
+def test_the_completing_write_is_announced_to_the_nodes_that_do_not_fold(tmp_path: Any) -> None:
+    """Three nodes (min=max=3) on a directory: the first waits as folder, the second as a plain waiting node
+    sleeping on the announcement watch (not on every new generation). The third's arrival wakes the folder, whose
+    fold completes the round and rewrites records/done/round; the second returns within milliseconds of that write
+    rather than at its next poll (240 ms by then)."""
+    endpoint, rid = str(tmp_path / "rdzv"), _rid()
+    handlers = [fsrdzv.create_handler(endpoint, rid, 3, 3, local_addr=f"10.0.0.{i + 1}") for i in range(3)]
+    done: dict[int, float] = {}
+
+    def wait(i: int) -> None:
+        handlers[i].next_rendezvous()
+        done[i] = time.monotonic()
+
+    threads = [threading.Thread(target=wait, args=(i,)) for i in (0, 1)]
+    threads[0].start()
+    time.sleep(0.5)
+    threads[1].start()
+    time.sleep(1.5)  # both polls have grown to their slowest while the round forms
+    wait(2)
+    for t in threads:
+        t.join(10)
+    assert handlers[0]._watches.get(True) is not None  # the folder slept on requests
+    assert handlers[1]._watches.get(True) is None and handlers[1]._watches[False] is not None
+    assert os.listdir(os.path.join(endpoint, rid, "records", "done")) == ["round"]
+    assert done[1] - done[0] < 0.15
+    assert handlers[1].ops["cas"] == handlers[2].ops["cas"] == 0  # the folder wrote the document alone
+    for h in handlers:
+        h.shutdown()

@@ -168,7 +168,6 @@ def _form_and_leave_records(endpoint: str, rid: str, options: dict[str, Any]) ->
     h._stop_keepalive()  # keep its records on disk: they are checked too
 
 
-
 @pytest.mark.parametrize(
     ("permissions", "umask"),
     [
@@ -301,8 +300,9 @@ def test_every_document_and_record_carries_a_valid_hmac(
     tmp_path: Any, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
 ) -> None:
     """With FSRDZV_SECRET_FILE set, two nodes form a round; every object on disk (state, every log entry,
-    heartbeat and join request records) carries an HMAC-SHA256 that verifies with the job secret, and none
-    verifies with another secret. The secret appears in no log line. Prints the number of objects checked."""
+    heartbeat and join request records, the announcement of the completed round) carries an HMAC-SHA256 that
+    verifies with the job secret, and none verifies with another secret. The secret appears in no log line.
+    Prints the number of objects checked."""
     caplog.set_level(logging.DEBUG)
     secret_file = tmp_path / "secret"
     secret_file.write_bytes(SECRET + b"\n")
@@ -321,7 +321,12 @@ def test_every_document_and_record_carries_a_valid_hmac(
                 objects.append((os.path.join(path, name), f.read()))
     kinds = {os.path.relpath(p, os.path.join(endpoint, rid)).split(os.sep)[0] for p, _ in objects}
     assert kinds == {"state", "log", "records"}
-    assert len([p for p, _ in objects if "records" in p]) == 4  # hb and req of each node
+    records = sorted(
+        os.path.relpath(p, os.path.join(endpoint, rid, "records")).split(os.sep)[0]
+        for p, _ in objects
+        if "records" in p
+    )
+    assert records == ["done", "hb", "hb", "req", "req"]  # hb and req of each node, the round's announcement
     for path, raw in objects:
         assert raw.startswith(b"fsrdzv1 "), path
         assert _verify(raw, SECRET), f"{path} is not signed with the job secret"
