@@ -72,7 +72,7 @@ __all__ = ["RendezvousHandler", "RendezvousInfo", "create_handler"]
 log = logging.getLogger("fsrdzv")
 
 #: Poll period while a round is forming or anything just changed (s), so the last arrival's completing write is
-#: seen within ~60 ms. (At most ~17 document reads/s per waiting node.)
+#: seen within ~60 ms (where no watch wakes the node sooner; the read budget below caps it at 12 reads/s).
 FAST_POLL: Final = 0.06
 #: Read budget of one node (token bucket): at most READ_RATE + READ_BURST reads of the store in any second.
 READ_RATE: Final = 12.0
@@ -94,6 +94,8 @@ COMPLETE_KIND: Final = "done"
 FOLDER_READ_EVERY: Final = 4
 #: Compare-and-sets one fold tries before it waits for the next poll (each lost one returned the new document).
 FOLD_ATTEMPTS: Final = 3
+#: A heartbeat that failed is retried after about this long (s; at most the keep-alive interval), not a full interval.
+BEAT_RETRY: Final = 0.5
 #: Poll period once nothing has changed for a while (s).
 SLOW_POLL: Final = 1.0
 #: Growth factor of the poll period while nothing changes.
@@ -165,11 +167,25 @@ class _ReadBudget:
         self._tokens -= 1
 
 
+def next_beat_in(interval: float, started: float, now: float, landed: bool, rng: random.Random) -> float:
+    """Seconds from ``now`` until the next heartbeat, after one that started at ``started``.
+
+    Beats keep a fixed schedule (one per ``interval`` from the start of the previous one, so that a slow write does
+    not stretch the period by its own latency), but never closer than a quarter interval (a store slowed by load
+    is not beaten harder). A beat that failed is retried soon (jittered), not a full interval later: others judge
+    this node by the time between two beats that landed, and under throttling one failure must not cost a whole
+    interval on top of the time the failed write took.
+    """
+    if landed:
+        return max(started + interval - now, interval / 4)
+    return min(interval, BEAT_RETRY) * rng.uniform(0.5, 1.5)
+
+
 class _KeepAlive:
-    """Writes this node's heartbeat record every interval, on a daemon thread.
+    """Writes this node's heartbeat record every interval, on a daemon thread (schedule: :func:`next_beat_in`).
 
     It holds only a weak reference to the handler, so a forgotten handler is collected and the thread stops.
-    Failures are logged and retried at the next interval: a heartbeat is idempotent.
+    Failures are logged and retried soon: a heartbeat is idempotent.
     """
 
     def __init__(self, handler: RendezvousHandler, interval: float) -> None:
@@ -183,17 +199,22 @@ class _KeepAlive:
         self.thread.start()
 
     def _run(self, interval: float) -> None:
-        while not self._stop.wait(interval):
+        rng = random.Random()
+        wait = interval
+        while not self._stop.wait(wait):
             handler = self._ref()
             if handler is None:
                 return
+            started, landed = time.monotonic(), False
             try:
                 handler._beat()
+                landed = True
             except RendezvousError as exc:
-                log.warning("keep-alive of %s failed: %s", handler.node_id, exc)
+                log.warning("keep-alive of %s failed (retrying soon): %s", handler.node_id, exc)
             except Exception:  # a bug must not kill liveness silently; log it loudly and go on
                 log.exception("unexpected error in the keep-alive of %s", handler.node_id)
             del handler
+            wait = next_beat_in(interval, started, time.monotonic(), landed, rng)
 
     def stop(self) -> None:
         self._stop.set()
@@ -524,14 +545,14 @@ class RendezvousHandler:
                     deadline = now + settings.join_timeout  # torch refreshes the deadline leaving the spare list
                 was_spare = spare
                 if not mine:
-                    # A forming round has a folder (its lowest waiting member) that folds every pending request
-                    # in one write: leave ours to it, so that while a round forms the folder is the only writer
-                    # and its writes win without a read first. Fold our own request ourselves when nobody forms a
-                    # round (the first arrival, a newcomer to the wait list of a complete round: seen at once) or
-                    # the document stood still for FOLD_GRACE (the folder may be stuck). Jittered back-off so
-                    # that retries do not collide.
-                    folder_at_work = self._has_folder(state) and not state.complete and now - progress_at < FOLD_GRACE
-                    if now >= next_own and not folder_at_work:
+                    # A waiting member (the folder, see _is_folder) folds every pending request in one write. While
+                    # a round forms, leave ours to it: the folder is then the only writer, and its writes win
+                    # without a read first. Fold our own request ourselves when nobody folds (the first arrival;
+                    # the document stood still for FOLD_GRACE: the folder may be stuck), and once when the round is
+                    # complete (a newcomer to its wait list is seen by num_nodes_waiting at once, not at the
+                    # folder's slow poll). Jittered back-off so that retries do not collide.
+                    folder_at_work = self._has_folder(state) and now - progress_at < FOLD_GRACE
+                    if now >= next_own and (not folder_at_work or (own_folds == 0 and state.complete)):
                         own_folds += 1
                         next_own = now + self._rng.uniform(0, min(1.0, 0.02 * 2**own_folds))
                         new = proto.fold_requests(state, [request], settings)

@@ -201,3 +201,67 @@ def test_same_verdicts_at_any_clock_offset(gaps: list[int], cadence: float, offs
     first_dead = next(t for t, dead in zip(looks, a, strict=True) if dead)
     assert beats[-1] + TIMEOUT <= first_dead + 1e-9 <= beats[-1] + TIMEOUT + 2 * cadence + 1e-9
     assert all(a[i] for i, t in enumerate(looks) if t >= first_dead)
+
+
+# -- the keep-alive's schedule ------------------------------------------------------------------------------------
+
+
+@settings(max_examples=300, deadline=None)
+@given(
+    interval=st.floats(0.05, 60),
+    took=st.floats(0, 120),
+    landed=st.booleans(),
+    seed=st.integers(0, 2**32 - 1),
+)
+def test_heartbeats_keep_a_fixed_schedule_and_a_failed_one_is_retried_soon(
+    interval: float, took: float, landed: bool, seed: int
+) -> None:
+    """After a beat that landed, the next starts one interval after the previous one started (a slow write does not
+    stretch the period), but never within a quarter interval; after a failed one, within 0.75 s and never later than
+    1.5 intervals: a failure must not cost a whole interval on top of the time the failed write took."""
+    import random
+
+    from fsrdzv._handler import BEAT_RETRY, next_beat_in
+
+    started = 1000.0
+    wait = next_beat_in(interval, started, started + took, landed, random.Random(seed))
+    if landed:
+        assert wait >= interval / 4
+        assert wait == pytest.approx(max(interval - took, interval / 4))
+    else:
+        assert 0 < wait <= 1.5 * min(interval, BEAT_RETRY)
+
+
+def test_a_failed_heartbeat_is_retried_well_before_the_next_interval() -> None:
+    """A real keep-alive thread (interval 1 s) whose first heartbeat write fails: the retry lands within about
+    half a second, not a full interval later."""
+    import time
+    import uuid
+
+    import fsrdzv
+    from fsrdzv import _handler
+    from fsrdzv._errors import StorageError
+
+    store = fsrdzv.open_store(f"memory://beat-{uuid.uuid4().hex[:8]}", "run")
+    handler = _handler.RendezvousHandler(store, fsrdzv.Settings("run", 1, 1, keep_alive_interval=1.0))
+    beats: list[tuple[float, bool]] = []
+    real_put = store.put_record
+
+    def flaky_put(kind: str, name: str, data: bytes) -> None:
+        fail = kind == "hb" and not any(ok is False for _, ok in beats)
+        beats.append((time.monotonic(), not fail))
+        if fail:
+            raise StorageError(5, "injected heartbeat failure")
+        real_put(kind, name, data)
+
+    store.put_record = flaky_put  # type: ignore[method-assign]
+    keepalive = _handler._KeepAlive(handler, 1.0)
+    keepalive.start()
+    try:
+        deadline = time.monotonic() + 5
+        while len(beats) < 2 and time.monotonic() < deadline:
+            time.sleep(0.01)
+    finally:
+        keepalive.stop()
+    assert [ok for _, ok in beats[:2]] == [False, True]
+    assert beats[1][0] - beats[0][0] < 0.8

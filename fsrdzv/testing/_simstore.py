@@ -669,10 +669,15 @@ class _SimKeepAlive:
         self._clock.spawn(self._run, name=f"keepalive-{self._handler.node_id}", delay=self._interval)
 
     def _run(self) -> None:
+        from .._handler import next_beat_in  # the handler's own schedule
+
+        rng = random.Random(self._handler.node_id)
         while not self._stopped:
+            started, landed = self._clock.now(), False
             with contextlib.suppress(RendezvousError):
                 self._handler._beat()
-            self._clock.sleep(self._interval)
+                landed = True
+            self._clock.sleep(next_beat_in(self._interval, started, self._clock.now(), landed, rng))
 
     def stop(self) -> None:
         self._stopped = True
