@@ -4,13 +4,15 @@ How a join works (the I/O shell around the pure rules of ``_protocol``):
 
 1. The node writes its heartbeat record ``hb/<id>`` and its join request record (its own objects: no
    contention). The request travels in the record's *name*, so one listing shows every pending request.
-2. It tries once to fold its own request into the document with one compare-and-set. When many nodes arrive at
-   once most of these lose; they do not retry but wait: the *folder* (the lowest waiting member of the document)
-   lists the request records at every poll and folds all pending ones in one compare-and-set. A joiner folds its
-   own request again only when there is no folder or the document has not changed for ``FOLD_GRACE`` seconds.
+2. While a round forms, one waiting member, the *folder* (the one whose request was folded first), is the only
+   writer of the document: it lists the request records at every poll and folds all pending ones in one
+   compare-and-set. A joiner that sees a folder at work writes nothing more; it folds its own request only when
+   there is no folder (the first arrival), once to join the wait list of a complete round, or when the document
+   has not changed for ``FOLD_GRACE`` seconds (the folder may be stuck).
 3. Nodes poll the document, fast while a round forms and slower while nothing changes, never faster than the
    read budget (``READ_RATE`` + ``READ_BURST`` reads in any second per node) nor than ``max_nodes /
-   AGGREGATE_READ_RATE`` (the whole job's polling stays bounded at any scale).
+   AGGREGATE_READ_RATE`` (the whole job's polling stays bounded at any scale). On a local directory they sleep
+   on inotify instead: the folder wakes on a new request, the others on the announcement of a completed round.
 4. A participant that has watched the last-call mark for ``last_call_timeout`` seconds of its own monotonic
    time completes the round. Reaching ``max_nodes`` completes it at once, in the folding write.
 5. Waiting nodes list the heartbeat records now and then; a member whose record has not changed for
