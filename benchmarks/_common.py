@@ -52,7 +52,25 @@ class CountingStore(Store):
         #: Wall-clock times at which this node's compare-and-sets of the document took effect.
         self.write_times: list[float] = []
         self.doc_writes = 0
+        #: With ``timeline()``: (start, end, operation) of every storage operation, wall-clock seconds.
+        self.events: list[tuple[float, float, str]] | None = None
         self._lock = threading.Lock()
+
+    def timeline(self) -> None:
+        """Also record when every operation started and ended (``events``), for a timeline of a formation."""
+        self.events = []
+
+    @contextlib.contextmanager
+    def _timed(self, what: str) -> Iterator[list[str]]:
+        # The caller may append a suffix (a lost compare-and-set) to the list it is given.
+        suffix: list[str] = []
+        started = time.time()
+        try:
+            yield suffix
+        finally:
+            if self.events is not None:
+                with self._lock:
+                    self.events.append((started, time.time(), what + "".join(suffix)))
 
     def _count(self, kind: str) -> None:
         with self._lock:
@@ -64,11 +82,15 @@ class CountingStore(Store):
         self._count("read")
         with self._lock:
             self.doc_read_times.append(time.time())
-        return self.inner._read_raw()
+        with self._timed("read"):
+            return self.inner._read_raw()
 
     def _commit(self, raw: bytes, generation: int, expected: tuple[int, str] | None) -> str | None:
         self._count("cas")
-        version = self.inner._commit(raw, generation, expected)
+        with self._timed("cas") as suffix:
+            version = self.inner._commit(raw, generation, expected)
+            if version is None:
+                suffix.append(" lost")
         if version is None:
             self._count("cas_lost")
         else:
@@ -79,19 +101,23 @@ class CountingStore(Store):
 
     def _put_record(self, kind: str, name: str, raw: bytes) -> None:
         self._count("put")
-        self.inner._put_record(kind, name, raw)
+        with self._timed(f"put {kind}"):
+            self.inner._put_record(kind, name, raw)
 
     def _read_record(self, kind: str, name: str) -> bytes | None:
         self._count("get")
-        return self.inner._read_record(kind, name)
+        with self._timed(f"get {kind}"):
+            return self.inner._read_record(kind, name)
 
     def _list_records(self, kind: str) -> dict[str, str]:
         self._count("list")
-        return self.inner._list_records(kind)
+        with self._timed(f"list {kind}"):
+            return self.inner._list_records(kind)
 
     def _delete_record(self, kind: str, name: str) -> None:
         self._count("delete")
-        self.inner._delete_record(kind, name)
+        with self._timed(f"delete {kind}"):
+            self.inner._delete_record(kind, name)
 
     def delete_run(self) -> None:
         self.inner.delete_run()

@@ -84,6 +84,9 @@ class Target:
     port: int = 0
     #: Directory where each node saves a pyinstrument session of its next_rendezvous (empty: no profiling).
     profile: str = ""
+    #: Record every storage operation's start and end (fsrdzv systems), for ``--timeline``.
+    timeline: bool = False
+    timeline_text: str = ""
 
 
 # -- the node processes ----------------------------------------------------------------------------------------
@@ -101,6 +104,8 @@ def _fsrdzv_handler(t: Target) -> tuple[Any, Any]:
     if "flatpoll" in variants:
         _handler.POLL_GROWTH = 1.0  # type: ignore[misc]
     store = CountingStore(open_store(t.endpoint, t.run_id, storage_options=options))
+    if t.timeline:
+        store.timeline()
     handler = _handler.RendezvousHandler(store, Settings(t.run_id, t.nodes, t.nodes), local_addr="127.0.0.1")
     return handler, store
 
@@ -204,6 +209,7 @@ def _node(
                 "doc_read_rate": max_rate(counter.doc_read_times, arrival, finished),
                 "cpu": cpu,
                 "wait": finished - arrival,
+                "events": getattr(counter, "events", None),
             }
         )
         # Nobody leaves before everyone holds a rank: a node that closed the run early would disturb the others.
@@ -252,6 +258,8 @@ def run_formation(t: Target) -> Outcome:
     first_done = min(r["done"] for r in got)
     commits = [w for r in got for w in r["write_times"] if w <= first_done]
     completed = max(commits) if commits else first_done
+    if t.timeline:
+        t.timeline_text = _timeline(t, got, last_arrival)
     return Outcome(
         seconds=max(r["done"] for r in got) - last_arrival,
         reads=sum(reads(r["ops"]) for r in got),
@@ -266,6 +274,20 @@ def run_formation(t: Target) -> Outcome:
         ranks_ok=ok,
         by_kind={k: sum(r["ops"].get(k, 0) for r in got) for k in got[0]["ops"]},
     )
+
+
+def _timeline(t: Target, got: list[dict[str, Any]], last_arrival: float) -> str:
+    """Every storage operation of every node, and when each node held its rank, in ms from the last arrival."""
+    rows = sorted(
+        (start - last_arrival, end - last_arrival, r["index"], what)
+        for r in got
+        for start, end, what in r["events"] or ()
+    )
+    rows += sorted((r["done"] - last_arrival, r["done"] - last_arrival, r["index"], "holds its rank") for r in got)
+    arrivals = [r["arrival"] - last_arrival for r in got]
+    lines = [f"# {t.system} N={t.nodes}: arrivals from {1e3 * min(arrivals):.1f} ms; start ms, end ms, node, operation"]
+    lines += [f"{1e3 * a:9.1f} {1e3 * b:9.1f}  n{i:03d}  {what}" for a, b, i, what in rows]
+    return "\n".join(lines) + "\n"
 
 
 @dataclass
@@ -485,6 +507,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", default="formation", help="base name of the files under benchmarks/results/")
     parser.add_argument("--no-files", action="store_true", help="print only; write no result files")
     parser.add_argument(
+        "--timeline",
+        metavar="FILE",
+        help="write every storage operation of every fsrdzv node (start, end, node, operation, in ms from the last "
+        "arrival) of every formation to FILE: where the time of a formation goes",
+    )
+    parser.add_argument(
         "--profile",
         metavar="FILE",
         help="profile every node's next_rendezvous with pyinstrument and write the combined profile (text) to FILE",
@@ -493,6 +521,7 @@ def main(argv: list[str] | None = None) -> int:
 
     unavailable: dict[str, str] = {}
     cells: dict[tuple[str, int], Cell] = {}
+    timelines: list[str] = []
     with contextlib.ExitStack() as stack:
         env = _prepare(args.systems, stack, unavailable)
         profile_dir = stack.enter_context(tempfile.TemporaryDirectory()) if args.profile else ""
@@ -511,6 +540,7 @@ def main(argv: list[str] | None = None) -> int:
                     t = _target(system, n, env)
                     if profile_dir:
                         t.profile = profile_dir
+                    t.timeline = bool(args.timeline) and system.startswith("fsrdzv")
                     try:
                         o = run_formation(t)
                     except RuntimeError as exc:
@@ -523,6 +553,8 @@ def main(argv: list[str] | None = None) -> int:
                                 os.unlink(t.endpoint)
                         if system in ("fsrdzv-dir", "fsrdzv-tmpfs"):
                             shutil.rmtree(os.path.join(t.endpoint, t.run_id), ignore_errors=True)
+                    if t.timeline_text:
+                        timelines.append(f"# repetition {rep}\n{t.timeline_text}")
                     if not o.ranks_ok:
                         cell.error = "ranks were not 0..N-1"
                     cell.seconds.add(o.seconds)
@@ -544,6 +576,10 @@ def main(argv: list[str] | None = None) -> int:
                     )
         if profile_dir:
             _combine_profiles(profile_dir, args.profile)
+        if args.timeline:
+            with open(args.timeline, "w") as f:
+                f.write("\n".join(timelines))
+            print(f"timelines of {len(timelines)} formations written to {args.timeline}", flush=True)
     table = report(cells, args.systems, args.nodes, unavailable)
     verdicts = targets(cells)
     note = machine_note()
