@@ -262,46 +262,24 @@ class FileStore(Store):
         return path
 
     @contextlib.contextmanager
-    def _locked(self, hopeless: Callable[[], bool]) -> Iterator[bool]:
-        """Hold the lock for a commit; yields False (lock not taken) as soon as ``hopeless()`` says the commit
-        must fail anyway.
-
-        A writer whose generation was committed by another while it waited has lost: it leaves the queue at
-        once instead of waiting its turn only to compare and give up (32 joiners arriving together each made
-        one such doomed wait, in series, behind the one winner).
-        """
+    def _locked(self) -> Iterator[None]:
         if not self.use_lock:
-            yield True
+            yield
             return
         if self._lock is None:
             self._lock = filelock.FileLock(self.lock_path, timeout=self.lock_timeout, mode=self.file_mode)
-        deadline = time.monotonic() + self.lock_timeout
-        while True:
-            try:
-                # One attempt (timeout 0 raises Timeout at once when held): between attempts we look whether
-                # waiting still makes sense, which filelock's own blocking wait cannot do in every version allowed.
-                self._lock.acquire(timeout=0)
-                break
-            except filelock.Timeout as exc:
-                if hopeless():
-                    yield False
-                    return
-                if time.monotonic() < deadline:
-                    time.sleep(_LOCK_POLL_INTERVAL)
-                    continue
-                failure: Exception = exc
-            except (OSError, NotImplementedError) as exc:
-                failure = exc
+        try:
+            # Given to acquire(), which takes it in every filelock this package allows (>= 3.12).
+            self._lock.acquire(poll_interval=_LOCK_POLL_INTERVAL)
+        except (filelock.Timeout, OSError, NotImplementedError) as exc:
             # The lock is an optimisation: the exclusive link below keeps CAS correct without it.
             if not self._lock_warned:
-                log.warning(
-                    "lock %s unavailable (%s); continuing with link-based commits only", self.lock_path, failure
-                )
+                log.warning("lock %s unavailable (%s); continuing with link-based commits only", self.lock_path, exc)
                 self._lock_warned = True
-            yield True
+            yield
             return
         try:
-            yield True
+            yield
         finally:
             self._lock.release()
 
@@ -381,13 +359,8 @@ class FileStore(Store):
 
     def _commit(self, raw: bytes, generation: int, expected: tuple[int, str] | None) -> str | None:
         self._ensure_dirs()
-        target = self._log_path(generation)
         try:
-            # The generation this commit would create exists already: the token is stale, the commit must lose
-            # (entries are never removed, only truncated). One stat(2) instead of a turn at the lock.
-            with self._locked(lambda: os.path.lexists(target)) as worth_it:
-                if not worth_it:
-                    return None
+            with self._locked():
                 current = self._read_current(verify=True)
                 if expected is None:
                     if current is not None:
@@ -397,7 +370,7 @@ class FileStore(Store):
                 entry = self._write_temp(self.log_dir, raw, self.fsync)
                 try:
                     # The commit point: exclusive across processes and NFS clients, lock or no lock.
-                    os.link(entry, target)
+                    os.link(entry, self._log_path(generation))
                 except FileExistsError:
                     return None
                 finally:
