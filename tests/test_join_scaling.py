@@ -33,6 +33,7 @@ from fsrdzv._state import (
     NodeInfo,
     decode_request_name,
     encode_request_name,
+    encode_state,
     nonce_order,
     request_owner,
     request_record_name,
@@ -300,3 +301,25 @@ def test_the_folder_is_the_waiting_member_folded_first() -> None:
     assert late._node < early._node  # the newcomer sorts first, yet the folder did not change
     without_early = remove_nodes(state, [early.node_id], settings_)
     assert late._is_folder(without_early)
+
+
+def test_a_fold_on_a_stale_document_is_made_again_on_the_current_one() -> None:
+    """The folder folds into the document it last saw, without reading it first. When someone else wrote in
+    between, the lost compare-and-set returns the current document and the fold is made again on it at once: the
+    pending request is in after one call, and nothing the other writer did is lost."""
+    settings_ = fsrdzv.Settings("run", 2, 4)
+    name = f"refold-{uuid.uuid4().hex[:8]}"
+    folder = fsrdzv.RendezvousHandler(MemoryStore(name, "run"), settings_, local_addr="10.0.0.1")
+    other, joiner = (NodeInfo(f"10.0.0.{i}", 1, 0, "abc") for i in (2, 3))
+    store = folder.store
+    state = fold_requests(new_state("run", "e"), [JoinRequest(folder._node, "1.a")], settings_)
+    assert store.compare_and_set(encode_state(state), None).won
+    stale = store.read()
+    assert stale is not None
+    # Someone else (a node folding itself after FOLD_GRACE) writes first.
+    current = fold_requests(state, [JoinRequest(other, "1.b")], settings_)
+    assert store.compare_and_set(encode_state(current), stale.token).won
+    won, got, _ = folder._fold(state, stale, [JoinRequest(joiner, "1.c")])
+    assert won and got is not None
+    assert {folder.node_id, other.node_id, joiner.node_id} <= set(got.participants)
+    assert folder.ops["cas"] == 2
