@@ -420,8 +420,8 @@ class RendezvousHandler:
             del self._verified_beats[stale]
         return valid
 
-    def _requests(self) -> tuple[list[JoinRequest], frozenset[str]]:
-        """Every pending-looking join request, from one listing, and the listed names.
+    def _requests(self) -> list[JoinRequest]:
+        """Every pending-looking join request, from one listing.
 
         Inline names carry the request itself; a body record (a request too long for a name) is read once per
         change of its tag. A record that does not decode, or is not signed with the job's secret, is reported
@@ -449,7 +449,7 @@ class RendezvousHandler:
                 out.append(cached[1])
         for stale in set(self._request_cache) - set(tags):
             del self._request_cache[stale]
-        return out, frozenset(tags)
+        return out
 
     # -- the public API ------------------------------------------------------------------------------------
 
@@ -598,7 +598,7 @@ class RendezvousHandler:
                     # fold is made again on it). It reads the document itself only when it has not seen it for a
                     # few polls, to notice what others wrote (a last call that ended, a close): a read at every
                     # wake-up would spend its read budget while nodes arrive in a burst.
-                    requests, _ = self._requests()
+                    requests = self._requests()
                     if self._clock() - looked_at >= self._folder_read_period:
                         state, snap = self._read()
                         looked_at = self._clock()
