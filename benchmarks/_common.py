@@ -60,17 +60,18 @@ class CountingStore(Store):
         """Also record when every operation started and ended (``events``), for a timeline of a formation."""
         self.events = []
 
+    def _event(self, started: float, what: str) -> None:
+        if self.events is not None:
+            with self._lock:
+                self.events.append((started, time.time(), what))
+
     @contextlib.contextmanager
-    def _timed(self, what: str) -> Iterator[list[str]]:
-        # The caller may append a suffix (a lost compare-and-set) to the list it is given.
-        suffix: list[str] = []
+    def _timed(self, what: str) -> Iterator[None]:
         started = time.time()
         try:
-            yield suffix
+            yield
         finally:
-            if self.events is not None:
-                with self._lock:
-                    self.events.append((started, time.time(), what + "".join(suffix)))
+            self._event(started, what)
 
     def _count(self, kind: str) -> None:
         with self._lock:
@@ -87,10 +88,9 @@ class CountingStore(Store):
 
     def _commit(self, raw: bytes, generation: int, expected: tuple[int, str] | None) -> str | None:
         self._count("cas")
-        with self._timed("cas") as suffix:
-            version = self.inner._commit(raw, generation, expected)
-            if version is None:
-                suffix.append(" lost")
+        started = time.time()
+        version = self.inner._commit(raw, generation, expected)
+        self._event(started, "cas" if version is not None else "cas lost")
         if version is None:
             self._count("cas_lost")
         else:
