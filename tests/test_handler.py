@@ -99,9 +99,7 @@ def test_max_completes_immediately_without_last_call(store_endpoint: tuple[str, 
 def test_late_joiner_waits_then_next_round_includes_it(store_endpoint: tuple[str, dict[str, Any]]) -> None:
     endpoint, options = store_endpoint
     rid = run_id()
-    first = [
-        Node(endpoint, rid, 2, 3, addr=f"127.0.0.{i + 1}", rounds=2, hold=60, options=options) for i in range(2)
-    ]
+    first = [Node(endpoint, rid, 2, 3, addr=f"127.0.0.{i + 1}", rounds=2, hold=60, options=options) for i in range(2)]
     late: Node | None = None
     try:
         round0 = [n.wait_for("rank", 60) for n in first]

@@ -289,9 +289,7 @@ class AzureStore(ObjectStore):
     def _delete_batch(self, names: list[str]) -> None:
         what = "batch delete of the run's blobs"
         try:
-            responses = self._call(
-                what, lambda: list(self._container.delete_blobs(*names, raise_on_any_failure=False))
-            )
+            responses = self._call(what, lambda: list(self._container.delete_blobs(*names, raise_on_any_failure=False)))
         except (StorageError, _Answer) as exc:
             # Some accounts and emulators refuse batch requests: fall back to one delete per blob.
             log.debug("batch delete refused at %s (%s); deleting one by one", self.where, exc)

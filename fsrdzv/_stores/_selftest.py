@@ -153,4 +153,3 @@ def one_line(text: object, limit: int = 300) -> str:
     """Collapse whitespace (server messages carry newlines and XML) and cut long text."""
     flat = " ".join(str(text).split())
     return flat if len(flat) <= limit else flat[: limit - 3] + "..."
-

@@ -123,8 +123,20 @@ class StoreConformance:
     @pytest.mark.parametrize(
         "bad",
         ["invalid", "", ":", "999:nope", "-1:x", "\u00b2:x", "1:\u00b2", 42, 3.5, b"1:x", ["1"], object()],
-        ids=["word", "empty", "colon", "future", "negative", "unicode-gen", "unicode-version", "int", "float", "bytes",
-             "list", "object"],
+        ids=[
+            "word",
+            "empty",
+            "colon",
+            "future",
+            "negative",
+            "unicode-gen",
+            "unicode-version",
+            "int",
+            "float",
+            "bytes",
+            "list",
+            "object",
+        ],
     )
     def test_invalid_token_loses_without_raising(self, store: Store, bad: object) -> None:
         first = store.compare_and_set(b"x", None).snapshot
