@@ -40,7 +40,7 @@ from fsrdzv._errors import StorageError
 from fsrdzv._handler import RendezvousHandler
 from fsrdzv._settings import Settings
 from fsrdzv._stores._memory import MemoryStore
-from fsrdzv.testing._simstore import (
+from fsrdzv.testing._sim import (
     PRESETS,
     SimCounters,
     SimStorage,

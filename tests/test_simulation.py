@@ -1,4 +1,4 @@
-"""Smoke tests of the scale-simulation support (fsrdzv.testing._simstore): the virtual-time scheduler, the store
+"""Smoke tests of the scale-simulation support (fsrdzv.testing._sim): the virtual-time scheduler, the store
 model, and 64 real handlers forming a round on modelled S3 (a few seconds of real time)."""
 
 from __future__ import annotations
@@ -10,7 +10,7 @@ import pytest
 
 from fsrdzv._handler import RendezvousHandler
 from fsrdzv._settings import Settings
-from fsrdzv.testing._simstore import (
+from fsrdzv.testing._sim import (
     NFS,
     S3,
     SimStorage,
