@@ -14,6 +14,8 @@ import time
 from typing import Any
 
 NODE_SCRIPT = os.path.join(os.path.dirname(__file__), "rdzv_node.py")
+#: Queued by the reader when the node's stdout ends: no further event can come.
+_EOF = "__eof__"
 
 #: Small timeouts so that liveness and last-call tests take seconds, not minutes.
 FAST: dict[str, Any] = {
@@ -92,6 +94,8 @@ class Node:
                 continue
             self.events.append(event)
             self._queue.put(event)
+        # End of output: the process exited (or closed stdout). wait_for stops waiting on it at once.
+        self._queue.put({"event": _EOF})
 
     def _read_err(self) -> None:
         assert self.proc.stderr is not None
@@ -111,6 +115,17 @@ class Node:
                 got = self._queue.get(timeout=left)
             except queue.Empty:
                 continue
+            if got["event"] == _EOF:
+                self._queue.put(got)  # later waits fail at once too
+                try:
+                    code: int | None = self.proc.wait(timeout=5)
+                except subprocess.TimeoutExpired:
+                    code = None
+                time.sleep(0.1)  # let the stderr reader take the last lines
+                raise AssertionError(
+                    f"no {event!r} event: the node exited (code {code}) before sending it; "
+                    f"events={self.events} stderr={self.stderr[-20:]}"
+                )
             if got["event"] == event:
                 return got
 
