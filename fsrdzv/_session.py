@@ -1,0 +1,331 @@
+"""Budgeted, counted, decoded I/O on one run's store: the only path by which fsrdzv reads or writes a document.
+
+A :class:`Session` belongs to one node (or one administrative tool). Every read of the store takes a token of
+the node's read budget (:class:`ReadBudget`), every operation is counted in :attr:`Session.ops`, documents are
+decoded once per distinct content (:class:`DocumentCache`), and a won write that completes a round is announced
+to the nodes that sleep on a watch. The request records (:class:`RequestBook`) and, with a job secret, the
+signature check of heartbeat records (:class:`BeatFilter`) live here too.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import time
+from collections import OrderedDict
+from collections.abc import Callable
+from typing import Final, Literal
+
+from ._errors import RendezvousError, RendezvousStateError, StorageError
+from ._state import (
+    INLINE_PREFIX,
+    JoinRequest,
+    RendezvousState,
+    decode_request,
+    decode_request_name,
+    decode_state,
+    encode_request,
+    encode_state,
+    request_record_name,
+)
+from ._store import ChangeWatch, Snapshot, Store
+
+__all__ = [
+    "COMPLETE_KIND",
+    "READ_BURST",
+    "READ_RATE",
+    "BeatFilter",
+    "DocumentCache",
+    "ReadBudget",
+    "RequestBook",
+    "Session",
+    "WatchRole",
+]
+
+log = logging.getLogger("fsrdzv")
+
+#: Read budget of one node (token bucket): at most READ_RATE + READ_BURST reads of the store in any second.
+READ_RATE: Final = 12.0
+READ_BURST: Final = 8.0
+#: Record kind of the announcement that a round completed (see :meth:`Session.announce`).
+COMPLETE_KIND: Final = "done"
+#: After a watch wakes the folder, it waits this long before reading, so that a burst of changes costs one read.
+WAKE_SETTLE: Final = 0.01
+
+#: Who sleeps on a watch: the folder wakes on join requests and completions, every other waiting node on
+#: completions only.
+WatchRole = Literal["folder", "waiter"]
+_WATCH_KINDS: Final[dict[str, tuple[str, ...]]] = {"folder": ("req", COMPLETE_KIND), "waiter": (COMPLETE_KIND,)}
+
+Clock = Callable[[], float]
+Sleep = Callable[[float], None]
+#: The result of a compare-and-set: (won, the current document, its snapshot); both None when the store did not
+#: say what is there now.
+CasOutcome = tuple[bool, RendezvousState | None, Snapshot | None]
+
+
+class ReadBudget:
+    """A token bucket over one node's reads: at most ``rate + burst`` reads in any one-second window.
+
+    Every read of the store while joining takes a token, so the per-node read rate holds by construction
+    whatever the node's role (joiner, folder, sweeper), with the clock and sleep of the node.
+    """
+
+    def __init__(self, rate: float, burst: float, clock: Clock, sleep: Sleep) -> None:
+        self._rate, self._burst = rate, burst
+        self._clock, self._sleep = clock, sleep
+        self._tokens = burst
+        self._last = clock()
+
+    def take(self) -> None:
+        now = self._clock()
+        self._tokens = min(self._burst, self._tokens + (now - self._last) * self._rate)
+        self._last = now
+        if self._tokens < 1:
+            self._sleep((1 - self._tokens) / self._rate)
+            now = self._clock()
+            self._tokens = min(self._burst, self._tokens + (now - self._last) * self._rate)
+            self._last = now
+        self._tokens -= 1
+
+
+class DocumentCache:
+    """Decoded documents by their bytes: an unchanged document is not parsed again.
+
+    States are immutable, so identical bytes may share one decoded value; sessions may share one cache (the
+    simulation does, so that thousands of nodes polling one large document parse it once per change).
+    """
+
+    def __init__(self, size: int = 1) -> None:
+        self._size = size
+        self._states: OrderedDict[bytes, RendezvousState] = OrderedDict()
+
+    def decode(self, data: bytes, where: str) -> RendezvousState:
+        state = self._states.get(data)
+        if state is None:
+            state = decode_state(data, where)
+            if len(self._states) >= self._size:
+                self._states.popitem(last=False)
+            self._states[data] = state
+        return state
+
+
+class Session:
+    """One node's (or one tool's) budgeted, counted and decoded access to a run's store.
+
+    :param watching: make change watches where the store offers them (only with the real sleep: an injected
+        sleep keeps full control of time). A session that does not watch never announces completions either.
+    """
+
+    def __init__(
+        self,
+        store: Store,
+        *,
+        clock: Clock = time.monotonic,
+        sleep: Sleep = time.sleep,
+        watching: bool = False,
+        documents: DocumentCache | None = None,
+    ) -> None:
+        self.store = store
+        self.clock = clock
+        self.sleep = sleep
+        self._budget = ReadBudget(READ_RATE, READ_BURST, clock, sleep)
+        self._documents = documents or DocumentCache()
+        self._watching = watching
+        self._watches: dict[WatchRole, ChangeWatch | None] = {}
+        #: The last round seen complete (epoch, round): a won write that completes another one announces it.
+        self._complete_seen: tuple[str, int] | None = None
+        #: Storage operations made through this session, by kind (benchmarks and tests read them).
+        self.ops: dict[str, int] = {"read": 0, "cas": 0, "put": 0, "list": 0, "get": 0, "delete": 0}
+
+    def where(self) -> str:
+        return self.store.describe("document")
+
+    # -- the document --------------------------------------------------------------------------------------
+
+    def read(self) -> tuple[RendezvousState | None, Snapshot | None]:
+        self._budget.take()
+        self.ops["read"] += 1
+        snap = self.store.read()
+        if snap is None:
+            return None, None
+        state = self._documents.decode(snap.data, self.where())
+        self._saw(state)
+        return state, snap
+
+    def cas(self, new: RendezvousState, snap: Snapshot | None) -> CasOutcome:
+        """Write ``new`` if the document is still ``snap`` (None: create it), announcing a completed round."""
+        self.ops["cas"] += 1
+        result = self.store.compare_and_set(encode_state(new), None if snap is None else snap.token)
+        if result.snapshot is None:
+            return result.won, None, None
+        state = new if result.won else self._documents.decode(result.snapshot.data, self.where())
+        if result.won and state.complete and (state.epoch, state.round) != self._complete_seen:
+            # This write completed the round (its base was a document where the round was not complete).
+            self.announce(state)
+        self._saw(state)
+        return result.won, state, result.snapshot
+
+    def reset(self, new: RendezvousState) -> Snapshot:
+        """Replace the document whatever it holds and delete every record (``fsrdzv reset``)."""
+        self.ops["cas"] += 1
+        return self.store.reset(encode_state(new))
+
+    def _saw(self, state: RendezvousState) -> None:
+        if state.complete:
+            self._complete_seen = (state.epoch, state.round)
+
+    # -- records -------------------------------------------------------------------------------------------
+
+    def list(self, kind: str) -> dict[str, str]:
+        self._budget.take()
+        self.ops["list"] += 1
+        return self.store.list_records(kind)
+
+    def get(self, kind: str, name: str) -> bytes | None:
+        self._budget.take()
+        self.ops["get"] += 1
+        return self.store.read_record(kind, name)
+
+    def get_unbudgeted(self, kind: str, name: str) -> bytes | None:
+        """A record read outside a join's polling (the launcher's monitor has its own period)."""
+        self.ops["get"] += 1
+        return self.store.read_record(kind, name)
+
+    def put(self, kind: str, name: str, data: bytes) -> None:
+        self.ops["put"] += 1
+        self.store.put_record(kind, name, data)
+
+    def delete(self, kind: str, name: str) -> None:
+        self.ops["delete"] += 1
+        self.store.delete_record(kind, name)
+
+    def discard(self, kind: str, name: str) -> None:
+        """Best-effort delete: a leftover record is harmless (ordered nonces; removed at shutdown or reuse)."""
+        with contextlib.suppress(StorageError):
+            self.delete(kind, name)
+
+    # -- watches and the completion announcement -----------------------------------------------------------
+
+    def watch(self, role: WatchRole) -> ChangeWatch | None:
+        """The watch of ``role``, made on first use; None where there is none."""
+        if not self._watching:
+            return None
+        if role not in self._watches:
+            self._watches[role] = None
+            with contextlib.suppress(OSError, RendezvousError):
+                self._watches[role] = self.store.change_watch(_WATCH_KINDS[role], document=False)
+        return self._watches[role]
+
+    def wait(self, seconds: float, role: WatchRole) -> None:
+        """Sleep ``seconds``, or less if the watch of ``role`` sees a change that concerns it."""
+        watch = self.watch(role)
+        if watch is None:
+            self.sleep(seconds)
+        elif watch.wait(seconds) and role == "folder":
+            # A burst (nodes arriving together) settles first, so that one look sees all of it; an announced
+            # completion has nothing to wait for.
+            self.sleep(WAKE_SETTLE)
+
+    def announce(self, state: RendezvousState) -> None:
+        """Tell the waiting nodes on this host that the round completed, if they can sleep on a watch.
+
+        One small record rewritten per round (a rename, which a watch sees): the nodes that are not folding sleep
+        on it instead of on every new generation (a thundering herd when nodes outnumber cores), and learn of
+        completion at once, not at their next poll. Where the store offers no watch this writes nothing.
+        """
+        if self.watch("waiter") is None:
+            return
+        with contextlib.suppress(StorageError):  # only a shortcut: the others still poll
+            self.put(COMPLETE_KIND, "round", b'{"epoch":"%s","round":%d}' % (state.epoch.encode(), state.round))
+
+    def close_watches(self) -> None:
+        for watch in self._watches.values():
+            if watch is not None:
+                watch.close()
+        self._watches.clear()
+
+
+class RequestBook:
+    """This node's join request record, and every node's requests as one listing shows them.
+
+    Inline names carry the request itself (decoded once); a body record (a request too long for a name) is read
+    once per change of its tag. A record that does not decode, or is not signed with the job's secret, is
+    reported once and ignored: never act on a record we cannot trust.
+    """
+
+    def __init__(self, session: Session) -> None:
+        self._session = session
+        #: Request records judged so far: name -> (tag, request or None if invalid).
+        self._cache: dict[str, tuple[str, JoinRequest | None]] = {}
+        #: The name of this node's current request record.
+        self.own_name: str | None = None
+
+    def put(self, request: JoinRequest) -> None:
+        session = self._session
+        name = request_record_name(request, session.store.name_mac)
+        session.put("req", name, encode_request(request))
+        previous, self.own_name = self.own_name, name
+        if previous is not None and previous != name:
+            session.discard("req", previous)
+
+    def pending_looking(self) -> list[JoinRequest]:
+        """Every valid request record, from one listing (the protocol decides which are pending)."""
+        tags = self._session.list("req")
+        out = []
+        for name, tag in tags.items():
+            inline = name.startswith(INLINE_PREFIX)
+            cached = self._cache.get(name)
+            if cached is None or (not inline and cached[0] != tag):
+                cached = (tag, self._judge(name, inline))
+                self._cache[name] = cached
+            if cached[1] is not None:
+                out.append(cached[1])
+        for stale in set(self._cache) - set(tags):
+            del self._cache[stale]
+        return out
+
+    def _judge(self, name: str, inline: bool) -> JoinRequest | None:
+        session = self._session
+        try:
+            if inline:
+                return decode_request_name(name, session.store.name_mac)
+            raw = session.get("req", name)
+            return None if raw is None else decode_request(raw, f"join request {name!r}")
+        except RendezvousStateError as exc:
+            log.warning("ignoring %s", exc)
+            return None
+
+
+class BeatFilter:
+    """Heartbeat tags from one listing; with a job secret only signed heartbeats count (a forged one must not keep
+    a dead node alive). Each tag's signature is checked once."""
+
+    def __init__(self, session: Session) -> None:
+        self._session = session
+        self._verified: dict[str, tuple[str, bool]] = {}
+
+    def tags(self) -> dict[str, str]:
+        session = self._session
+        tags = session.list("hb")
+        if not session.store.signed:
+            return tags
+        valid = {}
+        for name, tag in tags.items():
+            known = self._verified.get(name)
+            if known is None or known[0] != tag:
+                known = (tag, self._signed(name))
+                self._verified[name] = known
+            if known[1]:
+                valid[name] = tag
+        for stale in set(self._verified) - set(tags):
+            del self._verified[stale]
+        return valid
+
+    def _signed(self, name: str) -> bool:
+        try:
+            self._session.get("hb", name)
+        except RendezvousStateError as exc:
+            log.warning("ignoring heartbeat: %s", exc)
+            return False
+        return True
