@@ -30,6 +30,7 @@ __all__ = [
     "parse_bool",
     "parse_count",
     "parse_seconds",
+    "set_nested",
 ]
 
 #: Spellings of a boolean in text (torch's ``get_as_bool`` plus on/off), compared after strip() and lower().
@@ -117,6 +118,20 @@ def _validated(values: Mapping[str, object], source: str) -> dict[str, Any]:
     return out
 
 
+def set_nested(target: dict[str, Any], dotted: str, value: object) -> None:
+    """``target["a"]["b"] = value`` for ``dotted="a.b"`` (storage options such as ``client_kwargs.region_name``).
+
+    :raises ConfigurationError: a parent key already holds a plain value.
+    """
+    *parents, leaf = dotted.split(".")
+    for key in parents:
+        child = target.setdefault(key, {})
+        if not isinstance(child, dict):
+            raise ConfigurationError(f"storage option {dotted!r}: {key!r} is already set to a plain value")
+        target = child
+    target[leaf] = value
+
+
 @dataclass(frozen=True)
 class Settings:
     """Everything the protocol needs to decide, validated once.
@@ -172,7 +187,5 @@ class Settings:
 
 #: The default of every optional :class:`Settings` field (torch's), by name.
 DEFAULTS: Final[Mapping[str, float | int]] = {
-    f.name: f.default
-    for f in dataclasses.fields(Settings)
-    if f.default is not dataclasses.MISSING
+    f.name: f.default for f in dataclasses.fields(Settings) if f.default is not dataclasses.MISSING
 }
