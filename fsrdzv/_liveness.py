@@ -4,10 +4,14 @@ No timestamp written by another host is ever compared with this host's clock. Ea
 node, the record tag it last saw and the local monotonic time it first saw that tag. A node is dead when its tag
 has not changed for ``timeout`` seconds of the observer's own time. A fresh observer therefore waits a full
 timeout before it can call anyone dead: it errs towards "alive", never towards a false death.
+
+The same memory gives ``fsrdzv status`` its heartbeat ages (:meth:`LivenessTracker.age`) and ``fsrdzv gc`` its
+verdict, so that the handler, the launcher and the operator's tools judge liveness in one way.
 """
 
 from __future__ import annotations
 
+import math
 from collections.abc import Iterable, Mapping
 
 __all__ = ["LivenessTracker"]
@@ -28,6 +32,16 @@ class LivenessTracker:
         self.max_gap = timeout / 2 if max_gap is None else max_gap
         self._seen: dict[str, tuple[str | None, float]] = {}
         self._last: float | None = None
+        #: Nodes whose tag this observer has seen change (or appear after its first look): their age is exact.
+        self._changed: set[str] = set()
+        #: How many listings this observer has taken, and the local time of the first.
+        self.observations = 0
+        self.first_observation: float | None = None
+
+    @classmethod
+    def observer(cls) -> LivenessTracker:
+        """A tracker that only measures ages (``fsrdzv status``): nobody is ever dead, no blind spell is discounted."""
+        return cls(math.inf, max_gap=math.inf)
 
     def observe(self, tags: Mapping[str, str], now: float, members: Iterable[str]) -> None:
         """Record one listing of heartbeat tags, taken at local time ``now``, for the given members."""
@@ -35,11 +49,17 @@ class LivenessTracker:
             blind = now - self._last - self.max_gap
             self._seen = {k: (tag, since + blind) for k, (tag, since) in self._seen.items()}
         self._last = now
+        if self.first_observation is None:
+            self.first_observation = now
         for node_id in members:
             tag = tags.get(node_id)
             previous = self._seen.get(node_id)
             if previous is None or previous[0] != tag:
                 self._seen[node_id] = (tag, now)
+                # A node that first shows up after our first look was written while we watched: a real change.
+                if previous is not None or self.observations > 0:
+                    self._changed.add(node_id)
+        self.observations += 1
 
     def dead(self, members: Iterable[str], now: float) -> set[str]:
         """Members whose heartbeat has not changed for at least ``timeout`` seconds of observed time."""
@@ -59,3 +79,17 @@ class LivenessTracker:
         for node_id in list(self._seen):
             if node_id not in keep:
                 del self._seen[node_id]
+        self._changed &= keep
+
+    def age(self, node_id: str, now: float) -> float | None:
+        """Seconds since this observer saw ``node_id``'s tag change (None if it never saw the node)."""
+        seen = self._seen.get(node_id)
+        return None if seen is None else max(0.0, now - seen[1])
+
+    def changed(self, node_id: str) -> bool:
+        """Whether this observer saw the tag change; if not, :meth:`age` is only a lower bound."""
+        return node_id in self._changed
+
+    def changed_since(self, start: float) -> set[str]:
+        """Nodes whose tag changed (or that appeared) at or after local time ``start``."""
+        return {n for n in self._changed if self._seen[n][1] >= start}
