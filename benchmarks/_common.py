@@ -29,23 +29,22 @@ RESULTS = REPO / "benchmarks" / "results"
 if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
-from fsrdzv._store import ChangeWatch, Store  # noqa: E402
+from fsrdzv._store import CasResult, Snapshot, Store, StoreWrapper  # noqa: E402
 
 #: Kinds of raw storage operation that read, and that write.
 READ_KINDS = ("read", "get", "list")
 WRITE_KINDS = ("cas", "put", "delete")
 
 
-class CountingStore(Store):
-    """Forward the raw layer of ``inner`` and count every storage operation by kind.
+class CountingStore(StoreWrapper):
+    """Wrap ``inner`` and count every storage operation by kind.
 
     It counts what really reaches the storage, including the read a store makes after a lost compare-and-set,
     and keeps the wall-clock time of every read-type operation (for the per-node read rate).
     """
 
     def __init__(self, inner: Store) -> None:
-        super().__init__(inner.run_id, inner.location, inner._secret)
-        self.inner = inner
+        super().__init__(inner)
         self.ops: dict[str, int] = {"read": 0, "cas": 0, "cas_lost": 0, "put": 0, "get": 0, "list": 0, "delete": 0}
         self.read_times: list[float] = []
         self.doc_read_times: list[float] = []
@@ -78,56 +77,48 @@ class CountingStore(Store):
             self.ops[kind] += 1
             if kind in READ_KINDS:
                 self.read_times.append(time.time())
+            if kind == "read":
+                self.doc_read_times.append(time.time())
 
-    def _read_raw(self) -> tuple[bytes, str] | None:
+    def read(self) -> Snapshot | None:
         self._count("read")
-        with self._lock:
-            self.doc_read_times.append(time.time())
         with self._timed("read"):
-            return self.inner._read_raw()
+            return self.inner.read()
 
-    def _commit(self, raw: bytes, generation: int, expected: tuple[int, str] | None) -> str | None:
+    def compare_and_set(self, data: bytes, token: object = None) -> CasResult:
         self._count("cas")
         started = time.time()
-        version = self.inner._commit(raw, generation, expected)
-        self._event(started, "cas" if version is not None else "cas lost")
-        if version is None:
-            self._count("cas_lost")
-        else:
+        result = self.inner.compare_and_set(data, token)
+        self._event(started, "cas" if result.won else "cas lost")
+        if result.won:
             with self._lock:
                 self.doc_writes += 1
                 self.write_times.append(time.time())
-        return version
+        else:
+            # The inner store read the current document to answer the lost compare-and-set.
+            self._count("cas_lost")
+            self._count("read")
+        return result
 
-    def _put_record(self, kind: str, name: str, raw: bytes) -> None:
+    def put_record(self, kind: str, name: str, data: bytes) -> None:
         self._count("put")
         with self._timed(f"put {kind}"):
-            self.inner._put_record(kind, name, raw)
+            self.inner.put_record(kind, name, data)
 
-    def _read_record(self, kind: str, name: str) -> bytes | None:
+    def read_record(self, kind: str, name: str) -> bytes | None:
         self._count("get")
         with self._timed(f"get {kind}"):
-            return self.inner._read_record(kind, name)
+            return self.inner.read_record(kind, name)
 
-    def _list_records(self, kind: str) -> dict[str, str]:
+    def list_records(self, kind: str) -> dict[str, str]:
         self._count("list")
         with self._timed(f"list {kind}"):
-            return self.inner._list_records(kind)
+            return self.inner.list_records(kind)
 
-    def _delete_record(self, kind: str, name: str) -> None:
+    def delete_record(self, kind: str, name: str) -> None:
         self._count("delete")
         with self._timed(f"delete {kind}"):
-            self.inner._delete_record(kind, name)
-
-    def delete_run(self) -> None:
-        self.inner.delete_run()
-
-    def change_watch(self, kinds: tuple[str, ...] = (), document: bool = True) -> ChangeWatch | None:
-        # Not an operation on the storage: the handler sleeps on it (inotify on local directories) between polls.
-        return self.inner.change_watch(kinds, document)
-
-    def close(self) -> None:
-        self.inner.close()
+            self.inner.delete_record(kind, name)
 
 
 def reads(ops: dict[str, int]) -> int:

@@ -63,15 +63,11 @@ class Endpoint(NamedTuple):
     storage_options: dict[str, Any]
     env: dict[str, str]
 
-    def spec(self, *, with_env: bool = False) -> Any:
-        """A :class:`fsrdzv.testing.StoreSpec` for this endpoint (``with_env``: also export ``env`` in children).
-
-        ``StoreSpec.open`` writes its env into ``os.environ`` of whichever process opens it, the test process
-        included, so the env is off by default: the storage options already say everything.
-        """
+    def spec(self) -> Any:
+        """A :class:`fsrdzv.testing.StoreSpec` for this endpoint (the storage options say everything)."""
         from fsrdzv.testing import StoreSpec
 
-        return StoreSpec(self.url, dict(self.storage_options), dict(self.env) if with_env else {})
+        return StoreSpec.at(self.url, self.storage_options)
 
 
 def in_ci() -> bool:

@@ -30,6 +30,7 @@ from fsrdzv import _protocol as proto
 from fsrdzv._state import JoinRequest, NodeInfo, decode_state, encode_request, encode_request_name, encode_state
 from fsrdzv._store import seal
 from fsrdzv._stores._memory import memory_space
+from fsrdzv.testing import FaultyStore
 
 PACKAGE = Path(fsrdzv.__file__).resolve().parent
 REPO = PACKAGE.parent
@@ -598,3 +599,21 @@ def test_node_ids_cannot_reach_another_run_in_the_memory_store() -> None:
     assert set(space.runs) == {rid}
     for key in space.runs[rid].records["req"]:
         assert "/" not in key and not key.startswith(".")
+
+
+@pytest.mark.parametrize("endpoint_kind", ["directory", "memory"])
+def test_a_faulty_store_around_a_signed_store_keeps_the_signature(tmp_path: Any, endpoint_kind: str) -> None:
+    """Wrappers delegate at the public layer: what a FaultyStore writes, the signed store it wraps reads back."""
+    endpoint = str(tmp_path / "rdzv") if endpoint_kind == "directory" else f"memory://faulty-signed-{uuid.uuid4().hex}"
+    signed = fsrdzv.open_store(endpoint, "signed", secret=b"job secret")
+    faulty = FaultyStore(signed)
+    assert faulty.signed
+    first = faulty.compare_and_set(b"through the wrapper", None)
+    assert first.won and first.snapshot is not None
+    second = faulty.compare_and_set(b"again", first.snapshot.token)
+    assert second.won
+    faulty.put_record("hb", "node", b"beat")
+    snap = signed.read()  # no TamperedError: the wrapper's writes carry the HMAC
+    assert snap is not None and snap.data == b"again" and snap == second.snapshot
+    assert signed.read_record("hb", "node") == b"beat"
+    assert faulty.name_mac("x") == signed.name_mac("x") is not None

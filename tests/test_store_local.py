@@ -9,7 +9,7 @@ from typing import Any
 
 import pytest
 
-from fsrdzv import Snapshot, StateCorruptError, Store
+from fsrdzv import Snapshot, StateCorruptError
 from fsrdzv._store import seal
 from fsrdzv._stores._file import FileStore
 from fsrdzv.testing import StoreConformance, StoreSpec
@@ -21,17 +21,14 @@ class TestDirectoryStore(StoreConformance):
 
     @pytest.fixture
     def spec(self, tmp_path: os.PathLike[str]) -> StoreSpec:
-        return StoreSpec(endpoint=str(tmp_path / "rdzv"))
-
-    def corrupt(self, store: Store, raw: bytes) -> None:
-        store.corrupt_for_tests(raw)  # type: ignore[attr-defined]
+        return StoreSpec.at(str(tmp_path / "rdzv"))
 
 
 class TestTmpfsStore(TestDirectoryStore):
     @pytest.fixture
     def spec(self) -> StoreSpec:  # type: ignore[override]
         base = "/dev/shm" if os.path.isdir("/dev/shm") else "/tmp"
-        return StoreSpec(endpoint=f"file://{base}/fsrdzv-test-{uuid.uuid4().hex[:8]}")
+        return StoreSpec.at(f"file://{base}/fsrdzv-test-{uuid.uuid4().hex[:8]}")
 
 
 class TestDirectoryStoreWithoutLock(TestDirectoryStore):
@@ -42,16 +39,13 @@ class TestDirectoryStoreWithoutLock(TestDirectoryStore):
 
     @pytest.fixture
     def spec(self, tmp_path: os.PathLike[str]) -> StoreSpec:  # type: ignore[override]
-        return StoreSpec(endpoint=str(tmp_path / "nolock"), storage_options={"lock": False})
+        return StoreSpec.at(str(tmp_path / "nolock"), storage_options={"lock": False})
 
 
 class TestMemoryStore(StoreConformance):
     @pytest.fixture
     def spec(self) -> StoreSpec:
-        return StoreSpec(endpoint=f"memory://conf-{uuid.uuid4().hex[:8]}")
-
-    def corrupt(self, store: Store, raw: bytes) -> None:
-        store.corrupt_for_tests(raw)  # type: ignore[attr-defined]
+        return StoreSpec.at(f"memory://conf-{uuid.uuid4().hex[:8]}")
 
     def test_concurrent_increments_are_exact(self, spec: StoreSpec, run_id: str) -> None:
         # memory:// is per process: contend with threads instead.

@@ -37,9 +37,6 @@ class _ObjectConformance(StoreConformance):
     processes = 4
     increments = 10
 
-    def corrupt(self, store: Store, raw: bytes) -> None:
-        store.corrupt_for_tests(raw)  # type: ignore[attr-defined]
-
 
 class TestS3Store(_ObjectConformance):
     @pytest.fixture

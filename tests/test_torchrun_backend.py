@@ -18,6 +18,8 @@ from typing import Any
 
 import pytest
 
+import fsrdzv.testing
+
 pytest.importorskip("torch")
 
 from torch.distributed import HashStore, TCPStore
@@ -65,7 +67,7 @@ def backend(request: pytest.FixtureRequest, tmp_path: Path) -> FsRendezvousBacke
 def _corrupt(backend: FsRendezvousBackend) -> None:
     """Write bytes that are not an fsrdzv document where the document lives, bypassing fsrdzv."""
     store: Any = backend.store
-    store.corrupt_for_tests(b"this is not an fsrdzv document")
+    fsrdzv.testing.corrupt(store, b"this is not an fsrdzv document")
 
 
 # ---------------------------------------------------------------------------------------------------------------

@@ -115,7 +115,7 @@ def list_runs(endpoint: str, *, storage_options: dict[str, Any] | None = None) -
     """Return the run ids that have data at ``endpoint``, sorted."""
     scheme, rest = split_endpoint(endpoint)
     if scheme == "file":
-        from ._file import list_file_runs
+        from ._fileio import list_file_runs
 
         return list_file_runs(rest)
     if scheme == "memory":

@@ -29,8 +29,8 @@ from azure.core import exceptions as az_exc
 from azure.storage.blob import BlobPrefix, BlobServiceClient, LinearRetry
 
 from .._errors import ConfigurationError, RendezvousError, StorageError
-from ._object import Answer, ObjectStore, batches, check_options, in_threads
-from ._selftest import join_key, one_line, split_rest, verify_conditional_writes
+from .._text import one_line
+from ._object import ExpectedAnswerError, ObjectStore, batches, in_threads
 
 __all__ = ["AzureStore"]
 
@@ -73,7 +73,7 @@ _CODE_HINTS: Final[dict[str, tuple[int, str]]] = {
 }
 
 
-class _Answer(Answer):
+class _Answer(ExpectedAnswerError):
     """An expected non-2xx answer (412, 409 exists, 404 blob)."""
 
     @property
@@ -174,37 +174,25 @@ class AzureStore(ObjectStore):
     """
 
     service = "Azure"
+    scheme = "az"
+    conditions = _CONDITIONS
+    known_options = _KNOWN_OPTIONS
 
-    def __init__(
-        self,
-        rest: str,
-        run_id: str,
-        *,
-        storage_options: dict[str, Any] | None = None,
-        secret: bytes | None = None,
-    ) -> None:
-        bucket, prefix = split_rest(rest, "az")
-        container, url_account = _parse_container(bucket)
-        super().__init__(run_id, "az://" + join_key(container, prefix), prefix, secret)
-        options = dict(storage_options or {})
-        check_options(options, _KNOWN_OPTIONS, self.location)
-        self.container_name = container
-        self.account_url = url_account or "the configured account"
+    def _parse_bucket(self, bucket: str) -> str:
+        container, self._url_account = _parse_container(bucket)
+        return container
+
+    def _connect(self, bucket: str, options: dict[str, Any]) -> str | None:
+        self.container_name = bucket
+        self.account_url = self._url_account or "the configured account"
         try:
-            self._service, self.account_url = _service_client(options, url_account)
+            self._service, self.account_url = _service_client(options, self._url_account)
         except RendezvousError:
             raise
         except (ValueError, TypeError) as exc:
             raise ConfigurationError(f"invalid Azure storage options for {self.location}: {one_line(exc)}") from None
-        self._container = self._service.get_container_client(container)
-        if not options.get("skip_selftest"):
-            verify_conditional_writes(
-                self,
-                cache_key=("az", self.account_url, container, prefix),
-                prefix=prefix,
-                location=self.where,
-                conditions=_CONDITIONS,
-            )
+        self._container = self._service.get_container_client(bucket)
+        return self.account_url
 
     @property
     def where(self) -> str:
@@ -281,6 +269,10 @@ class AzureStore(ObjectStore):
             else:
                 objects[item.name] = str(item.etag).strip('"')
         return objects, prefixes
+
+    def _sdk_modified(self, prefix: str) -> list[float]:
+        blobs = self._container.list_blobs(name_starts_with=prefix or None)
+        return [b.last_modified.timestamp() for b in blobs if b.last_modified is not None]
 
     def _delete_many(self, keys: list[str]) -> None:
         for batch in batches(keys, _DELETE_BATCH):

@@ -22,23 +22,24 @@ from __future__ import annotations
 
 import contextlib
 import errno
-import hashlib
 import logging
 import os
 import secrets
 import shutil
 import socket
-import time
 from collections.abc import Callable, Iterator
 from typing import Final, TypeVar
 
 import filelock
 
 from .._errors import ConfigurationError, StorageError
-from .._store import MAX_DOCUMENT_BYTES, MAX_RECORD_BYTES, ChangeWatch, Store
+from .._settings import parse_bool, parse_seconds
+from .._store import MAX_RECORD_BYTES, ChangeWatch, SealedStore, StoreCapabilities
+from ._fileio import map_os_error, newest_mtime, not_hidden, parse_envelope, read_file, version_of
+from ._keys import check_kind
 from ._notify import watch_directories
 
-__all__ = ["FileStore", "list_file_runs", "map_os_error"]
+__all__ = ["FileStore"]
 
 log = logging.getLogger("fsrdzv.store.file")
 
@@ -47,120 +48,14 @@ KEEP_LOG_ENTRIES: Final = 64
 #: Retries for the transient errors of shared file systems (ESTALE after a rename on NFS, ENOENT races).
 _READ_RETRIES: Final = 20
 _GEN_WIDTH: Final = 20
-#: Seconds between attempts to take a contended lock. filelock's default (50 ms) leaves the lock idle for up to
-#: 50 ms after each release while every waiter sleeps; a commit holds it for well under a millisecond locally, so a
-#: waiter should retry soon after a release (a CAS that lost then learns it within ms and can retry: formation
-#: latency). Each attempt is an open(2) + flock(2) (RPCs on NFS), hence not 0. The price: more wake-ups, and more
-#: losers reaching the lock; with 8 busy writers on 2 CPUs benchmarks/cas_throughput.py counts fewer CAS/s overall
-#: than with 50 ms, which let one writer run nearly alone while the others slept.
+#: Seconds between attempts to take a contended lock. A commit holds the lock for far less than filelock's
+#: default poll (50 ms), so a waiter retries soon after a release and a lost CAS learns it quickly (formation
+#: latency). Each attempt is an open(2) + flock(2) (RPCs on NFS), hence not 0; docs/performance.md has the trade-off.
 _LOCK_POLL_INTERVAL: Final = 0.002
 _T = TypeVar("_T")
 
-_ERRNO_HINTS: Final = {
-    errno.ENOSPC: "the file system is full; free space or use another endpoint",
-    errno.EDQUOT: "the disk quota is exceeded; free space or use another endpoint",
-    errno.EROFS: "the file system is mounted read-only; use a writable shared directory",
-    errno.EACCES: "permission denied; check the directory's owner and mode (or set permissions='group')",
-    errno.EPERM: "operation not permitted; check the directory's owner and mode",
-    errno.ENOENT: "a directory is missing; is the shared file system mounted on this node?",
-    errno.ENOTDIR: "a path component is not a directory; check the endpoint",
-    errno.ESTALE: "stale NFS file handle persisted; check the NFS server",
-    errno.EIO: "I/O error from the storage device or server",
-}
 
-
-def map_os_error(exc: OSError, what: str) -> StorageError:
-    """Translate an OSError into a StorageError that says what failed, where, and what to do."""
-    hint = _ERRNO_HINTS.get(exc.errno or 0, "check the storage")
-    err = StorageError(exc.errno or 0, f"{what} failed: {exc.strerror or exc}; {hint}")
-    err.__cause__ = exc
-    return err
-
-
-def _retry_stale(fn: Callable[[], _T]) -> _T:
-    """Run ``fn`` again when NFS reports ESTALE (the file was replaced under an open handle)."""
-    for attempt in range(_READ_RETRIES):
-        try:
-            return fn()
-        except OSError as exc:
-            if exc.errno != errno.ESTALE or attempt == _READ_RETRIES - 1:
-                raise
-            time.sleep(0.005 * (attempt + 1))
-    raise AssertionError("unreachable")  # pragma: no cover
-
-
-def _read_file(path: str, limit: int = MAX_DOCUMENT_BYTES) -> bytes:
-    """Read at most a little more than ``limit`` bytes: an oversized file is reported, never loaded whole."""
-
-    def once() -> bytes:
-        with open(path, "rb") as f:
-            return f.read(limit + 4096)
-
-    return _retry_stale(once)
-
-
-def _not_hidden(name: bytes) -> bool:
-    return not name.startswith(b".")
-
-
-def _envelope(raw: bytes, verify: bool) -> tuple[int, str] | None:
-    """Parse an envelope's header once: ``(generation, version)``, or None when it is damaged or foreign.
-
-    ``verify`` also checks the payload against the header's sha256: the one hash of the document per read.
-    Without it, the caller must leave that check to :func:`fsrdzv._store.unseal` (``Store.read`` does it) before
-    anything trusts the version. The version hashes the header line only: once the payload matches the header's
-    sha256, the header (generation, payload hash, HMAC) names the whole document, so hashing all of it again
-    would only repeat the work.
-    """
-    end = raw.find(b"\n")
-    if end < 0:
-        return None
-    head = raw[:end]
-    generation: int | None = None
-    digest: bytes | None = None
-    for field in head.split(b" ")[1:]:
-        if generation is None and field.startswith(b"gen="):
-            try:
-                generation = int(field[4:])
-            except ValueError:
-                return None
-        elif digest is None and field.startswith(b"sha256="):
-            digest = field[7:]
-    if generation is None or digest is None:
-        return None
-    if verify and hashlib.sha256(memoryview(raw)[end + 1 :]).hexdigest().encode() != digest:
-        return None  # truncated (a pruned log entry, or read while being truncated) or altered
-    return generation, _version(head)
-
-
-def _version(raw: bytes) -> str:
-    return hashlib.sha256(raw).hexdigest()[:16]
-
-
-_TRUE: Final = frozenset({"1", "true", "t", "yes", "y", "on"})
-_FALSE: Final = frozenset({"0", "false", "f", "no", "n", "off"})
-
-
-def _option_bool(name: str, value: object, root: str) -> bool:
-    # Options arrive as strings from the CLI and --rdzv-conf: "false" must not be truthy.
-    if isinstance(value, bool):
-        return value
-    if isinstance(value, str) and value.strip().lower() in _TRUE | _FALSE:
-        return value.strip().lower() in _TRUE
-    raise ConfigurationError(f"storage option {name}={value!r} for {root} is not a boolean (use true or false)")
-
-
-def _option_seconds(name: str, value: object, root: str) -> float:
-    try:
-        seconds = float(value)  # type: ignore[arg-type]
-    except (TypeError, ValueError):
-        seconds = -1.0
-    if isinstance(value, bool) or not seconds > 0 or seconds == float("inf"):
-        raise ConfigurationError(f"storage option {name}={value!r} for {root} must be a positive number of seconds")
-    return seconds
-
-
-class FileStore(Store):
+class FileStore(SealedStore):
     """A run's document and records in a directory. See the module docstring for the commit protocol.
 
     :param root: the endpoint directory (created if its parent exists: a missing parent usually means the
@@ -186,9 +81,10 @@ class FileStore(Store):
     ) -> None:
         root = os.path.abspath(os.path.expanduser(root))
         super().__init__(run_id, root, secret)
-        lock = _option_bool("lock", lock, root)
-        fsync = _option_bool("fsync", fsync, root)
-        lock_timeout = _option_seconds("lock_timeout", lock_timeout, root)
+        source = f"storage option of {root}"
+        lock = parse_bool("lock", lock, source=source)
+        fsync = parse_bool("fsync", fsync, source=source)
+        lock_timeout = parse_seconds("lock_timeout", lock_timeout, source=source)
         modes = {"owner": (0o600, 0o700), "group": (0o660, 0o770), "world": (0o644, 0o755)}
         if permissions not in modes:
             raise ConfigurationError(
@@ -301,46 +197,52 @@ class FileStore(Store):
         """
         for _ in range(_READ_RETRIES):
             try:
-                raw: bytes | None = _read_file(self.state_path)
+                raw: bytes | None = read_file(self.state_path)
             except FileNotFoundError:
                 raw = None
             except NotADirectoryError:
                 return None
-            parsed: tuple[int, str] | None
+            parsed: tuple[int, str] | None = None
             if raw is not None:
-                parsed = _envelope(raw, verify)
+                parsed = parse_envelope(raw, verify)
                 if parsed is None:
                     # Not ours or damaged: report it as it is (the base class raises StateCorruptError).
-                    return raw, _version(raw), None
-                generation = parsed[0]
-            else:
-                parsed, generation = None, 0
-            latest, checked, ok = raw, verify, True
-            while True:
-                try:
-                    nxt = _read_file(self._log_path(generation + 1))
-                except (FileNotFoundError, NotADirectoryError):
-                    break
-                if raw is not None and not checked:
-                    # Rolling forward: check ``state`` as a verified read would have (a damaged one is reported).
-                    if _envelope(raw, True) is None:
-                        return raw, _version(raw), None
-                    checked = True
-                entry = _envelope(nxt, True)
-                if entry is None:
-                    # A pruned (truncated) entry: ``state`` is far behind; fall back to the newest entry.
-                    ok = False
-                    break
-                latest, parsed, generation = nxt, entry, generation + 1
-            if not ok:
+                    return raw, version_of(raw), None
+            rolled = self._roll_forward(raw, parsed, verify)
+            if rolled is None:
+                # A pruned (truncated) entry: ``state`` is far behind; fall back to the newest entry.
                 found = self._newest_log_entry()
                 if found is None:
                     continue
-                latest, parsed = found
-            if latest is None or parsed is None:
+                return found[0], found[1][1], found[1][0]
+            latest, parsed, damaged = rolled
+            if latest is None:
                 return None
+            if damaged or parsed is None:
+                return latest, version_of(latest), None
             return latest, parsed[1], parsed[0]
         return None
+
+    def _roll_forward(
+        self, raw: bytes | None, parsed: tuple[int, str] | None, checked: bool
+    ) -> tuple[bytes | None, tuple[int, str] | None, bool] | None:
+        """Follow ``log/<gen+1>`` ... from ``state``: ``(newest raw, its envelope, state damaged)``, or None at a
+        pruned entry."""
+        latest, generation = raw, 0 if parsed is None else parsed[0]
+        while True:
+            try:
+                nxt = read_file(self._log_path(generation + 1))
+            except (FileNotFoundError, NotADirectoryError):
+                return latest, parsed, False
+            if raw is not None and not checked:
+                # Rolling forward: check ``state`` as a verified read would have (a damaged one is reported).
+                if parse_envelope(raw, True) is None:
+                    return raw, None, True
+                checked = True
+            entry = parse_envelope(nxt, True)
+            if entry is None:
+                return None
+            latest, parsed, generation = nxt, entry, generation + 1
 
     def _newest_log_entry(self) -> tuple[bytes, tuple[int, str]] | None:
         try:
@@ -349,10 +251,10 @@ class FileStore(Store):
             return None
         for name in names[:4]:
             try:
-                raw = _read_file(os.path.join(self.log_dir, name))
+                raw = read_file(os.path.join(self.log_dir, name))
             except FileNotFoundError:
                 continue
-            parsed = _envelope(raw, True)
+            parsed = parse_envelope(raw, True)
             if parsed is not None:
                 return raw, parsed
         return None
@@ -382,7 +284,7 @@ class FileStore(Store):
                 except OSError as exc:
                     log.warning("generation %d of %s committed; 'state' not updated: %s", generation, self.dir, exc)
                 self._prune(generation - KEEP_LOG_ENTRIES)
-                return _version(raw[: raw.index(b"\n")])  # what _envelope gives readers of this entry
+                return version_of(raw[: raw.index(b"\n")])  # what _envelope gives readers of this entry
         except OSError as exc:
             raise map_os_error(exc, f"writing generation {generation} of {self.dir}") from exc
 
@@ -407,9 +309,7 @@ class FileStore(Store):
     # -- records ---------------------------------------------------------------------------------------------
 
     def _kind_dir(self, kind: str) -> str:
-        if not kind.isidentifier():
-            raise ConfigurationError(f"record kind {kind!r} must be an identifier")
-        return os.path.join(self.records_dir, kind)
+        return os.path.join(self.records_dir, check_kind(kind))
 
     def _put_record(self, kind: str, name: str, raw: bytes) -> None:
         self._ensure_dirs()
@@ -423,7 +323,7 @@ class FileStore(Store):
 
     def _read_record(self, kind: str, name: str) -> bytes | None:
         try:
-            return _read_file(os.path.join(self._kind_dir(kind), name), MAX_RECORD_BYTES)
+            return read_file(os.path.join(self._kind_dir(kind), name), MAX_RECORD_BYTES)
         except (FileNotFoundError, NotADirectoryError):
             return None
         except OSError as exc:
@@ -441,7 +341,7 @@ class FileStore(Store):
         for name in names:
             # Open and read (close-to-open revalidation on NFS) instead of trusting cached attributes.
             try:
-                out[name] = _version(_read_file(os.path.join(directory, name), MAX_RECORD_BYTES))
+                out[name] = version_of(read_file(os.path.join(directory, name), MAX_RECORD_BYTES))
             except FileNotFoundError:
                 continue
             except OSError as exc:
@@ -474,7 +374,7 @@ class FileStore(Store):
             for kind in kinds:
                 directory = self._kind_dir(kind)
                 self._mkdir(directory)
-                paths.append((directory, _not_hidden))
+                paths.append((directory, not_hidden))
         except (StorageError, OSError):
             return None
         return watch_directories(paths)
@@ -490,30 +390,9 @@ class FileStore(Store):
             fsync=self.fsync,
         )
 
-    def corrupt_for_tests(self, raw: bytes) -> None:
-        """Overwrite ``state`` and the newest log entry with raw bytes (conformance tests)."""
-        self._ensure_dirs()
-        current = self._read_current(verify=False)
-        with open(self.state_path, "wb") as f:
-            f.write(raw)
-        if current is not None:
-            generation = current[2]
-            if generation is not None:
-                with open(self._log_path(generation), "wb") as f:
-                    f.write(raw)
+    @property
+    def capabilities(self) -> StoreCapabilities:
+        return StoreCapabilities(directory=self.dir, lock_path=self.lock_path, uses_lock=self.use_lock, watch=True)
 
-
-def list_file_runs(root: str) -> list[str]:
-    """Run ids that have data under ``root``."""
-    root = os.path.abspath(os.path.expanduser(root))
-    try:
-        entries = list(os.scandir(root))
-    except FileNotFoundError:
-        return []
-    except OSError as exc:
-        raise map_os_error(exc, f"listing {root}") from exc
-    return sorted(
-        e.name
-        for e in entries
-        if e.is_dir() and (os.path.exists(os.path.join(e.path, "state")) or os.path.isdir(os.path.join(e.path, "log")))
-    )
+    def last_modified(self) -> float | None:
+        return newest_mtime(self.dir)

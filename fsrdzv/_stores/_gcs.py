@@ -34,8 +34,8 @@ from google.cloud import storage
 from google.cloud.storage.retry import DEFAULT_RETRY
 
 from .._errors import ConfigurationError, StorageError
-from ._object import Answer, ObjectStore, check_options, in_threads
-from ._selftest import join_key, one_line, split_rest, verify_conditional_writes
+from .._text import one_line
+from ._object import ExpectedAnswerError, ObjectStore, in_threads
 
 __all__ = ["GcsStore"]
 
@@ -60,7 +60,7 @@ _STATUS_HINTS: Final[dict[int, tuple[int, str]]] = {
 }
 
 
-class _Answer(Answer):
+class _Answer(ExpectedAnswerError):
     """An expected non-2xx answer (412 precondition, 404)."""
 
     @property
@@ -120,19 +120,11 @@ class GcsStore(ObjectStore):
     """
 
     service = "GCS"
+    scheme = "gs"
+    conditions = _CONDITIONS
+    known_options = _KNOWN_OPTIONS
 
-    def __init__(
-        self,
-        rest: str,
-        run_id: str,
-        *,
-        storage_options: dict[str, Any] | None = None,
-        secret: bytes | None = None,
-    ) -> None:
-        bucket, prefix = split_rest(rest, "gs")
-        super().__init__(run_id, "gs://" + join_key(bucket, prefix), prefix, secret)
-        options = dict(storage_options or {})
-        check_options(options, _KNOWN_OPTIONS, self.location)
+    def _connect(self, bucket: str, options: dict[str, Any]) -> str | None:
         self.bucket_name = bucket
         self.endpoint_url = str(options.get("endpoint_url") or "")
         self._timeout = float(options.get("timeout", DEFAULT_TIMEOUT))
@@ -141,14 +133,7 @@ class GcsStore(ObjectStore):
         if not self.endpoint_url:
             self.endpoint_url = str(getattr(self._client, "api_endpoint", None) or "Google Cloud Storage")
         self._bucket = self._client.bucket(bucket)
-        if not options.get("skip_selftest"):
-            verify_conditional_writes(
-                self,
-                cache_key=("gs", self.endpoint_url, bucket, prefix),
-                prefix=prefix,
-                location=self.where,
-                conditions=_CONDITIONS,
-            )
+        return self.endpoint_url
 
     def _make_client(self, options: dict[str, Any]) -> Any:
         try:
@@ -199,7 +184,7 @@ class GcsStore(ObjectStore):
             return StorageError(errno.ETIMEDOUT, f"{prefix}: timed out ({one_line(exc)}); the endpoint is slow")
         return StorageError(errno.EIO, f"{prefix}: {type(exc).__name__}: {one_line(exc)}; check the endpoint")
 
-    def _unexpected(self, answer: Answer, what: str) -> StorageError:
+    def _unexpected(self, answer: ExpectedAnswerError, what: str) -> StorageError:
         if answer.status == 404:
             # A missing object is expected where it can be; anywhere else (an upload creates the object, a listing
             # needs none) a 404 can only mean that the bucket is missing.
@@ -256,6 +241,12 @@ class GcsStore(ObjectStore):
         )
         objects = {blob.name: str(blob.generation) for blob in iterator}
         return objects, sorted(iterator.prefixes)
+
+    def _sdk_modified(self, prefix: str) -> list[float]:
+        iterator = self._client.list_blobs(
+            self._bucket, prefix=prefix, fields="items(updated),nextPageToken", retry=self._retry, timeout=self._timeout
+        )
+        return [blob.updated.timestamp() for blob in iterator if blob.updated is not None]
 
     def _delete_many(self, keys: list[str]) -> None:
         # GCS has no multi-object delete in the JSON API (batches are not universally supported: the emulator

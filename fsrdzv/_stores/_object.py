@@ -6,9 +6,9 @@ that each store module provides in its SDK's own terms:
 * ``_sdk_get(key)`` -> ``(body, version)``, ``_sdk_put(key, data, create=..., match=...)`` -> new version,
   ``_sdk_list(prefix, delimiter)`` -> ``({key: version}, [sub-prefixes])`` (all pages), ``_sdk_delete(key)``;
 * ``_delete_many(keys)`` (batches, or a few threads) and ``_exist(keys)`` (for :meth:`ObjectStore.list_runs`);
-* ``_translate(exc, what)``: the store's error mapping. It returns an :class:`Answer` for the expected non-2xx
-  answers (a condition that did not hold, a missing key) and a :class:`~fsrdzv.StorageError` (or a
-  configuration error) for everything else.
+* ``_translate(exc, what)``: the store's error mapping. It returns an :class:`ExpectedAnswerError` for the
+  expected non-2xx answers (a condition that did not hold, a missing key) and a :class:`~fsrdzv.StorageError`
+  (or a configuration error) for everything else.
 
 The ``_sdk_*`` requests raise the SDK's own exceptions; they only ever run inside :meth:`ObjectStore._call`,
 the one place where foreign exceptions are translated. Versions are the store's precondition values (ETags,
@@ -30,10 +30,11 @@ from concurrent.futures import ThreadPoolExecutor
 from typing import Any, ClassVar, TypeVar
 
 from .._errors import ConfigurationError, RendezvousError, StorageError
-from .._store import Store, validate_run_id
-from ._selftest import PROBE_DIR, check_kind, join_key
+from .._store import SealedStore, validate_run_id
+from ._keys import check_kind, join_key, split_rest
+from ._selftest import PROBE_DIR, verify_conditional_writes
 
-__all__ = ["Answer", "ObjectStore", "batches", "check_options", "in_threads"]
+__all__ = ["ExpectedAnswerError", "ObjectStore", "batches", "check_options", "in_threads"]
 
 _T = TypeVar("_T")
 _I = TypeVar("_I")
@@ -42,7 +43,7 @@ _I = TypeVar("_I")
 _THREADS = 8
 
 
-class Answer(Exception):
+class ExpectedAnswerError(Exception):
     """An expected non-2xx answer (a condition that did not hold, a missing key): raised by the boundary,
     handled by the requests of :class:`ObjectStore`, never seen outside a store."""
 
@@ -92,20 +93,54 @@ def in_threads(fn: Callable[[_I], _T], items: list[_I]) -> list[_T]:
         return list(pool.map(fn, items))
 
 
-class ObjectStore(Store):
+class ObjectStore(SealedStore):
     """A run's document and records as objects under ``<prefix>/<run_id>/`` of a bucket or container."""
 
     enforces_conditions = True  # checked against the service by the self-test at open
 
-    #: The service in messages ("S3").
+    #: The service in messages ("S3"), the scheme of its locations ("s3"), and its conditions in messages.
     service: ClassVar[str]
+    scheme: ClassVar[str]
+    conditions: ClassVar[str]
+    #: The storage options the store takes (None: the SDK validates them).
+    known_options: ClassVar[frozenset[str] | None] = None
 
-    def __init__(self, run_id: str, location: str, prefix: str, secret: bytes | None) -> None:
-        super().__init__(run_id, location, secret)
+    def __init__(
+        self,
+        rest: str,
+        run_id: str,
+        *,
+        storage_options: dict[str, Any] | None = None,
+        secret: bytes | None = None,
+    ) -> None:
+        bucket, prefix = split_rest(rest, self.scheme)
+        bucket = self._parse_bucket(bucket)
+        super().__init__(run_id, f"{self.scheme}://" + join_key(bucket, prefix), secret)
         self.prefix = prefix
         self.state_key = join_key(prefix, run_id, "state")
         self.records_prefix = join_key(prefix, run_id, "records") + "/"
         self.run_prefix = join_key(prefix, run_id) + "/"
+        options = dict(storage_options or {})
+        if self.known_options is not None:
+            check_options(options, self.known_options, self.location)
+        skip_selftest = bool(options.pop("skip_selftest", False))
+        endpoint = self._connect(bucket, options)
+        if not skip_selftest:
+            verify_conditional_writes(
+                self,
+                cache_key=(self.scheme, endpoint, bucket, prefix),
+                prefix=prefix,
+                location=self.where,
+                conditions=self.conditions,
+            )
+
+    def _parse_bucket(self, bucket: str) -> str:
+        """The bucket or container name in ``bucket`` as the endpoint writes it."""
+        return bucket
+
+    @abstractmethod
+    def _connect(self, bucket: str, options: dict[str, Any]) -> str | None:
+        """Set up the client for ``bucket``; return the endpoint it talks to (the self-test's cache key)."""
 
     @property
     @abstractmethod
@@ -116,7 +151,7 @@ class ObjectStore(Store):
 
     @abstractmethod
     def _translate(self, exc: Exception, what: str) -> Exception:
-        """The exception to raise for a foreign one: an :class:`Answer` or a :class:`RendezvousError`."""
+        """The exception to raise for a foreign one: an :class:`ExpectedAnswerError` or a :class:`RendezvousError`."""
 
     @abstractmethod
     def _sdk_get(self, key: str) -> tuple[bytes, str]:
@@ -140,6 +175,10 @@ class ObjectStore(Store):
         """Delete every key of ``keys`` (in batches where the service has them); missing keys are fine."""
 
     @abstractmethod
+    def _sdk_modified(self, prefix: str) -> list[float]:
+        """Modification times (epoch seconds) of every object under ``prefix``."""
+
+    @abstractmethod
     def _exist(self, keys: list[str]) -> list[bool]:
         """Whether each key exists (translated: call through :meth:`_call`)."""
 
@@ -154,8 +193,8 @@ class ObjectStore(Store):
         except Exception as exc:  # noqa: BLE001 - the boundary: everything foreign is translated here
             raise self._translate(exc, what) from None
 
-    def _unexpected(self, answer: Answer, what: str) -> StorageError:
-        """An :class:`Answer` that the request at hand does not expect."""
+    def _unexpected(self, answer: ExpectedAnswerError, what: str) -> StorageError:
+        """An :class:`ExpectedAnswerError` that the request at hand does not expect."""
         return StorageError(
             errno.EIO, f"{self.service} {what} at {self.where} failed: unexpected HTTP {answer.summary}"
         )
@@ -166,7 +205,7 @@ class ObjectStore(Store):
         """Body and version of ``key``, or None when it does not exist."""
         try:
             return self._call(what, lambda: self._sdk_get(key))
-        except Answer as answer:
+        except ExpectedAnswerError as answer:
             if answer.missing:
                 return None
             raise self._unexpected(answer, what) from None
@@ -175,7 +214,7 @@ class ObjectStore(Store):
         """Write ``data`` (see :meth:`_sdk_put`); return the new version, or None when a condition did not hold."""
         try:
             return self._call(what, lambda: self._sdk_put(key, data, create=create, match=match))
-        except Answer as answer:
+        except ExpectedAnswerError as answer:
             if answer.lost and (create or match is not None):
                 return None
             raise self._unexpected(answer, what) from None
@@ -183,14 +222,14 @@ class ObjectStore(Store):
     def _delete(self, key: str, what: str) -> None:
         try:
             self._call(what, lambda: self._sdk_delete(key))
-        except Answer as answer:
+        except ExpectedAnswerError as answer:
             if not answer.nothing_to_delete:
                 raise self._unexpected(answer, what) from None
 
     def _list(self, prefix: str, what: str, delimiter: str = "") -> tuple[dict[str, str], list[str]]:
         try:
             return self._call(what, lambda: self._sdk_list(prefix, delimiter))
-        except Answer as answer:
+        except ExpectedAnswerError as answer:
             raise self._unexpected(answer, what) from None
 
     # -- the store -------------------------------------------------------------------------------------------
@@ -234,9 +273,12 @@ class ObjectStore(Store):
         objects, _ = self._list(self.run_prefix, "listing of the run")
         self._delete_many(sorted(objects))
 
-    def corrupt_for_tests(self, raw: bytes) -> None:
-        """Overwrite the document with raw bytes, unconditionally (conformance tests of corrupt documents)."""
-        self._put(self.state_key, raw, "raw write of the document")
+    def last_modified(self) -> float | None:
+        try:
+            times = self._call("listing of the run's object times", lambda: self._sdk_modified(self.run_prefix))
+        except (ExpectedAnswerError, StorageError):
+            return None  # the age is optional information: unknown
+        return max(times) if times else None
 
     # -- self-test operations (see _selftest) ----------------------------------------------------------------
 
@@ -260,17 +302,21 @@ class ObjectStore(Store):
         opener: Callable[..., ObjectStore] = cls
         store = opener(rest, "list-runs", storage_options=options)
         try:
-            base = store.prefix + "/" if store.prefix else ""
-            _, prefixes = store._list(base, "listing of runs", delimiter="/")
-            candidates = []
-            for name in (p[len(base) :].rstrip("/") for p in prefixes):
-                if name == PROBE_DIR:
-                    continue
-                try:
-                    candidates.append(validate_run_id(name))
-                except ConfigurationError:
-                    continue
-            found = store._exist([join_key(store.prefix, run_id, "state") for run_id in candidates])
-            return sorted(r for r, ok in zip(candidates, found, strict=True) if ok)
+            return store.runs_with_documents()
         finally:
             store.close()
+
+    def runs_with_documents(self) -> list[str]:
+        """Run ids next to this one (under the same prefix) that hold a document."""
+        base = self.prefix + "/" if self.prefix else ""
+        _, prefixes = self._list(base, "listing of runs", delimiter="/")
+        candidates = []
+        for name in (p[len(base) :].rstrip("/") for p in prefixes):
+            if name == PROBE_DIR:
+                continue
+            try:
+                candidates.append(validate_run_id(name))
+            except ConfigurationError:
+                continue
+        found = self._exist([join_key(self.prefix, run_id, "state") for run_id in candidates])
+        return sorted(r for r, ok in zip(candidates, found, strict=True) if ok)

@@ -35,14 +35,9 @@ from botocore import exceptions as boto_exc
 from fsspec.config import apply_config
 
 from .._errors import ConfigurationError, StorageError, UnsupportedStoreError
-from ._object import Answer, ObjectStore, batches
-from ._selftest import (
-    jittered_backoff,
-    join_key,
-    one_line,
-    split_rest,
-    verify_conditional_writes,
-)
+from .._retry import Retry
+from .._text import one_line
+from ._object import ExpectedAnswerError, ObjectStore, batches
 
 __all__ = ["S3Store"]
 
@@ -52,6 +47,9 @@ _T = TypeVar("_T")
 
 #: Attempts of a write answered with 409 ConditionalRequestConflict before it is reported as lost.
 CONFLICT_ATTEMPTS: Final = 4
+#: First and longest pause (s) between those attempts.
+_CONFLICT_DELAY: Final = 0.05
+_CONFLICT_MAX_DELAY: Final = 1.0
 #: Keys per DeleteObjects request (the S3 maximum).
 _DELETE_BATCH: Final = 1000
 _CONDITIONS: Final = "If-None-Match/If-Match"
@@ -75,11 +73,11 @@ _CODE_HINTS: Final[dict[str, tuple[int, str]]] = {
     "ServiceUnavailable": (errno.EAGAIN, "the service is unavailable; retry later"),
     "InternalError": (errno.EIO, "the service had an internal error; retry later"),
 }
-# Answers that say "conditional writes are not available here" rather than "this request was wrong".
+# ExpectedAnswerErrors that say "conditional writes are not available here" rather than "this request was wrong".
 _UNSUPPORTED_CODES: Final = frozenset({"NotImplemented"})
 
 
-class _Answer(Answer):
+class _Answer(ExpectedAnswerError):
     """An expected non-2xx answer (412, 404 on a key, 409 conflict)."""
 
     @property
@@ -146,19 +144,10 @@ class S3Store(ObjectStore):
     """
 
     service = "S3"
+    scheme = "s3"
+    conditions = _CONDITIONS
 
-    def __init__(
-        self,
-        rest: str,
-        run_id: str,
-        *,
-        storage_options: dict[str, Any] | None = None,
-        secret: bytes | None = None,
-    ) -> None:
-        bucket, prefix = split_rest(rest, "s3")
-        super().__init__(run_id, "s3://" + join_key(bucket, prefix), prefix, secret)
-        options = dict(storage_options or {})
-        skip_selftest = bool(options.pop("skip_selftest", False))
+    def _connect(self, bucket: str, options: dict[str, Any]) -> str | None:
         self.bucket = bucket
         # Merge fsspec's configuration first, so that defaults only fill what nobody set and the endpoint named
         # in messages and in the self-test cache is the one FSSPEC_S3_ENDPOINT_URL may have set.
@@ -166,14 +155,7 @@ class S3Store(ObjectStore):
         self._configured_endpoint = _configured_endpoint(options)
         self._sleep: Callable[[float], None] = time.sleep
         self._fs = self._open_filesystem(options)
-        if not skip_selftest:
-            verify_conditional_writes(
-                self,
-                cache_key=("s3", self._configured_endpoint, bucket, prefix),
-                prefix=prefix,
-                location=self.where,
-                conditions=_CONDITIONS,
-            )
+        return self._configured_endpoint
 
     def _open_filesystem(self, options: dict[str, Any]) -> Any:
         try:
@@ -197,7 +179,7 @@ class S3Store(ObjectStore):
 
     async def _send(self, method: str, **kwargs: Any) -> Any:
         """One S3 API call through s3fs (which adds ``s3_additional_kwargs`` and throttling retries)."""
-        return await self._fs._call_s3(method, **kwargs)
+        return await self._fs._call_s3(method, **kwargs)  # noqa: SLF001 - s3fs's one call path, with its retries
 
     def _run(self, op: Callable[[], Coroutine[Any, Any, _T]]) -> _T:
         """Run ``op`` on s3fs's event loop (inside :meth:`_call`, which translates what it raises)."""
@@ -246,7 +228,7 @@ class S3Store(ObjectStore):
             return StorageError(exc.errno, f"{prefix}: {one_line(exc)}; check the endpoint and the bucket")
         return StorageError(errno.EIO, f"{prefix}: {type(exc).__name__}: {one_line(exc)}; check the endpoint")
 
-    def _unexpected(self, answer: Answer, what: str) -> StorageError:
+    def _unexpected(self, answer: ExpectedAnswerError, what: str) -> StorageError:
         error = super()._unexpected(answer, what)
         # A conflict is retried by _put; to any other request it is as unexpected as any other answer.
         return _Conflict(error.errno, error.strerror) if isinstance(answer, _Answer) and answer.conflict else error
@@ -269,39 +251,48 @@ class S3Store(ObjectStore):
 
     def _put(self, key: str, data: bytes, what: str, *, create: bool = False, match: str | None = None) -> str | None:
         """As :meth:`ObjectStore._put`, retrying 409 conflicts a few times before reporting them as lost."""
-        delays = jittered_backoff(CONFLICT_ATTEMPTS - 1)
-        while True:
+        attempts = Retry(delay=_CONFLICT_DELAY, max_delay=_CONFLICT_MAX_DELAY, sleep=self._sleep).attempts()
+        for _ in range(CONFLICT_ATTEMPTS - 1):
             try:
                 return super()._put(key, data, what, create=create, match=match)
             except _Conflict:
                 # 409: a concurrent request on this key overlapped ours and nothing was written; AWS says retry.
-                delay = next(delays, None)
-                if delay is None:
-                    log.info("S3 kept answering 409 ConditionalRequestConflict to %s; reporting it as lost", what)
-                    return None
-                self._sleep(delay)
+                attempts.pause()
+        try:
+            return super()._put(key, data, what, create=create, match=match)
+        except _Conflict:
+            log.info("S3 kept answering 409 ConditionalRequestConflict to %s; reporting it as lost", what)
+            return None
 
     def _sdk_delete(self, key: str) -> None:
         self._run(lambda: self._send("delete_object", Bucket=self.bucket, Key=key))
 
-    def _sdk_list(self, prefix: str, delimiter: str) -> tuple[dict[str, str], list[str]]:
-        async def op() -> tuple[dict[str, str], list[str]]:
-            keys: dict[str, str] = {}
-            prefixes: list[str] = []
-            kwargs: dict[str, Any] = {"Bucket": self.bucket, "Prefix": prefix}
-            if delimiter:
-                kwargs["Delimiter"] = delimiter
-            while True:
-                page = await self._send("list_objects_v2", **kwargs)
-                for item in page.get("Contents", []):
-                    keys[item["Key"]] = str(item.get("ETag", "")).strip('"')
-                prefixes.extend(p["Prefix"] for p in page.get("CommonPrefixes", []))
-                token = page.get("NextContinuationToken")
-                if not page.get("IsTruncated") or not token:
-                    return keys, prefixes
-                kwargs["ContinuationToken"] = token
+    async def _pages(self, prefix: str, delimiter: str = "") -> list[dict[str, Any]]:
+        """Every page of a ListObjectsV2 of ``prefix``."""
+        kwargs: dict[str, Any] = {"Bucket": self.bucket, "Prefix": prefix}
+        if delimiter:
+            kwargs["Delimiter"] = delimiter
+        pages = []
+        while True:
+            page = await self._send("list_objects_v2", **kwargs)
+            pages.append(page)
+            token = page.get("NextContinuationToken")
+            if not page.get("IsTruncated") or not token:
+                return pages
+            kwargs["ContinuationToken"] = token
 
-        return self._run(op)
+    def _sdk_list(self, prefix: str, delimiter: str) -> tuple[dict[str, str], list[str]]:
+        keys: dict[str, str] = {}
+        prefixes: list[str] = []
+        for page in self._run(lambda: self._pages(prefix, delimiter)):
+            for item in page.get("Contents", []):
+                keys[item["Key"]] = str(item.get("ETag", "")).strip('"')
+            prefixes.extend(p["Prefix"] for p in page.get("CommonPrefixes", []))
+        return keys, prefixes
+
+    def _sdk_modified(self, prefix: str) -> list[float]:
+        pages = self._run(lambda: self._pages(prefix))
+        return [item["LastModified"].timestamp() for page in pages for item in page.get("Contents", [])]
 
     def _delete_many(self, keys: list[str]) -> None:
         for batch in batches(keys, _DELETE_BATCH):

@@ -1,4 +1,4 @@
-"""Helpers of the object stores: the start-up check of conditional writes, key parts, backoff and messages.
+"""The object stores' start-up check of conditional writes.
 
 (The stores themselves share :class:`~fsrdzv._stores._object.ObjectStore`.)
 
@@ -13,25 +13,15 @@ process: the check costs about five requests once, not per store.
 from __future__ import annotations
 
 import logging
-import random
 import threading
 import uuid
-from collections.abc import Hashable, Iterator
+from collections.abc import Hashable
 from typing import Final, Protocol
 
-from .._errors import ConfigurationError, RendezvousError, UnsupportedStoreError
+from .._errors import RendezvousError, UnsupportedStoreError
+from ._keys import join_key
 
-__all__ = [
-    "PROBE_DIR",
-    "ConditionalWrites",
-    "check_kind",
-    "clear_selftest_cache",
-    "jittered_backoff",
-    "join_key",
-    "one_line",
-    "split_rest",
-    "verify_conditional_writes",
-]
+__all__ = ["PROBE_DIR", "ConditionalWrites", "clear_selftest_cache", "verify_conditional_writes"]
 
 log = logging.getLogger("fsrdzv.store")
 
@@ -118,38 +108,3 @@ def clear_selftest_cache() -> None:
     """Forget every passed self-test (tests that need the check to run again)."""
     with _PASSED_LOCK:
         _PASSED.clear()
-
-
-def split_rest(rest: str, scheme: str) -> tuple[str, str]:
-    """Split ``"bucket/some/prefix"`` into ``("bucket", "some/prefix")`` (the prefix may be empty)."""
-    bucket, _, prefix = rest.strip("/").partition("/")
-    prefix = "/".join(part for part in prefix.split("/") if part)
-    if not bucket:
-        raise ConfigurationError(f"{scheme}://{rest} names no bucket or container")
-    if any(part in {".", ".."} for part in prefix.split("/")):
-        raise ConfigurationError(f"{scheme}://{rest}: '.' and '..' are not allowed in the prefix")
-    return bucket, prefix
-
-
-def join_key(*parts: str) -> str:
-    """Join key components with ``/``, skipping empty ones (an empty prefix adds nothing)."""
-    return "/".join(p for p in parts if p)
-
-
-def check_kind(kind: str) -> str:
-    """Record kinds become one key component: keep them to identifiers, as the directory store does."""
-    if not kind.isidentifier():
-        raise ConfigurationError(f"record kind {kind!r} must be an identifier")
-    return kind
-
-
-def jittered_backoff(attempts: int, base: float = 0.05, cap: float = 1.0) -> Iterator[float]:
-    """Delays for ``attempts`` retries: exponential with full jitter, so that contending nodes spread out."""
-    for attempt in range(attempts):
-        yield random.uniform(0, min(cap, base * 2**attempt))
-
-
-def one_line(text: object, limit: int = 300) -> str:
-    """Collapse whitespace (server messages carry newlines and XML) and cut long text."""
-    flat = " ".join(str(text).split())
-    return flat if len(flat) <= limit else flat[: limit - 3] + "..."

@@ -1,21 +1,22 @@
 """Test support shipped with fsrdzv: a store conformance suite, a fault-injecting store and a fake clock.
 
 Run the conformance suite against any store by subclassing :class:`StoreConformance` in a pytest module and
-providing two fixtures::
+providing a ``spec`` fixture::
 
     class TestMyStore(StoreConformance):
         @pytest.fixture
         def spec(self, tmp_path):            # picklable: child processes open their own store from it
-            return StoreSpec(endpoint=str(tmp_path), storage_options={})
+            return StoreSpec(functools.partial(fsrdzv.open_store, str(tmp_path)))
 
-        def corrupt(self, store, raw):        # write raw bytes where the document lives, bypassing fsrdzv
-            store.corrupt_for_tests(raw)
+The suite corrupts documents with :func:`corrupt`, which knows the built-in stores; a third-party store overrides
+``StoreConformance.corrupt(store, raw)`` to write raw bytes where it keeps its document.
 """
 
 from __future__ import annotations
 
 from ._clock import FakeClock
 from ._conformance import StoreConformance, StoreSpec, increment_worker
+from ._corrupt import corrupt
 from ._faulty import FaultyStore, LostReplyError, TransientFault
 
 __all__ = [
@@ -25,5 +26,6 @@ __all__ = [
     "StoreConformance",
     "StoreSpec",
     "TransientFault",
+    "corrupt",
     "increment_worker",
 ]

@@ -6,10 +6,11 @@ and foreign documents, per-node records, and isolation of run ids sharing an end
 
 from __future__ import annotations
 
+import functools
 import multiprocessing
-import os
 import uuid
-from dataclasses import dataclass, field
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
 from typing import Any
 
 import pytest
@@ -17,22 +18,29 @@ import pytest
 from .._errors import StateCorruptError
 from .._store import Store
 from .._stores import open_store
+from ._corrupt import corrupt
 
 __all__ = ["StoreConformance", "StoreSpec", "increment_worker"]
 
 
+def _open_at(endpoint: str, storage_options: Mapping[str, Any], run_id: str) -> Store:
+    return open_store(endpoint, run_id, storage_options=dict(storage_options))
+
+
 @dataclass(frozen=True)
 class StoreSpec:
-    """How to open a store: picklable, so that child processes can open their own."""
+    """How to open the store of any run: ``factory(run_id)``. Picklable (a module-level function or a
+    ``functools.partial`` of one), so that child processes can open their own."""
 
-    endpoint: str
-    storage_options: dict[str, Any] = field(default_factory=dict)
-    #: Environment variables the children need (emulator addresses, credentials).
-    env: dict[str, str] = field(default_factory=dict)
+    factory: Callable[[str], Store]
+
+    @classmethod
+    def at(cls, endpoint: str, storage_options: Mapping[str, Any] | None = None) -> StoreSpec:
+        """The spec of :func:`fsrdzv.open_store` at ``endpoint`` with ``storage_options``."""
+        return cls(functools.partial(_open_at, endpoint, dict(storage_options or {})))
 
     def open(self, run_id: str) -> Store:
-        os.environ.update(self.env)
-        return open_store(self.endpoint, run_id, storage_options=dict(self.storage_options))
+        return self.factory(run_id)
 
 
 def increment_worker(spec: StoreSpec, run_id: str, count: int, barrier: Any = None) -> int:
@@ -54,14 +62,16 @@ def increment_worker(spec: StoreSpec, run_id: str, count: int, barrier: Any = No
 
 
 class StoreConformance:
-    """Mixin of pytest tests. Subclasses provide a ``spec`` fixture and a ``corrupt(store, raw)`` method."""
+    """Mixin of pytest tests. Subclasses provide a ``spec`` fixture; a third-party store also overrides
+    ``corrupt(store, raw)`` (the default knows the built-in stores)."""
 
     #: processes x increments for the linearizability test (subclasses may lower it for slow emulators).
     processes = 4
     increments = 25
 
     def corrupt(self, store: Store, raw: bytes) -> None:
-        raise NotImplementedError
+        """Write ``raw`` where ``store`` keeps its document, bypassing fsrdzv."""
+        corrupt(store, raw)
 
     @pytest.fixture
     def run_id(self) -> str:

@@ -8,7 +8,7 @@ import time
 from collections.abc import Callable
 
 from .._errors import StorageError
-from .._store import Store
+from .._store import CasResult, Snapshot, Store, StoreWrapper
 
 __all__ = ["FaultyStore", "LostReplyError", "TransientFault"]
 
@@ -21,8 +21,11 @@ class LostReplyError(StorageError):
     """An injected failure *after* the operation took effect: the reply was lost."""
 
 
-class FaultyStore(Store):
+class FaultyStore(StoreWrapper):
     """Wrap ``inner`` and make a fraction of operations fail.
+
+    Faults are injected around the inner store's public methods, so documents and records keep the inner store's
+    envelope and signature: what a FaultyStore writes, the store it wraps reads back.
 
     :param fail_rate: probability that an operation raises :class:`TransientFault` before doing anything.
     :param lost_reply_rate: probability that a write is performed and then :class:`LostReplyError` is raised.
@@ -30,6 +33,9 @@ class FaultyStore(Store):
     :param ignore_conditions: make compare-and-set ignore its precondition (a store that lies), for testing the
         start-up self-test and ``fsrdzv doctor``.
     """
+
+    #: Writes a lying compare-and-set makes before giving up (each lost race is retried on the newest token).
+    FORCE_ATTEMPTS = 100
 
     def __init__(
         self,
@@ -42,8 +48,9 @@ class FaultyStore(Store):
         seed: int | None = None,
         sleep: Callable[[float], None] = time.sleep,
     ) -> None:
-        super().__init__(inner.run_id, inner.location + " (faulty)", None)
-        self.inner = inner
+        super().__init__(inner, inner.location + " (faulty)")
+        # Wrapped stores are probed like third-party ones: the handler's self-test must see the lies.
+        self.enforces_conditions = False
         self.fail_rate = fail_rate
         self.lost_reply_rate = lost_reply_rate
         self.delay = delay
@@ -70,43 +77,46 @@ class FaultyStore(Store):
             self.lost += 1
             raise LostReplyError(0, f"injected lost reply after {what} on {self.inner.location}")
 
-    # The wrapper forwards the raw layer so that envelopes and tokens stay the inner store's.
-    def _read_raw(self) -> tuple[bytes, str] | None:
+    def read(self) -> Snapshot | None:
         self._before("read")
-        return self.inner._read_raw()
+        return self.inner.read()
 
-    def _commit(self, raw: bytes, generation: int, expected: tuple[int, str] | None) -> str | None:
+    def compare_and_set(self, data: bytes, token: object = None) -> CasResult:
         self._before("compare_and_set")
-        if self.ignore_conditions:
-            # A store that lies: the write lands whatever the precondition says.
-            self.inner.corrupt_for_tests(raw)  # type: ignore[attr-defined]
-            got = self.inner._read_raw()
-            version = None if got is None else got[1]
-        else:
-            version = self.inner._commit(raw, generation, expected)
-        if version is not None:
+        result = self._forced(data, token) if self.ignore_conditions else self.inner.compare_and_set(data, token)
+        if result.won:
             self._after_write("compare_and_set")
-        return version
+        return result
 
-    def _put_record(self, kind: str, name: str, raw: bytes) -> None:
+    def _forced(self, data: bytes, token: object) -> CasResult:
+        """A store that lies: the write lands whatever the precondition says, and reports that it won."""
+        result = self.inner.compare_and_set(data, token)
+        for _ in range(self.FORCE_ATTEMPTS):
+            if result.won:
+                return result
+            current = result.snapshot
+            result = self.inner.compare_and_set(data, None if current is None else current.token)
+        return result
+
+    def put_record(self, kind: str, name: str, data: bytes) -> None:
         self._before("put_record")
-        self.inner._put_record(kind, name, raw)
+        self.inner.put_record(kind, name, data)
         self._after_write("put_record")
 
-    def _read_record(self, kind: str, name: str) -> bytes | None:
+    def read_record(self, kind: str, name: str) -> bytes | None:
         self._before("read_record")
-        return self.inner._read_record(kind, name)
+        return self.inner.read_record(kind, name)
 
-    def _list_records(self, kind: str) -> dict[str, str]:
+    def list_records(self, kind: str) -> dict[str, str]:
         self._before("list_records")
-        return self.inner._list_records(kind)
+        return self.inner.list_records(kind)
 
-    def _delete_record(self, kind: str, name: str) -> None:
+    def delete_record(self, kind: str, name: str) -> None:
         self._before("delete_record")
-        self.inner._delete_record(kind, name)
+        self.inner.delete_record(kind, name)
 
-    def delete_run(self) -> None:
-        self.inner.delete_run()
+    def verify_conditions(self) -> None:
+        Store.verify_conditions(self)
 
     def sibling(self, run_id: str) -> FaultyStore:
         # The same faults (and the same lies) on another run: the handler's self-test must see them.

@@ -3,13 +3,14 @@
 from __future__ import annotations
 
 import errno
+import hashlib
 import math
 import random
 import threading
 from dataclasses import dataclass, field
 
 from ..._errors import StorageError
-from ..._store import Snapshot, Store, decode_name, unseal
+from ..._store import CasResult, Snapshot, StoreWrapper
 from ..._stores._memory import MemoryStore
 from ._models import StoreModel
 from ._scheduler import VirtualClock
@@ -90,8 +91,8 @@ class SimStorage:
         self.rng = random.Random(seed)
         self.total = SimCounters()
         self._buckets: dict[tuple[str, ...], _Bucket] = {}
-        self._doc_cache: dict[tuple[str, str], tuple[str, Snapshot]] = {}
-        self._listings: dict[tuple[str, str, str], dict[str, str]] = {}
+        #: The records of every run and kind as the model lists them, kept in step by every SimStore's writes.
+        self.listings: dict[tuple[str, str, str], dict[str, str]] = {}
         self._lock = threading.Lock()
 
     def open(self, space: str, run_id: str, *, secret: bytes | None = None) -> SimStore:
@@ -115,7 +116,7 @@ class SimStorage:
         return self.rng.uniform(0.5, 1.0) * min(cap, base * 2.0**attempt)
 
 
-class SimStore(Store):
+class SimStore(StoreWrapper):
     """One node's store: the in-memory store behind the latency-and-rate model of :class:`SimStorage`.
 
     Besides the shared totals it counts this node's own operations (``ops``) and the virtual times of its reads
@@ -123,8 +124,7 @@ class SimStore(Store):
     """
 
     def __init__(self, inner: MemoryStore, storage: SimStorage) -> None:
-        super().__init__(inner.run_id, f"sim-{storage.model.name}+{inner.location}", inner._secret)
-        self.inner = inner
+        super().__init__(inner, f"sim-{storage.model.name}+{inner.location}")
         self.storage = storage
         self.ops: dict[str, int] = dict.fromkeys(SimCounters().ops, 0)
         self.read_times: list[float] = []
@@ -172,47 +172,32 @@ class SimStore(Store):
         self.storage.clock.sleep(total / 2)
         return total / 2
 
-    # -- the raw layer -------------------------------------------------------------------------------------
+    def _listing(self, kind: str) -> dict[str, str] | None:
+        return self.storage.listings.get((self.inner.location, self.run_id, kind))
+
+    # -- the store -----------------------------------------------------------------------------------------
 
     def read(self) -> Snapshot | None:
-        # Same answer as Store.read, memoised on the version so that thousands of nodes polling a large document
-        # share one decoded copy (it costs nothing in virtual time, but real CPU).
         rest = self._before("read", self.storage.model.read_latency)
-        got = self.inner._read_raw()
+        snap = self.inner.read()
         self.storage.clock.sleep(rest)
-        if got is None:
-            return None
-        raw, version = got
-        key = (self.inner.location, self.run_id)
-        cached = self.storage._doc_cache.get(key)
-        if cached is not None and cached[0] == version:
-            return cached[1]
-        generation, payload = unseal(raw, self.describe("document"), self._secret)
-        snap = Snapshot(payload, f"{generation}:{version}", generation)
-        self.storage._doc_cache[key] = (version, snap)
         return snap
 
-    def _read_raw(self) -> tuple[bytes, str] | None:  # pragma: no cover - read() is overridden
-        rest = self._before("read", self.storage.model.read_latency)
-        got = self.inner._read_raw()
-        self.storage.clock.sleep(rest)
-        return got
-
-    def _commit(self, raw: bytes, generation: int, expected: tuple[int, str] | None) -> str | None:
+    def compare_and_set(self, data: bytes, token: object = None) -> CasResult:
         storage, model = self.storage, self.storage.model
         rest = self._before("cas", model.write_latency)
         bucket = storage.bucket(("object", self.run_id, "document"), model.object_write_rate, model.object_write_burst)
         attempt = 0
         while True:
             if bucket.take(storage.clock()):
-                version = self.inner._commit(raw, generation, expected)
-                if version is None:
+                result = self.inner.compare_and_set(data, token)
+                if not result.won:
                     bucket.give_back()  # a failed precondition writes nothing
                     break
                 storage.total.cas_won += 1
                 storage.clock.sleep(rest)
-                return version
-            if not self._precondition_holds(expected):
+                return result
+            if not self._precondition_holds(token):
                 break  # 412 comes first
             if attempt >= model.throttle_retries:
                 storage.total.object_throttled += 1
@@ -220,40 +205,40 @@ class SimStore(Store):
                 if model.throttle_answer == "error":
                     raise Throttled(errno.EAGAIN, f"{model.name} model: object write rate exceeded (document)")
                 storage.total.cas_lost += 1
-                return None
+                return CasResult(False, self.read())
             storage.clock.sleep(rest + storage.backoff(model.throttle_backoff, attempt, model.throttle_backoff_cap))
             attempt += 1
             rest = self._before("cas", model.write_latency)
         storage.total.cas_lost += 1
         storage.clock.sleep(rest)
-        return None
+        # A store answers a lost compare-and-set with a read of the current document, as the real stores do.
+        return CasResult(False, self.read())
 
-    def _precondition_holds(self, expected: tuple[int, str] | None) -> bool:
-        got = self.inner._read_raw()
-        if expected is None:
-            return got is None
-        return got is not None and got[1] == expected[1]
+    def _precondition_holds(self, token: object) -> bool:
+        current = self.inner.read()
+        return current is None if token is None else current is not None and current.token == token
 
-    def _put_record(self, kind: str, name: str, raw: bytes) -> None:
+    def put_record(self, kind: str, name: str, data: bytes) -> None:
         rest = self._before("put", self.storage.model.write_latency)
-        self.inner._put_record(kind, name, raw)
-        listing = self.storage._listings.get((self.inner.location, self.run_id, kind))
+        self.inner.put_record(kind, name, data)
+        listing = self._listing(kind)
         if listing is not None:
-            listing[decode_name(name)] = _tag(raw)
+            # Any tag that changes with the content will do: observers only compare tags.
+            listing[name] = hashlib.sha256(data).hexdigest()[:16]
         self.storage.clock.sleep(rest)
 
-    def _read_record(self, kind: str, name: str) -> bytes | None:
+    def read_record(self, kind: str, name: str) -> bytes | None:
         rest = self._before("get", self.storage.model.read_latency)
-        got = self.inner._read_record(kind, name)
+        got = self.inner.read_record(kind, name)
         self.storage.clock.sleep(rest)
         return got
 
     def list_records(self, kind: str) -> dict[str, str]:
         storage, model = self.storage, self.storage.model
-        key = (self.inner.location, self.run_id, kind)
-        listing = storage._listings.get(key)
+        listing = self._listing(kind)
         if listing is None:
-            listing = storage._listings[key] = {decode_name(k): v for k, v in self.inner._list_records(kind).items()}
+            key = (self.inner.location, self.run_id, kind)
+            listing = storage.listings[key] = self.inner.list_records(kind)
         pages = max(1, math.ceil(len(listing) / model.list_page_size))
         self._count("list")
         self._count("list_pages", pages)
@@ -264,24 +249,15 @@ class SimStore(Store):
         storage.clock.sleep(storage.latency(model.list_latency) + (pages - 1) * model.list_page_latency)
         return answer
 
-    def _list_records(self, kind: str) -> dict[str, str]:  # pragma: no cover - list_records is overridden
-        return self.inner._list_records(kind)
-
-    def _delete_record(self, kind: str, name: str) -> None:
+    def delete_record(self, kind: str, name: str) -> None:
         rest = self._before("delete", self.storage.model.write_latency)
-        self.inner._delete_record(kind, name)
-        listing = self.storage._listings.get((self.inner.location, self.run_id, kind))
+        self.inner.delete_record(kind, name)
+        listing = self._listing(kind)
         if listing is not None:
-            listing.pop(decode_name(name), None)
+            listing.pop(name, None)
         self.storage.clock.sleep(rest)
 
     def delete_run(self) -> None:
         self.inner.delete_run()
-        for key in [k for k in self.storage._listings if k[:2] == (self.inner.location, self.run_id)]:
-            del self.storage._listings[key]
-
-
-def _tag(raw: bytes) -> str:
-    import hashlib
-
-    return hashlib.sha256(raw).hexdigest()[:16]
+        for key in [k for k in self.storage.listings if k[:2] == (self.inner.location, self.run_id)]:
+            del self.storage.listings[key]
