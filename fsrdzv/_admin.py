@@ -8,6 +8,7 @@ protocol themselves.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import random
 import secrets
@@ -158,6 +159,11 @@ class RunAdmin:
         """Delete the document and every record of the run (``fsrdzv gc``)."""
         self.session.ops["delete"] += 1
         self.store.delete_run()
+
+    def discard_record(self, kind: str, name: str) -> None:
+        """Delete one record, best effort (a node's own records at shutdown: a leftover is harmless)."""
+        with contextlib.suppress(RendezvousError):
+            self.session.delete(kind, name)
 
     # -- the engine's transitions on a document it already holds -------------------------------------------
 

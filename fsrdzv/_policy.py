@@ -6,9 +6,12 @@ holds and its own clock readings, :func:`decide` names the next :class:`Action`,
 
 from __future__ import annotations
 
-from typing import Final
+from dataclasses import dataclass
+from typing import Final, Literal
 
+from . import _protocol as proto
 from ._settings import Settings
+from ._state import JoinRequest, RendezvousState
 
 #: Poll period while a round is forming or anything just changed (s), so the last arrival's completing write is
 #: seen within ~60 ms (where no watch wakes the node sooner; the read budget caps it at 12 reads/s).
@@ -44,3 +47,270 @@ MIN_OUTAGE: Final = 10.0
 def outage_budget(settings: Settings) -> float:
     """How long storage may keep failing before a wait gives up: longer than others need to see this node dead."""
     return max(2 * settings.liveness_timeout, MIN_OUTAGE)
+
+
+# -- poll periods ----------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Periods:
+    """The periods one node polls and sweeps at, fixed by the settings (s)."""
+
+    #: The fastest poll: FAST_POLL, or slower for big jobs so that the whole job's polling stays bounded.
+    fast: float
+    #: The poll once nothing changes, never slower than a sweep is due (death detection must not wait on a poll).
+    slow: float
+    #: While a round forms the poll grows to this at most: 4 fast polls, but never beyond the floor of big jobs
+    #: (4x the floor would leave a 4,096-node job 8 s behind the completing write).
+    forming: float
+    #: The folder reads the document itself when it has not seen it for this long.
+    folder_read: float
+    #: Waiting nodes sweep (list every heartbeat) every interval/2, and for big jobs no more often than keeps the
+    #: whole job under AGGREGATE_SWEEP_RATE listings per second (each lists N records).
+    sweep: float
+
+    @classmethod
+    def of(cls, settings: Settings) -> Periods:
+        fast = max(FAST_POLL, settings.max_nodes / AGGREGATE_READ_RATE)
+        return cls(
+            fast=fast,
+            slow=max(fast, min(SLOW_POLL, settings.keep_alive_interval / 2)),
+            forming=max(4 * FAST_POLL, fast),
+            folder_read=FOLDER_READ_EVERY * fast,
+            sweep=max(settings.keep_alive_interval / 2, settings.max_nodes / AGGREGATE_SWEEP_RATE),
+        )
+
+    def liveness_max_gap(self, settings: Settings) -> float:
+        """How much of an observer's own blind spell counts against the others (see ``LivenessTracker``): more
+        than a sweep period, kept below the timeout so that a blind spell alone never causes a death."""
+        timeout = settings.liveness_timeout
+        return min(max(timeout / 2, settings.keep_alive_interval, 1.5 * self.sweep), 0.9 * timeout)
+
+    def next_poll(self, poll: float, *, changed: bool, idle: bool) -> float:
+        """The poll after one that saw the document ``changed`` or not; ``idle``: the round is complete or this
+        node is a spare (nothing is about to happen), else a forming round stays responsive."""
+        if changed:
+            return self.fast
+        return min(self.slow if idle else self.forming, poll * POLL_GROWTH)
+
+    def folder_read_due(self, looked_at: float, now: float) -> bool:
+        return now - looked_at >= self.folder_read
+
+
+def own_fold_jitter(own_folds: int) -> float:
+    """Upper bound of the random pause before a joiner's next fold of its own request (after ``own_folds``)."""
+    return min(1.0, 0.02 * 2.0**own_folds)
+
+
+# -- roles -----------------------------------------------------------------------------------------------------
+
+
+def waiting(state: RendezvousState) -> list[str]:
+    """Members still waiting for a round (everyone but the participants of a complete round)."""
+    return [m for m in state.members() if not (state.complete and m in state.participants)]
+
+
+def anyone_waiting(state: RendezvousState) -> bool:
+    """Whether some member waits for a round, and so some member folds requests."""
+    return bool(waiting(state))
+
+
+def folder_of(state: RendezvousState) -> str | None:
+    """The node that folds the others' requests: the waiting member whose request was folded first.
+
+    The document keeps the order in which requests were folded, so every node names the same folder, and the
+    role stays with one node while others arrive (were it the lowest node identity, each newcomer with a lower one
+    would take it over, and learn of it only at its next poll).
+    """
+    members = set(waiting(state))
+    first = next((node_id for node_id in state.applied if node_id in members), None)
+    if first is None and members:
+        first = min(members, key=lambda i: state.nodes[i])
+    return first
+
+
+def last_call_key(state: RendezvousState) -> tuple[str, int, int] | None:
+    """Names the current last-call period (each observer times it from when it first saw this key)."""
+    return None if state.last_call is None else (state.epoch, state.round, state.last_call)
+
+
+# -- the join --------------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class JoinView:
+    """What one joining node knows at one moment: the document, its own request and its clock readings."""
+
+    me: str
+    settings: Settings
+    request: JoinRequest
+    #: The document as last seen (None: there is none yet).
+    state: RendezvousState | None
+    now: float
+    deadline: float
+    #: When this node last saw the document change.
+    progress_at: float
+    #: How often this node folded its own request, and from when it may do so again.
+    own_folds: int
+    next_own: float
+    next_sweep: float
+    #: When this node first saw the current last-call mark (None: there is none, or it is not a participant).
+    last_call_seen_at: float | None
+    #: Whether this node was the folder at its previous poll.
+    was_folder: bool
+
+    @property
+    def mine(self) -> bool:
+        """Whether the document holds this node's current request."""
+        return self.state is not None and self.state.applied.get(self.me) == self.request.nonce
+
+
+@dataclass(frozen=True)
+class CreateDocument:
+    """No document yet: create it with this node's request folded (a create-if-absent write)."""
+
+
+@dataclass(frozen=True)
+class Rejoin:
+    """This node was folded, then removed (others judged it dead while its storage was cut off): ask again, as
+    torch's join op re-adds a node the sanitizer dropped."""
+
+
+@dataclass(frozen=True)
+class ReturnInfo:
+    """The round is complete with this node as a participant: a fact, even if the run was closed right after."""
+
+
+@dataclass(frozen=True)
+class RaiseClosed:
+    """The run is closed; ``spare``: this node waited as a spare (it exits normally)."""
+
+    spare: bool
+
+
+@dataclass(frozen=True)
+class Write:
+    """Write ``state``: this node's own fold (``why="fold own"``) or the completion after the last call."""
+
+    state: RendezvousState
+    why: Literal["fold own", "complete"]
+
+
+@dataclass(frozen=True)
+class Sweep:
+    """List the heartbeats and remove the members that stopped beating."""
+
+
+@dataclass(frozen=True)
+class RollBack:
+    """The join timed out: take this node out of the document, then raise the timeout."""
+
+
+@dataclass(frozen=True)
+class Poll:
+    """Wait a poll period (``look_now``: not at all, this node just became the folder), then look: the folder
+    lists the requests and folds them, every other node reads the document."""
+
+    folder: bool
+    look_now: bool
+
+
+Action = CreateDocument | Rejoin | ReturnInfo | RaiseClosed | Write | Sweep | RollBack | Poll
+
+
+def create_document(view: JoinView, epoch: str) -> RendezvousState:
+    """The first document of a run: this node's request folded into a fresh state."""
+    return proto.fold_requests(proto.new_state(view.settings.run_id, epoch), [view.request], view.settings)
+
+
+def fold_pending(state: RendezvousState, requests: list[JoinRequest], settings: Settings) -> RendezvousState:
+    """The folder's write: every pending request folded at once (``state`` itself when none is pending)."""
+    return proto.fold_requests(state, requests, settings)
+
+
+def decide(view: JoinView) -> Action:
+    """The next step of a join."""
+    state = view.state
+    if state is None:
+        return CreateDocument()
+    return _settled(view, state) or _write_due(view, state) or _housekeeping(view, state)
+
+
+def _settled(view: JoinView, state: RendezvousState) -> Action | None:
+    me = view.me
+    if view.mine and me not in state.members() and not state.closed:
+        return Rejoin()
+    if view.mine and state.complete and me in state.participants:
+        return ReturnInfo()
+    if state.closed:
+        return RaiseClosed(spare=me in state.redundancy_list)
+    return None
+
+
+def own_fold_due(view: JoinView, state: RendezvousState) -> bool:
+    """Whether a joiner folds its own request now.
+
+    While a round forms, the folder is the only writer (its writes then win without a read first), so a joiner
+    folds itself only when nobody folds (the first arrival), when the document stood still for ``FOLD_GRACE``
+    (the folder may be stuck), and once when the round is complete (a newcomer to its wait list is seen by
+    ``num_nodes_waiting`` at once, not at the folder's slow poll); never before its jittered back-off ends.
+    """
+    folder_at_work = anyone_waiting(state) and view.now - view.progress_at < FOLD_GRACE
+    return view.now >= view.next_own and (not folder_at_work or (view.own_folds == 0 and state.complete))
+
+
+def _write_due(view: JoinView, state: RendezvousState) -> Action | None:
+    settings = view.settings
+    if not view.mine:
+        new = proto.fold_requests(state, [view.request], settings) if own_fold_due(view, state) else state
+        return None if new is state else Write(new, "fold own")
+    if last_call_expired(view, state):
+        new = proto.mark_complete(state, settings)
+        return None if new is state else Write(new, "complete")
+    return None
+
+
+def last_call_expired(view: JoinView, state: RendezvousState) -> bool:
+    """Whether this participant watched the last-call mark for ``last_call_timeout`` of its own time."""
+    seen_at = view.last_call_seen_at
+    return (
+        view.me in state.participants and seen_at is not None and view.now - seen_at >= view.settings.last_call_timeout
+    )
+
+
+def _housekeeping(view: JoinView, state: RendezvousState) -> Action:
+    if view.now >= view.next_sweep:
+        return Sweep()
+    if view.me not in state.redundancy_list and view.now > view.deadline:
+        return RollBack()
+    folder = view.mine and folder_of(state) == view.me
+    return Poll(folder=folder, look_now=folder and not view.was_folder)
+
+
+def join_deadline(
+    deadline: float, *, was_spare: bool, state: RendezvousState, me: str, now: float, timeout: float
+) -> float:
+    """The join deadline after this look: torch refreshes it when a node leaves the spare list."""
+    return now + timeout if was_spare and me not in state.redundancy_list else deadline
+
+
+# -- run id reuse ----------------------------------------------------------------------------------------------
+
+
+def may_reuse(state: RendezvousState | None, me: str) -> bool:
+    """Whether a join must first check that a closed run is finished (then it starts afresh)."""
+    return state is not None and state.closed and me not in state.members()
+
+
+def reuse_verdict(gone: set[str], members: set[str], waited: float, settings: Settings) -> str:
+    """``"restart"``: every node of the closed run is gone; ``"closed"``: one is still alive after a full
+    liveness timeout (the run is really closed); ``"wait"``: look again."""
+    if gone >= members:
+        return "restart"
+    if waited > settings.liveness_timeout + settings.keep_alive_interval:
+        return "closed"
+    return "wait"
+
+
+def reuse_poll(settings: Settings) -> float:
+    return min(SLOW_POLL, settings.keep_alive_interval / 2)

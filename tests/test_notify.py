@@ -57,6 +57,35 @@ def test_unwatchable_places_fall_back_to_polling(tmp_path: Any) -> None:
     assert fsrdzv.open_store(f"memory://{_rid()}", "run").change_watch() is None
 
 
+class _RecordedWatches:
+    """The watches a handler asked its store for (by record kinds), and whether each was closed again."""
+
+    def __init__(self, handler: fsrdzv.RendezvousHandler) -> None:
+        self.made: dict[tuple[str, ...], Any] = {}
+        self.closed: set[tuple[str, ...]] = set()
+        store = handler.store
+        make = store.change_watch
+
+        def change_watch(kinds: tuple[str, ...] = (), document: bool = True) -> Any:
+            watch = make(kinds, document=document)
+            self.made[kinds] = watch
+            if watch is not None:
+                close = watch.close
+
+                def closing() -> None:
+                    self.closed.add(kinds)
+                    close()
+
+                watch.close = closing
+            return watch
+
+        store.change_watch = change_watch  # type: ignore[method-assign]
+
+    def folder(self) -> bool:
+        """Whether the handler slept on join requests (only the folder does)."""
+        return self.made.get(("req", "done")) is not None
+
+
 @linux_only
 def test_a_waiting_node_sees_completion_without_waiting_for_its_poll(tmp_path: Any) -> None:
     """Two nodes (min=max=2): the second's arrival completes the round; the first, waiting with the real sleep,
@@ -65,6 +94,7 @@ def test_a_waiting_node_sees_completion_without_waiting_for_its_poll(tmp_path: A
     first = fsrdzv.create_handler(endpoint, rid, 2, 2, local_addr="10.0.0.1")
     second = fsrdzv.create_handler(endpoint, rid, 2, 2, local_addr="10.0.0.2")
     done: dict[str, float] = {}
+    watches = _RecordedWatches(first)
 
     def wait_first() -> None:
         first.next_rendezvous()
@@ -76,11 +106,11 @@ def test_a_waiting_node_sees_completion_without_waiting_for_its_poll(tmp_path: A
     second.next_rendezvous()
     done["second"] = time.monotonic()
     thread.join(10)
-    assert first._watches[True] is not None  # the first node waited alone: it was the folder
+    assert watches.folder()  # the first node waited alone: it was the folder
     assert done["first"] - done["second"] < 0.15
     for h in (first, second):
         h.shutdown()
-    assert first._watches == {}
+    assert watches.closed == {kinds for kinds, watch in watches.made.items() if watch is not None}
     assert os.listdir(os.path.join(endpoint, rid, "records", "req")) == []
 
 
@@ -107,6 +137,7 @@ def test_the_completing_write_is_announced_to_the_nodes_that_do_not_fold(tmp_pat
     rather than at its next poll (240 ms by then)."""
     endpoint, rid = str(tmp_path / "rdzv"), _rid()
     handlers = [fsrdzv.create_handler(endpoint, rid, 3, 3, local_addr=f"10.0.0.{i + 1}") for i in range(3)]
+    watches = [_RecordedWatches(h) for h in handlers]
     done: dict[int, float] = {}
 
     def wait(i: int) -> None:
@@ -121,8 +152,8 @@ def test_the_completing_write_is_announced_to_the_nodes_that_do_not_fold(tmp_pat
     wait(2)
     for t in threads:
         t.join(10)
-    assert handlers[0]._watches.get(True) is not None  # the folder slept on requests
-    assert handlers[1]._watches.get(True) is None and handlers[1]._watches[False] is not None
+    assert watches[0].folder()  # the folder slept on requests
+    assert not watches[1].folder() and watches[1].made[("done",)] is not None
     assert os.listdir(os.path.join(endpoint, rid, "records", "done")) == ["round"]
     assert done[1] - done[0] < 0.15
     assert handlers[1].ops["cas"] == handlers[2].ops["cas"] == 0  # the folder wrote the document alone

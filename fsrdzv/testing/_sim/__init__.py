@@ -11,10 +11,10 @@ Typical use::
     clock = VirtualClock()
     storage = SimStorage(S3, clock, seed=1)
     store = storage.open("memory-space-name", run_id)    # one SimStore per node
-    handler = RendezvousHandler(store, settings, clock=clock, sleep=clock.sleep)
-    with simulated_handlers(clock):                       # keep-alive threads on virtual time
-        clock.spawn(handler.next_rendezvous)
-        clock.run()
+    runtime = SimRuntime(clock)                           # keep-alive threads on virtual time
+    handler = RendezvousHandler(store, settings, clock=clock, sleep=clock.sleep, runtime=runtime)
+    clock.spawn(handler.next_rendezvous)
+    clock.run()
 
 The model (:class:`StoreModel`) gives each operation kind a log-normal latency, limits the conditional-write
 rate of each object with a token bucket (answered as the real store answers a throttled write: a lost
@@ -25,7 +25,7 @@ per-prefix 5,500 GET/s and 3,500 PUT/s, GCS's initial per-bucket rates), with th
 from __future__ import annotations
 
 from ._models import GCS, GCS_THROTTLED, NFS, PRESETS, S3, S3_THROTTLED, StoreModel
-from ._runtime import simulated_handlers
+from ._runtime import SimRuntime, simulated_handlers
 from ._scheduler import SimulationStalled, SimulationStopped, VirtualClock
 from ._store import SimCounters, SimStorage, SimStore, Throttled
 
@@ -37,6 +37,7 @@ __all__ = [
     "S3",
     "S3_THROTTLED",
     "SimCounters",
+    "SimRuntime",
     "SimStorage",
     "SimStore",
     "SimulationStalled",

@@ -1,16 +1,22 @@
-"""Handlers on virtual time: the keep-alive thread and the lock it shares with the node's thread."""
+"""Handlers on virtual time: a :class:`~fsrdzv._keepalive.Runtime` whose threads, waits and locks are simulated.
+
+Pass it to every simulated handler (``RendezvousHandler(..., runtime=SimRuntime(clock))``): the keep-alive then
+runs as a simulated thread on the virtual clock, the lock it shares with the node's thread waits in virtual time,
+and all handlers share one decoded-document cache. Nothing in fsrdzv is patched.
+"""
 
 from __future__ import annotations
 
 import contextlib
-import random
 from collections.abc import Callable, Iterator
+from contextlib import AbstractContextManager
 from typing import Any
 
-from ..._errors import RendezvousError
+from ..._keepalive import Background, StopEvent
+from ..._session import DocumentCache
 from ._scheduler import VirtualClock
 
-__all__ = ["simulated_handlers"]
+__all__ = ["SimRuntime", "simulated_handlers"]
 
 
 class _VirtualLock:
@@ -44,72 +50,67 @@ class _VirtualLock:
         self.release()
 
 
-class _SimKeepAlive:
-    """Stand-in for the handler's keep-alive thread that beats on the virtual clock."""
+class _VirtualEvent:
+    """A stop flag whose ``wait`` sleeps in virtual time (a stopped loop ends at its next wake-up)."""
 
-    def __init__(self, handler: Any, interval: float, clock: VirtualClock) -> None:
-        self._handler = handler
-        self._interval = interval
+    def __init__(self, clock: VirtualClock) -> None:
         self._clock = clock
-        self._stopped = False
-        self.thread = self  # the handler asks ``thread.is_alive()``
-        # The node's thread and this one both beat (a node that rejoins beats at once): they share a lock.
-        if not isinstance(getattr(handler, "_beat_lock", None), _VirtualLock):
-            handler._beat_lock = _VirtualLock(clock)
+        self._set = False
+
+    def wait(self, timeout: float | None = None) -> bool:
+        if not self._set:
+            self._clock.sleep(0.0 if timeout is None else timeout)
+        return self._set
+
+    def set(self) -> None:
+        self._set = True
+
+
+class _SimThread:
+    """A simulated thread's handle. Joining it would block outside the scheduler, so it does not wait."""
+
+    def __init__(self) -> None:
+        self.done = False
 
     def is_alive(self) -> bool:
-        return not self._stopped
+        return not self.done
 
-    def start(self) -> None:
-        self._clock.spawn(self._run, name=f"keepalive-{self._handler.node_id}", delay=self._interval)
+    def join(self, timeout: float | None = None) -> None:
+        return None
 
-    def _run(self) -> None:
-        from ..._handler import next_beat_in  # the handler's own schedule
 
-        rng = random.Random(self._handler.node_id)
-        while not self._stopped:
-            started, landed = self._clock.now(), False
-            with contextlib.suppress(RendezvousError):
-                self._handler._beat()
-                landed = True
-            self._clock.sleep(next_beat_in(self._interval, started, self._clock.now(), landed, rng))
+class SimRuntime:
+    """Simulated threads, events and locks on ``clock``, and one decoded-document cache for all handlers
+    (4,096 nodes polling a 600 KB document then parse it once per change, not once per node: real CPU only,
+    nothing a handler decides changes)."""
 
-    def stop(self) -> None:
-        self._stopped = True
+    def __init__(self, clock: VirtualClock, *, cache_size: int = 64) -> None:
+        self.clock = clock
+        self._documents = DocumentCache(cache_size)
+
+    def start(self, target: Callable[[], None], name: str) -> Background:
+        handle = _SimThread()
+
+        def body() -> None:
+            try:
+                target()
+            finally:
+                handle.done = True
+
+        self.clock.spawn(body, name=name)
+        return handle
+
+    def event(self) -> StopEvent:
+        return _VirtualEvent(self.clock)
+
+    def lock(self) -> AbstractContextManager[Any]:
+        return _VirtualLock(self.clock)
+
+    def documents(self) -> DocumentCache:
+        return self._documents
 
 
 @contextlib.contextmanager
-def simulated_handlers(clock: VirtualClock, *, cache_size: int = 64) -> Iterator[None]:
-    """Within the block, fsrdzv handlers run on ``clock`` and share decoded documents.
-
-    * The handler's keep-alive waits on a real-time ``threading.Event``; here it is a simulated thread instead,
-      and the lock it shares with the node's thread waits in virtual time.
-    * Decoding a document is memoised by its bytes (identical documents decode to the same immutable state),
-      so that 4,096 nodes polling a 600 KB document do not spend real minutes parsing the same JSON. It changes
-      nothing the handler decides, only how much real CPU the simulation takes.
-    """
-    from ... import _handler
-
-    original_keepalive = _handler._KeepAlive
-    original_decode: Callable[[bytes, str], Any] = getattr(_handler, "decode_state")  # noqa: B009 - not exported
-    cache: dict[bytes, Any] = {}
-
-    def decode(data: bytes, where: str) -> Any:
-        state = cache.get(data)
-        if state is None:
-            state = original_decode(data, where)
-            if len(cache) >= cache_size:
-                cache.pop(next(iter(cache)))
-            cache[data] = state
-        return state
-
-    def keepalive(handler: Any, interval: float) -> _SimKeepAlive:
-        return _SimKeepAlive(handler, interval, clock)
-
-    _handler._KeepAlive = keepalive  # type: ignore[assignment,misc]
-    setattr(_handler, "decode_state", decode)  # noqa: B010 - not exported
-    try:
-        yield
-    finally:
-        _handler._KeepAlive = original_keepalive  # type: ignore[misc]
-        setattr(_handler, "decode_state", original_decode)  # noqa: B010
+def simulated_handlers(clock: VirtualClock, *, cache_size: int = 64) -> Iterator[SimRuntime]:
+    """A :class:`SimRuntime` for the handlers of one simulation (pass it as their ``runtime``)."""
+    yield SimRuntime(clock, cache_size=cache_size)

@@ -1,0 +1,310 @@
+"""The executor of a join: build a view, let the policy decide, carry the action out; repeat.
+
+All I/O of a join happens here, through the node's :class:`~fsrdzv._session.Session` and
+:class:`~fsrdzv._admin.RunAdmin`; every decision is made by ``_policy`` from a frozen
+:class:`~fsrdzv._policy.JoinView`. The loop-carried facts of one join (its request, the document as last seen,
+its clock readings) live in :class:`_Progress`.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import random
+import secrets
+from collections.abc import Callable
+from dataclasses import dataclass, replace
+from typing import NoReturn
+
+from . import _policy as policy
+from ._admin import RunAdmin
+from ._errors import RendezvousClosedError, RendezvousGracefulExitError, RendezvousTimeoutError, StorageError
+from ._keepalive import Heartbeat
+from ._liveness import LivenessTracker
+from ._retry import Attempts, Retry
+from ._session import BeatFilter, RequestBook, Session
+from ._settings import Settings
+from ._state import JoinRequest, NodeInfo, RendezvousState
+from ._store import Snapshot
+
+__all__ = ["Joiner"]
+
+log = logging.getLogger("fsrdzv")
+
+
+@dataclass
+class _Progress:
+    """What one join carries from one look to the next."""
+
+    request: JoinRequest
+    state: RendezvousState | None
+    snap: Snapshot | None
+    deadline: float
+    attempts: Attempts
+    poll: float
+    next_own: float
+    next_sweep: float
+    progress_at: float
+    looked_at: float
+    own_folds: int = 0
+    seen: tuple[str, int] | None = None
+    was_spare: bool = False
+    was_folder: bool = False
+
+
+class Joiner:
+    """One node's joins, in the order the policy names the steps (see :func:`fsrdzv._policy.decide`)."""
+
+    def __init__(
+        self,
+        *,
+        settings: Settings,
+        session: Session,
+        admin: RunAdmin,
+        heartbeat: Heartbeat,
+        node: NodeInfo,
+        rng: random.Random,
+        retry: Retry,
+        port_factory: Callable[[str], int],
+    ) -> None:
+        self.settings = settings
+        self.session = session
+        self.admin = admin
+        self.heartbeat = heartbeat
+        self.node = node
+        self.periods = policy.Periods.of(settings)
+        self.requests = RequestBook(session)
+        self.beats = BeatFilter(session)
+        self.liveness = LivenessTracker(settings.liveness_timeout, self.periods.liveness_max_gap(settings))
+        self._rng = rng
+        self._retry = retry
+        self._port_factory = port_factory
+        self._clock = session.clock
+        self._request_count = 0
+        self._last_call_seen: dict[tuple[str, int, int], float] = {}
+        self._verified = False
+
+    @property
+    def me(self) -> str:
+        return self.node.node_id
+
+    # -- before the loop -----------------------------------------------------------------------------------
+
+    def join(self) -> RendezvousState:
+        """Join the next round; the document of the completed round that has this node as a participant."""
+        start = self._clock()
+        deadline = start + self.settings.join_timeout
+        if not self._verified:
+            self._retry(self.session.store.verify_conditions, deadline)
+            self._verified = True
+        self._retry(self.heartbeat.start, deadline)
+        state, snap = self._retry(self.session.read, deadline)
+        state, snap = self._retry(lambda: self._reuse_if_finished(state, snap), deadline)
+        leave_round = state.round if state is not None and self.me in state.participants else None
+        self.node = replace(self.node, port=self._port_factory(self.node.addr))
+        request = self._new_request(leave_round)
+        # Watch before asking to join: a completion announced while this node folds or reads must still wake it.
+        self.session.watch("waiter")
+        self._retry(lambda: self.requests.put(request), deadline)
+        run = _Progress(
+            request=request,
+            state=state,
+            snap=snap,
+            deadline=deadline,
+            attempts=replace(self._retry, label=f"during join of {self.me}").attempts(),
+            poll=self.periods.fast,
+            next_own=start,
+            next_sweep=start + self.periods.sweep,
+            progress_at=start,
+            looked_at=start,
+        )
+        return self._loop(run)
+
+    def _new_request(self, leave_round: int | None) -> JoinRequest:
+        # Ordered nonces: a stale listing that still shows this node's previous request can never refold it.
+        self._request_count += 1
+        return JoinRequest(self.node, f"{self._request_count}.{secrets.token_hex(6)}", leave_round)
+
+    def _reuse_if_finished(
+        self, state: RendezvousState | None, snap: Snapshot | None
+    ) -> tuple[RendezvousState | None, Snapshot | None]:
+        """A closed run whose nodes are all gone starts afresh; a live closed run stays closed."""
+        start = self._clock()
+        while state is not None and policy.may_reuse(state, self.me):
+            members = state.members()
+            tags = self.beats.tags()
+            now = self._clock()
+            self.liveness.observe(tags, now, members)
+            gone = self.liveness.missing(tags, members) | self.liveness.dead(members, now)
+            verdict = policy.reuse_verdict(gone, members, now - start, self.settings)
+            if verdict == "restart":
+                return self.admin.restart(state, snap)
+            if verdict == "closed":
+                break  # someone of the old job is still alive: the run is really closed
+            self.session.sleep(policy.reuse_poll(self.settings))
+            state, snap = self.session.read()
+        return state, snap
+
+    # -- the loop ------------------------------------------------------------------------------------------
+
+    def _loop(self, run: _Progress) -> RendezvousState:
+        while True:
+            try:
+                done = self._step(run)
+            except StorageError as exc:
+                run.attempts.failed(exc, run.deadline)
+                # Our records are written; read again and go on (the loop re-folds if need be).
+                with contextlib.suppress(StorageError):
+                    run.state, run.snap = self.session.read()
+                continue
+            if done is not None:
+                return done
+
+    def _view(self, run: _Progress, now: float) -> policy.JoinView:
+        state, me = run.state, self.me
+        seen_at = None
+        if state is not None:
+            if (state.epoch, state.generation) != run.seen:
+                run.seen, run.progress_at = (state.epoch, state.generation), now
+            spare = me in state.redundancy_list
+            run.deadline = policy.join_deadline(
+                run.deadline, was_spare=run.was_spare, state=state, me=me, now=now, timeout=self.settings.join_timeout
+            )
+            run.was_spare = spare
+            key = policy.last_call_key(state)
+            if key is not None and me in state.participants and state.applied.get(me) == run.request.nonce:
+                seen_at = self._last_call_seen.setdefault(key, now)
+        return policy.JoinView(
+            me=me,
+            settings=self.settings,
+            request=run.request,
+            state=state,
+            now=now,
+            deadline=run.deadline,
+            progress_at=run.progress_at,
+            own_folds=run.own_folds,
+            next_own=run.next_own,
+            next_sweep=run.next_sweep,
+            last_call_seen_at=seen_at,
+            was_folder=run.was_folder,
+        )
+
+    def _step(self, run: _Progress) -> RendezvousState | None:
+        now = self._clock()
+        view = self._view(run, now)
+        action = policy.decide(view)
+        if isinstance(action, policy.CreateDocument):
+            _, run.state, run.snap = self.session.cas(policy.create_document(view, secrets.token_hex(8)), None)
+            run.own_folds += 1
+            return None
+        state = run.state
+        assert state is not None  # the policy asks for a document first
+        if isinstance(action, policy.ReturnInfo):
+            return state
+        if isinstance(action, policy.RaiseClosed):
+            self._raise_closed(action.spare)
+        if isinstance(action, policy.RollBack):
+            self.admin.roll_back(state, run.snap, self.me, policy.ROLLBACK_WINDOW)
+            self._raise_timeout(state)
+        self._act(action, run, state, now)
+        return None
+
+    def _act(self, action: policy.Action, run: _Progress, state: RendezvousState, now: float) -> None:
+        if isinstance(action, policy.Rejoin):
+            run.request = self._new_request(None)
+            self.requests.put(run.request)
+            self.heartbeat.beat()
+            run.own_folds, run.next_own = 0, now
+        elif isinstance(action, policy.Write):
+            if action.why == "fold own":
+                run.own_folds += 1
+                run.next_own = now + self._rng.uniform(0, policy.own_fold_jitter(run.own_folds))
+            _, run.state, run.snap = self.session.cas(action.state, run.snap)
+        elif isinstance(action, policy.Sweep):
+            run.next_sweep = now + self.periods.sweep
+            self._sweep(run, state)
+        elif isinstance(action, policy.Poll):
+            self._poll(run, action, state)
+
+    def _raise_closed(self, spare: bool) -> NoReturn:
+        self.heartbeat.stop()
+        run_id = self.settings.run_id
+        if spare:
+            raise RendezvousGracefulExitError(
+                f"rendezvous {run_id!r} was closed while this node waited as a spare; exiting normally"
+            )
+        raise RendezvousClosedError(
+            f"rendezvous {run_id!r} is closed; start a new job (a finished run id is reused once all its nodes "
+            "are gone)"
+        )
+
+    def _raise_timeout(self, state: RendezvousState) -> NoReturn:
+        settings = self.settings
+        raise RendezvousTimeoutError(
+            f"rendezvous {settings.run_id!r} did not complete within join_timeout="
+            f"{settings.join_timeout:g}s: {len(state.participants)} participant(s), "
+            f"min_nodes={settings.min_nodes}; check that the other nodes use the same endpoint and "
+            "run id, or raise join_timeout"
+        )
+
+    def _sweep(self, run: _Progress, state: RendezvousState) -> None:
+        """Remove the members whose heartbeat stopped changing (this observer's clock), with one write."""
+        members = state.members() - {self.me}
+        tags = self.beats.tags()
+        now = self._clock()  # when we looked (the read budget may have made us wait)
+        self.liveness.observe(tags, now, members)
+        self.liveness.forget(members)
+        dead = self.liveness.dead(members, now)
+        if dead:
+            log.info("removing node(s) without heartbeat for %.1fs: %s", self.settings.liveness_timeout, sorted(dead))
+            _, run.state, run.snap = self.admin.remove_from(state, run.snap, dead)
+
+    def _poll(self, run: _Progress, action: policy.Poll, state: RendezvousState) -> None:
+        """Wait, then look: the folder lists and folds the requests, every other node reads the document."""
+        if action.look_now:
+            # Requests may have waited since the previous folder's last fold; the watch starts first, so that
+            # none arrives unseen in between.
+            self.session.watch("folder")
+        else:
+            self.session.wait(run.poll, "folder" if action.folder else "waiter")
+        run.was_folder = action.folder
+        before = state.generation
+        if action.folder:
+            self._fold_pending(run)
+        else:
+            run.state, run.snap = self.session.read()
+            run.looked_at = self._clock()
+        run.attempts.reset()
+        got = run.state
+        run.poll = self.periods.next_poll(
+            run.poll,
+            changed=got is not None and got.generation != before,
+            idle=got is not None and (got.complete or self.me in state.redundancy_list),
+        )
+
+    def _fold_pending(self, run: _Progress) -> None:
+        """The folder folds every pending request into the document as it last saw it.
+
+        While a round forms it is the only writer, so the write wins without a read first; it reads the document
+        only when it has not seen it for a few polls (a read at every wake-up would spend its read budget while
+        nodes arrive in a burst). A lost write brings the current document: the fold is made again on it at once
+        (a few times at most; the next poll tries again).
+        """
+        requests = self.requests.pending_looking()
+        if self.periods.folder_read_due(run.looked_at, self._clock()):
+            run.state, run.snap = self.session.read()
+            run.looked_at = self._clock()
+        state, snap = run.state, run.snap
+        if state is None or snap is None:
+            return
+        for _ in range(policy.FOLD_ATTEMPTS):
+            new = policy.fold_pending(state, requests, self.settings)
+            if new is state:
+                break
+            won, got, got_snap = self.session.cas(new, snap)
+            run.looked_at = self._clock()  # a write, won or lost, brought the current document
+            if won or got is None or got_snap is None:
+                state, snap = got, got_snap
+                break
+            state, snap = got, got_snap
+        run.state, run.snap = state, snap
