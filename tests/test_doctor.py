@@ -1,7 +1,8 @@
 """``fsrdzv doctor`` through the real console script: passes on good storage, fails on lying or lock-less storage.
 
 Mount options cannot be changed on a test machine (and the kernel here has no NFS client), so the ``mount`` check
-is fed recorded ``/proc/self/mountinfo`` files from ``tests/fixtures`` through the hidden ``--mountinfo`` option.
+is fed recorded ``/proc/self/mountinfo`` files from ``tests/fixtures`` through ``run_doctor(mountinfo=...)``, and
+a store that lies about CAS through ``run_doctor(wrap_store=...)``.
 """
 
 from __future__ import annotations
@@ -15,7 +16,8 @@ from typing import Any
 
 import pytest
 
-from fsrdzv._doctor import find_mount, mount_findings, parse_mountinfo
+from fsrdzv._doctor import find_mount, mount_findings, parse_mountinfo, run_doctor
+from fsrdzv.testing import FaultyStore
 from tests.servers import Endpoint
 
 FIXTURES = Path(__file__).parent / "fixtures"
@@ -69,13 +71,12 @@ def test_passes_on_s3(s3_endpoint: Endpoint) -> None:
 
 
 def test_fails_on_a_store_that_ignores_conditions(tmp_path: Path) -> None:
-    result = doctor(
-        str(tmp_path), "--check", "cas", "--check", "reach", env={"FSRDZV_DOCTOR_FAULT": "ignore-conditions"}
+    results = run_doctor(
+        str(tmp_path), checks=("reach", "cas"), wrap_store=lambda store: FaultyStore(store, ignore_conditions=True)
     )
-    assert result.returncode == 1, result.stdout + result.stderr
-    cas = next(line for line in result.stdout.splitlines() if " cas " in line)
-    assert cas.split()[0] == "FAIL" and "2 of 2 conditional writes won" in cas
-    assert result.stdout.splitlines()[-1].startswith("verdict: FAIL")
+    cas = next(check for check in results if check.name == "cas")
+    assert cas.verdict == "fail" and "2 of 2 conditional writes won" in cas.summary, cas
+    assert cas.details["stale_token_refused"] is False
 
 
 def test_fails_on_a_directory_whose_lock_is_a_no_op(tmp_path: Path) -> None:
@@ -103,20 +104,23 @@ def test_fails_on_a_directory_whose_lock_is_a_no_op(tmp_path: Path) -> None:
 def test_mount_options_from_recorded_mountinfo(
     fixture: str, path: str, code: int, verdict: str, words: list[str]
 ) -> None:
-    # --check mount needs no I/O on the endpoint, so the path need not exist on this machine.
-    result = doctor(path, "--check", "mount", "--mountinfo", str(FIXTURES / fixture))
-    assert result.returncode == code, result.stdout + result.stderr
-    line = result.stdout.splitlines()[1]
-    assert line.split()[:2] == [verdict, "mount"], line
+    # The mount check needs no I/O on the endpoint, so the path need not exist on this machine.
+    (mount,) = run_doctor(path, checks=("mount",), mountinfo=str(FIXTURES / fixture))
+    assert mount.name == "mount" and mount.verdict == verdict.lower(), mount
+    assert (mount.verdict == "fail") == (code == 1)
     for word in words:
-        assert word in line, line
+        assert word in mount.summary, mount
 
 
-def test_mountinfo_from_the_environment(tmp_path: Path) -> None:
-    result = doctor(
-        "/shared/x", "--check", "mount", env={"FSRDZV_MOUNTINFO": str(FIXTURES / "mountinfo_nfs_nolock.txt")}
-    )
-    assert result.returncode == 1 and "nolock" in result.stdout
+def test_mountinfo_as_text() -> None:
+    (mount,) = run_doctor("/shared/x", checks=("mount",), mountinfo=(FIXTURES / "mountinfo_nfs_nolock.txt").read_text())
+    assert mount.verdict == "fail" and "nolock" in mount.summary
+
+
+def test_mount_check_through_the_cli_reads_this_host(tmp_path: Path) -> None:
+    result = doctor(str(tmp_path), "--check", "mount")
+    assert result.returncode in (0, 1), result.stderr
+    assert result.stdout.splitlines()[1].split()[1] == "mount"
 
 
 def test_parse_mountinfo_unescapes_and_picks_the_innermost_mount() -> None:

@@ -195,8 +195,7 @@ def test_selftest_runs_once_per_endpoint_and_leaves_nothing(
             return result
 
         monkeypatch.setattr(cls, "probe_create", spy)
-    for module in ("_s3", "_azure", "_gcs"):
-        monkeypatch.setattr(f"fsrdzv._stores.{module}.verify_conditional_writes", counting)
+    monkeypatch.setattr("fsrdzv._stores._object.verify_conditional_writes", counting)
     a = _open(object_endpoint, "run-a")
     _open(object_endpoint, "run-b")
     assert len(calls) == 2

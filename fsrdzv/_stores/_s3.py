@@ -47,9 +47,10 @@ _T = TypeVar("_T")
 
 #: Attempts of a write answered with 409 ConditionalRequestConflict before it is reported as lost.
 CONFLICT_ATTEMPTS: Final = 4
-#: First and longest pause (s) between those attempts.
-_CONFLICT_DELAY: Final = 0.05
-_CONFLICT_MAX_DELAY: Final = 1.0
+#: Pauses between those attempts: full jitter, up to 0.05 s doubling to at most 1 s (the centre of the jitter is
+#: half of that).
+_CONFLICT_DELAY: Final = 0.025
+_CONFLICT_MAX_DELAY: Final = 0.5
 #: Keys per DeleteObjects request (the S3 maximum).
 _DELETE_BATCH: Final = 1000
 _CONDITIONS: Final = "If-None-Match/If-Match"
@@ -251,7 +252,7 @@ class S3Store(ObjectStore):
 
     def _put(self, key: str, data: bytes, what: str, *, create: bool = False, match: str | None = None) -> str | None:
         """As :meth:`ObjectStore._put`, retrying 409 conflicts a few times before reporting them as lost."""
-        attempts = Retry(delay=_CONFLICT_DELAY, max_delay=_CONFLICT_MAX_DELAY, sleep=self._sleep).attempts()
+        attempts = Retry(_CONFLICT_DELAY, _CONFLICT_MAX_DELAY, max_jitter=1.0, sleep=self._sleep).attempts()
         for _ in range(CONFLICT_ATTEMPTS - 1):
             try:
                 return super()._put(key, data, what, create=create, match=match)
