@@ -2,8 +2,8 @@
 
 Clock model. No timestamp written by another host is ever compared with this host's clock. A heartbeat's age is
 "seconds since *this observer* saw the record change", timed on this process's monotonic clock by a
-:class:`HeartbeatObserver` that remembers each record's tag and when the tag last changed. A one-shot ``status``
-therefore looks twice, ``observe`` seconds apart; a record that did not change while we watched has an age that is
+:class:`~fsrdzv._liveness.LivenessTracker` (the handler's own liveness judgement). A one-shot ``status`` therefore
+looks several times during ``observe`` seconds; a record that did not change while we watched has an age that is
 only a lower bound (``age_is_lower_bound``). ``status --watch`` keeps one observer for its whole life, so the ages
 become exact once each record has changed once.
 
@@ -17,25 +17,21 @@ renaming or removing one bumps the ``schema`` string.
 
 from __future__ import annotations
 
-import contextlib
-import datetime
-import os
 import time
 from collections.abc import Callable, Mapping
 from typing import Any, Final
 
 from ._errors import RendezvousStateError, StorageError
+from ._liveness import LivenessTracker
 from ._state import NodeInfo, RendezvousState, decode_state, request_owner
 from ._store import Store
 
 __all__ = [
     "LIST_SCHEMA",
     "STATUS_SCHEMA",
-    "HeartbeatObserver",
     "collect_status",
-    "fsspec_options",
-    "info_mtime",
-    "last_modified",
+    "heartbeat_json",
+    "observe_heartbeats",
     "read_state",
     "run_summary",
 ]
@@ -52,59 +48,19 @@ Clock = Callable[[], float]
 Sleep = Callable[[float], None]
 
 
-class HeartbeatObserver:
-    """Times heartbeat records on this process's monotonic clock (see the module docstring).
+def observe_heartbeats(observer: LivenessTracker, tags: Mapping[str, str], now: float) -> None:
+    """Record one listing of every heartbeat record (records that went away are forgotten)."""
+    observer.observe(tags, now, tags)
+    observer.forget(tags)
 
-    For every record name it keeps ``(tag, first_seen, changed)``: the last tag listed, when this observer first
-    saw that tag, and whether it has ever seen the tag change (if not, the true age is at least what we measured).
-    """
 
-    def __init__(self, clock: Clock = time.monotonic) -> None:
-        self._clock = clock
-        self._seen: dict[str, tuple[str, float, bool]] = {}
-        self.observations = 0
-        self.first_observation: float | None = None
-
-    def now(self) -> float:
-        return self._clock()
-
-    def observe(self, tags: Mapping[str, str]) -> float:
-        """Record one listing of ``{name: tag}`` and return the local time it was taken."""
-        now = self._clock()
-        if self.first_observation is None:
-            self.first_observation = now
-        first = self.observations == 0
-        for name, tag in tags.items():
-            previous = self._seen.get(name)
-            if previous is None:
-                # A record that appears after our first look was written while we watched: a real change.
-                self._seen[name] = (tag, now, not first)
-            elif previous[0] != tag:
-                self._seen[name] = (tag, now, True)
-        for gone in set(self._seen) - set(tags):
-            del self._seen[gone]
-        self.observations += 1
-        return now
-
-    def heartbeat(self, name: str, now: float | None = None) -> dict[str, Any]:
-        """The ``heartbeat`` object of the JSON schema for record ``name``."""
-        seen = self._seen.get(name)
-        if seen is None:
-            return {"present": False, "changed": False, "age_seconds": None, "age_is_lower_bound": False}
-        now = self._clock() if now is None else now
-        return {
-            "present": True,
-            "changed": seen[2],
-            "age_seconds": round(max(0.0, now - seen[1]), 3),
-            "age_is_lower_bound": not seen[2],
-        }
-
-    def changed_since(self, start: float) -> set[str]:
-        """Names whose tag changed (or that appeared) at or after local time ``start``."""
-        return {name for name, (_, when, changed) in self._seen.items() if changed and when >= start}
-
-    def names(self) -> set[str]:
-        return set(self._seen)
+def heartbeat_json(observer: LivenessTracker, node_id: str, now: float) -> dict[str, Any]:
+    """The ``heartbeat`` object of the JSON schema for ``node_id``."""
+    age = observer.age(node_id, now)
+    if age is None:
+        return {"present": False, "changed": False, "age_seconds": None, "age_is_lower_bound": False}
+    changed = observer.changed(node_id)
+    return {"present": True, "changed": changed, "age_seconds": round(age, 3), "age_is_lower_bound": not changed}
 
 
 def read_state(store: Store) -> RendezvousState | None:
@@ -127,13 +83,59 @@ def _node_json(node_id: str, info: NodeInfo | None) -> dict[str, Any]:
     return out
 
 
+_NO_DOCUMENT: Final[Mapping[str, Any]] = {
+    "round": None,
+    "complete": False,
+    "closed": False,
+    "generation": None,
+    "epoch": None,
+    "last_call": None,
+    "master": None,
+}
+
+
+def _watch_window(store: Store, observer: LivenessTracker, observe: float, clock: Clock, sleep: Sleep) -> None:
+    # Several looks during the window, so that an age is known to within OBSERVE_STEP, not to the window.
+    start = clock()
+    observe_heartbeats(observer, store.list_records("hb"), start)
+    while True:
+        left = start + observe - clock()
+        if left <= 0:
+            return
+        sleep(min(OBSERVE_STEP, left))
+        if left > OBSERVE_STEP:
+            observe_heartbeats(observer, store.list_records("hb"), clock())
+
+
+def _nodes_json(state: RendezvousState, observer: LivenessTracker, now: float) -> dict[str, Any]:
+    """The node lists of the status object: participants (ranked once complete), waiting, spares, unlisted."""
+
+    def entry(node_id: str) -> dict[str, Any]:
+        out = _node_json(node_id, state.nodes.get(node_id))
+        out["heartbeat"] = heartbeat_json(observer, node_id, now)
+        return out
+
+    participants = []
+    # Ranks are only meaningful once the round is complete; before that every participant holds rank 0.
+    for node_id in sorted(state.participants, key=lambda n: (state.participants[n], state.nodes[n])):
+        item = entry(node_id)
+        item["rank"] = state.participants[node_id] if state.complete else None
+        participants.append(item)
+    return {
+        "participants": participants,
+        "waiting": [entry(n) for n in sorted(state.wait_list, key=lambda n: state.nodes[n])],
+        "spares": [entry(n) for n in sorted(state.redundancy_list, key=lambda n: state.nodes[n])],
+    }
+
+
 def collect_status(
     store: Store,
     endpoint: str,
     *,
-    observer: HeartbeatObserver | None = None,
+    observer: LivenessTracker | None = None,
     observe: float = 1.0,
     sleep: Sleep = time.sleep,
+    clock: Clock = time.monotonic,
 ) -> dict[str, Any]:
     """Build the ``fsrdzv.status/1`` object for ``store``'s run.
 
@@ -143,65 +145,30 @@ def collect_status(
 
     :raises StateCorruptError: the document is unreadable. :raises StorageError: the storage failed.
     """
-    observer = observer or HeartbeatObserver()
+    observer = observer or LivenessTracker.observer()
     if observer.observations == 0 and observe > 0:
         read_state(store)  # an unreadable document fails now, not after the observation window
-        # Several looks during the window, so that an age is known to within OBSERVE_STEP, not to the window.
-        start = observer.observe(store.list_records("hb"))
-        while True:
-            left = start + observe - observer.now()
-            if left <= 0:
-                break
-            sleep(min(OBSERVE_STEP, left))
-            if left > OBSERVE_STEP:
-                observer.observe(store.list_records("hb"))
+        _watch_window(store, observer, observe, clock, sleep)
     state = read_state(store)
     tags = store.list_records("hb")
     requests = {request_owner(name) for name in store.list_records("req")}
-    now = observer.observe(tags)
-    window = 0.0 if observer.first_observation is None else now - observer.first_observation
+    now = clock()
+    observe_heartbeats(observer, tags, now)
+    first = observer.first_observation
     doc: dict[str, Any] = {
         "schema": STATUS_SCHEMA,
         "endpoint": endpoint,
         "run_id": store.run_id,
         "exists": state is not None,
-        "observed_seconds": round(window, 3),
+        "observed_seconds": round(0.0 if first is None else now - first, 3),
     }
     if state is None:
-        doc.update(
-            {
-                "round": None,
-                "complete": False,
-                "closed": False,
-                "generation": None,
-                "epoch": None,
-                "last_call": None,
-                "master": None,
-                "participants": [],
-                "waiting": [],
-                "spares": [],
-                "unlisted": [],
-            }
-        )
+        doc.update({**_NO_DOCUMENT, "participants": [], "waiting": [], "spares": [], "unlisted": []})
         return doc
-
-    def entry(node_id: str) -> dict[str, Any]:
-        out = _node_json(node_id, state.nodes.get(node_id))
-        out["heartbeat"] = observer.heartbeat(node_id, now)
-        return out
-
-    participants = []
-    # Ranks are only meaningful once the round is complete; before that every participant holds rank 0.
-    order = sorted(state.participants, key=lambda n: (state.participants[n], state.nodes[n]))
-    for node_id in order:
-        item = entry(node_id)
-        item["rank"] = state.participants[node_id] if state.complete else None
-        participants.append(item)
-    listed = state.members()
-    unlisted = []
-    for node_id in sorted((set(tags) | requests) - listed):
-        item = {"node_id": node_id, "heartbeat": observer.heartbeat(node_id, now), "join_request": node_id in requests}
-        unlisted.append(item)
+    unlisted = [
+        {"node_id": n, "heartbeat": heartbeat_json(observer, n, now), "join_request": n in requests}
+        for n in sorted((set(tags) | requests) - state.members())
+    ]
     doc.update(
         {
             "round": state.round,
@@ -211,96 +178,14 @@ def collect_status(
             "epoch": state.epoch,
             "last_call": state.last_call,
             "master": None if state.master is None else {"addr": state.master[0], "port": state.master[1]},
-            "participants": participants,
-            "waiting": [entry(n) for n in sorted(state.wait_list, key=lambda n: state.nodes[n])],
-            "spares": [entry(n) for n in sorted(state.redundancy_list, key=lambda n: state.nodes[n])],
+            **_nodes_json(state, observer, now),
             "unlisted": unlisted,
         }
     )
     return doc
 
 
-def _epoch_seconds(value: object) -> float | None:
-    """A modification time from an fsspec ``info`` dict value (datetime, ISO string or number)."""
-    if isinstance(value, datetime.datetime):
-        if value.tzinfo is None:
-            value = value.replace(tzinfo=datetime.timezone.utc)
-        return value.timestamp()
-    if isinstance(value, (int, float)) and not isinstance(value, bool):
-        return float(value)
-    if isinstance(value, str):
-        with contextlib.suppress(ValueError):
-            return _epoch_seconds(datetime.datetime.fromisoformat(value.replace("Z", "+00:00")))
-    return None
-
-
-#: Keys under which fsspec implementations report a modification time (s3fs, adlfs, gcsfs, local).
-_MTIME_KEYS: Final = ("LastModified", "last_modified", "updated", "mtime", "created")
-
-
-def info_mtime(info: Mapping[str, Any]) -> float | None:
-    """The modification time (epoch seconds) in an fsspec ``info`` dict, or None."""
-    for key in _MTIME_KEYS:
-        if key in info:
-            got = _epoch_seconds(info[key])
-            if got is not None:
-                return got
-    return None
-
-
-#: Storage options that fsrdzv's stores consume themselves and fsspec would refuse.
-_FSRDZV_ONLY_OPTIONS: Final = frozenset({"skip_selftest"})
-
-
-def fsspec_options(storage_options: Mapping[str, Any] | None) -> dict[str, Any]:
-    """``storage_options`` as fsspec takes them: without fsrdzv's own keys, and with listings never cached.
-
-    fsspec keeps one instance per set of options, so repeated calls (``list`` over many runs, ``status --watch``)
-    share a connection; the listings cache is off so that each look sees the storage as it is now.
-    """
-    options = {k: v for k, v in (storage_options or {}).items() if k not in _FSRDZV_ONLY_OPTIONS}
-    options["use_listings_cache"] = False
-    return options
-
-
-def _file_last_modified(path: str) -> float | None:
-    newest: float | None = None
-    for root, _dirs, files in os.walk(path):
-        for name in files:
-            with contextlib.suppress(OSError):
-                mtime = os.stat(os.path.join(root, name)).st_mtime
-                newest = mtime if newest is None else max(newest, mtime)
-    return newest
-
-
-def last_modified(store: Store, endpoint: str, storage_options: Mapping[str, Any] | None = None) -> float | None:
-    """Newest modification time (epoch seconds, storage clock) of any object of the run, or None if unknown.
-
-    Directories are walked directly. Object stores are listed through fsspec under ``<prefix>/<run_id>/``; a store
-    laid out differently, or an fsspec that refuses the options, gives None (the age is then unknown).
-    """
-    directory = getattr(store, "dir", None)
-    if isinstance(directory, str) and os.path.isdir(directory):
-        return _file_last_modified(directory)
-    from ._stores import split_endpoint
-
-    scheme, rest = split_endpoint(endpoint)
-    if scheme in {"file", "memory"}:
-        return None
-    try:
-        import fsspec
-
-        fs = fsspec.filesystem(scheme, **fsspec_options(storage_options))
-        found = fs.find(f"{rest}/{store.run_id}", detail=True)
-    except Exception:  # noqa: BLE001 - the age is optional information; any failure means "unknown"
-        return None
-    times = [t for t in (info_mtime(i) for i in found.values()) if t is not None]
-    return max(times) if times else None
-
-
-def run_summary(
-    store: Store, endpoint: str, storage_options: Mapping[str, Any] | None = None, now: float | None = None
-) -> dict[str, Any]:
+def run_summary(store: Store, now: float | None = None) -> dict[str, Any]:
     """One entry of ``fsrdzv.list/1`` ``runs``. Per-run failures are reported in the entry, not raised."""
     out: dict[str, Any] = {
         "run_id": store.run_id,
@@ -344,7 +229,7 @@ def run_summary(
                 "spares": len(state.redundancy_list),
             }
         )
-    modified = last_modified(store, endpoint, storage_options)
+    modified = store.last_modified()
     if modified is not None:
         now = time.time() if now is None else now
         out["idle_seconds"] = round(max(0.0, now - modified), 1)

@@ -21,9 +21,9 @@ from typing import Any
 
 import pytest
 
-import fsrdzv.testing
 from fsrdzv import open_store
 from fsrdzv._state import NodeInfo, RendezvousState, encode_state
+from fsrdzv.testing import corrupt
 from tests.servers import Endpoint
 from tests.test_launcher import Job, fsrdzv, wait_until
 
@@ -250,7 +250,7 @@ def test_gc_removes_finished_and_dead_runs_and_never_a_live_one(tmp_path: Path) 
         done_job.start("1", "exit0")
         assert done_job.wait(0) == 0
         _dead_run(str(endpoint), "dead")
-        fsrdzv.testing.corrupt(open_store(str(endpoint), "bad"), b"not a document")
+        corrupt(open_store(str(endpoint), "bad"), b"not a document")
         wait_until("the live worker", lambda: bool(live_job.starts(live_node)))
 
         kept_young = cli("gc", str(endpoint), "--window", "0.5")  # default --older-than 24h: all too young
@@ -277,7 +277,7 @@ def test_gc_removes_finished_and_dead_runs_and_never_a_live_one(tmp_path: Path) 
 
 def test_reset_is_the_way_out_of_a_corrupt_document(tmp_path: Path) -> None:
     endpoint = str(tmp_path)
-    fsrdzv.testing.corrupt(open_store(endpoint, "bad"), b"\x00garbage")
+    corrupt(open_store(endpoint, "bad"), b"\x00garbage")
     line = one_line_error(cli("status", endpoint, "--run-id", "bad"), 4)
     assert "reset --force" in line
     debug = cli("status", endpoint, "--run-id", "bad", "--debug")
