@@ -23,8 +23,9 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import fsrdzv
-from fsrdzv import _handler
+from fsrdzv._policy import folder_of
 from fsrdzv._protocol import fold_requests, new_state, pending, remove_nodes
+from fsrdzv._session import READ_BURST, READ_RATE, ReadBudget
 from fsrdzv._state import (
     BODY_PREFIX,
     INLINE_PREFIX,
@@ -32,6 +33,8 @@ from fsrdzv._state import (
     JoinRequest,
     NodeInfo,
     decode_request_name,
+    decode_state,
+    encode_request,
     encode_request_name,
     encode_state,
     nonce_order,
@@ -158,13 +161,13 @@ def test_an_older_request_is_never_folded_after_a_newer_one() -> None:
 @given(st.lists(st.floats(0, 0.2), min_size=1, max_size=300))
 def test_read_budget_allows_at_most_rate_plus_burst_reads_in_any_second(gaps: list[float]) -> None:
     clock = FakeClock()
-    budget = _handler._ReadBudget(_handler.READ_RATE, _handler.READ_BURST, clock, clock.sleep)
+    budget = ReadBudget(READ_RATE, READ_BURST, clock, clock.sleep)
     times = []
     for gap in gaps:
         clock.sleep(gap)
         budget.take()
         times.append(clock())
-    limit = _handler.READ_RATE + _handler.READ_BURST
+    limit = READ_RATE + READ_BURST
     for i, t in enumerate(times):
         assert sum(1 for u in times[i:] if u < t + 1.0 - 1e-9) <= limit
 
@@ -173,6 +176,8 @@ class _TimedStore(MemoryStore):
     """The memory store, recording which thread read what and when (reads, listings and record reads)."""
 
     log: list[tuple[str, float, str]]
+    #: The request records when the round formed (before the nodes shut down and removed them).
+    requests_formed: list[str]
 
     def _note(self, what: str) -> None:
         self.log.append((threading.current_thread().name, time.monotonic(), what))
@@ -190,7 +195,7 @@ class _TimedStore(MemoryStore):
         return super().read_record(kind, name)
 
 
-def _form(n: int, *, addr: str = "10.0.{i}.1") -> tuple[list[fsrdzv.RendezvousInfo], _TimedStore, list[Any]]:
+def _form(n: int, *, addr: str = "10.0.{i}.1") -> tuple[list[fsrdzv.RendezvousInfo], _TimedStore, list[dict[str, int]]]:
     name = f"scale-{uuid.uuid4().hex[:8]}"
     store_log: list[tuple[str, float, str]] = []
     handlers = []
@@ -211,24 +216,28 @@ def _form(n: int, *, addr: str = "10.0.{i}.1") -> tuple[list[fsrdzv.RendezvousIn
         t.start()
     for t in threads:
         t.join(60)
+    ops = [dict(h.ops) for h in handlers]  # the formation's own operations, before the shutdown's
+    formed = len(store_log)
+    store.requests_formed = list(store.list_records("req"))
     for h in handlers:
-        h._stop_keepalive()
-    return infos, store, handlers
+        h.shutdown()
+    del store_log[formed:]
+    return infos, store, ops
 
 
 def test_simultaneous_arrivals_form_with_o_n_writes_and_within_the_read_budget() -> None:
     n = 24
-    infos, store, handlers = _form(n)
+    infos, store, ops = _form(n)
     assert sorted(i.rank for i in infos) == list(range(n))
     assert len({i.master_port for i in infos}) == 1
-    writes = sum(h.ops["cas"] + h.ops["put"] + h.ops["delete"] for h in handlers)
+    writes = sum(o["cas"] + o["put"] + o["delete"] for o in ops)
     assert writes <= 4 * n, writes
     # Only waiting members that fold list the requests; no node reads any request body (all names inline).
     assert not any(what == "get req" for _, _, what in store.log)
     by_node: dict[str, list[float]] = defaultdict(list)
     for thread, at, _ in store.log:
         by_node[thread].append(at)
-    limit = _handler.READ_RATE + _handler.READ_BURST
+    limit = READ_RATE + READ_BURST
     for thread, times in by_node.items():
         times.sort()
         worst = max(sum(1 for u in times[i:] if u < t + 1.0) for i, t in enumerate(times))
@@ -239,7 +248,7 @@ def test_requests_too_long_for_a_name_still_form_through_body_records() -> None:
     n = 6
     infos, store, _ = _form(n, addr="node-{i}." + "a" * 200 + ".example.org")
     assert sorted(i.rank for i in infos) == list(range(n))
-    assert all(name.startswith(BODY_PREFIX) for name in store.list_records("req"))
+    assert store.requests_formed and all(name.startswith(BODY_PREFIX) for name in store.requests_formed)
 
 
 def test_a_rejoin_replaces_the_previous_request_record() -> None:
@@ -272,54 +281,82 @@ def test_while_a_round_forms_only_its_folder_writes_the_document() -> None:
     first = threading.Thread(target=run, args=(0,))
     first.start()
     deadline = time.monotonic() + 10
-    while handlers[0]._cached_state() is None and time.monotonic() < deadline:
+    while handlers[0].store.read() is None and time.monotonic() < deadline:
         time.sleep(0.01)
     others = [threading.Thread(target=run, args=(i,)) for i in (1, 2)]
     for t in others:
         t.start()
     for t in [first, *others]:
         t.join(30)
+    cas = [h.ops["cas"] for h in handlers]
     for h in handlers:
-        h._stop_keepalive()
+        h.shutdown()
     assert sorted(i.rank for i in infos) == [0, 1, 2]
     # The newcomers have lower identities (10.0.0.8, 10.0.0.7): the role stayed with the first.
-    assert [h.ops["cas"] for h in handlers[1:]] == [0, 0]
-    assert handlers[0].ops["cas"] >= 2  # the document's creation, then the fold(s)
+    assert cas[1:] == [0, 0]
+    assert cas[0] >= 2  # the document's creation, then the fold(s)
 
 
 def test_the_folder_is_the_waiting_member_folded_first() -> None:
     """Every node names the same folder from the document, and a newcomer never takes the role over, whatever its
     identity; when the folder leaves the waiting members, the next in folding order takes over."""
     settings_ = fsrdzv.Settings("run", 3, 3)
-    late, early = (
-        fsrdzv.RendezvousHandler(MemoryStore(f"order-{uuid.uuid4().hex[:8]}", "run"), settings_, local_addr=addr)
-        for addr in ("10.0.0.1", "10.0.0.9")
-    )
-    state = fold_requests(new_state("run", "e"), [JoinRequest(early._node, "1.a")], settings_)
-    state = fold_requests(state, [JoinRequest(late._node, "1.b")], settings_)
-    assert early._is_folder(state) and not late._is_folder(state)
-    assert late._node < early._node  # the newcomer sorts first, yet the folder did not change
+    late, early = (NodeInfo(addr, 1, 0, "abc") for addr in ("10.0.0.1", "10.0.0.9"))
+    state = fold_requests(new_state("run", "e"), [JoinRequest(early, "1.a")], settings_)
+    state = fold_requests(state, [JoinRequest(late, "1.b")], settings_)
+    assert folder_of(state) == early.node_id
+    assert late < early  # the newcomer sorts first, yet the folder did not change
     without_early = remove_nodes(state, [early.node_id], settings_)
-    assert late._is_folder(without_early)
+    assert folder_of(without_early) == late.node_id
+
+
+class _InterleavingStore(MemoryStore):
+    """Records the document operations of its one handler; ``interleave`` (once armed) is another node's write,
+    made just before the handler's next compare-and-set lands."""
+
+    interleave: Any = None
+
+    def __init__(self, name: str, run_id: str) -> None:
+        super().__init__(name, run_id)
+        self.log: list[str] = []
+
+    def read(self) -> Any:
+        self.log.append("read")
+        return super().read()
+
+    def compare_and_set(self, data: bytes, token: object = None) -> Any:
+        other, self.interleave = self.interleave, None
+        if other is not None:
+            snap = super().read()
+            assert snap is not None
+            assert super().compare_and_set(other(snap.data), snap.token).won
+        result = super().compare_and_set(data, token)
+        self.log.append("cas won" if result.won else "cas lost")
+        return result
 
 
 def test_a_fold_on_a_stale_document_is_made_again_on_the_current_one() -> None:
     """The folder folds into the document it last saw, without reading it first. When someone else wrote in
-    between, the lost compare-and-set returns the current document and the fold is made again on it at once: the
-    pending request is in after one call, and nothing the other writer did is lost."""
-    settings_ = fsrdzv.Settings("run", 2, 4)
-    name = f"refold-{uuid.uuid4().hex[:8]}"
-    folder = fsrdzv.RendezvousHandler(MemoryStore(name, "run"), settings_, local_addr="10.0.0.1")
+    between (a node folding itself after FOLD_GRACE), the lost compare-and-set returns the current document and
+    the fold is made again on it at once, with no read between: nothing the other writer did is lost."""
+    settings_ = fsrdzv.Settings("run", 3, 4, last_call_timeout=0.3, join_timeout=20)
+    store = _InterleavingStore(f"refold-{uuid.uuid4().hex[:8]}", "run")
+    folder = fsrdzv.RendezvousHandler(store, settings_, local_addr="10.0.0.1")
     other, joiner = (NodeInfo(f"10.0.0.{i}", 1, 0, "abc") for i in (2, 3))
-    store = folder.store
-    state = fold_requests(new_state("run", "e"), [JoinRequest(folder._node, "1.a")], settings_)
-    assert store.compare_and_set(encode_state(state), None).won
-    stale = store.read()
-    assert stale is not None
-    # Someone else (a node folding itself after FOLD_GRACE) writes first.
-    current = fold_requests(state, [JoinRequest(other, "1.b")], settings_)
-    assert store.compare_and_set(encode_state(current), stale.token).won
-    won, got, _ = folder._fold(state, stale, [JoinRequest(joiner, "1.c")])
-    assert won and got is not None
-    assert {folder.node_id, other.node_id, joiner.node_id} <= set(got.participants)
-    assert folder.ops["cas"] == 2
+    infos: list[fsrdzv.RendezvousInfo] = []
+    thread = threading.Thread(target=lambda: infos.append(folder.next_rendezvous()))
+    thread.start()
+    deadline = time.monotonic() + 10
+    while "cas won" not in store.log and time.monotonic() < deadline:  # the folder created the document
+        time.sleep(0.01)
+    store.interleave = lambda data: encode_state(
+        fold_requests(decode_state(data, "document"), [JoinRequest(other, "1.b")], settings_)
+    )
+    request = JoinRequest(joiner, "1.c")
+    store.put_record("req", request_record_name(request, store.name_mac), encode_request(request))
+    thread.join(20)
+    folder.shutdown()
+    assert infos and infos[0].world_size == 3
+    assert set(infos[0].participants) == {"10.0.0.1", "10.0.0.2", "10.0.0.3"}
+    lost = store.log.index("cas lost")
+    assert store.log[lost + 1] == "cas won"  # refolded on the document the lost write returned, no read first

@@ -221,7 +221,8 @@ def test_heartbeats_keep_a_fixed_schedule_and_a_failed_one_is_retried_soon(
     1.5 intervals: a failure must not cost a whole interval on top of the time the failed write took."""
     import random
 
-    from fsrdzv._handler import BEAT_RETRY, next_beat_in
+    from fsrdzv._keepalive import next_beat_in
+    from fsrdzv._policy import BEAT_RETRY
 
     started = 1000.0
     wait = next_beat_in(interval, started, started + took, landed, random.Random(seed))
@@ -233,35 +234,35 @@ def test_heartbeats_keep_a_fixed_schedule_and_a_failed_one_is_retried_soon(
 
 
 def test_a_failed_heartbeat_is_retried_well_before_the_next_interval() -> None:
-    """A real keep-alive thread (interval 1 s) whose first heartbeat write fails: the retry lands within about
-    half a second, not a full interval later."""
+    """A real keep-alive thread (interval 1 s) whose first heartbeat write fails (after the node's own beat at
+    start): the retry lands within about half a second, not a full interval later."""
     import time
     import uuid
 
     import fsrdzv
-    from fsrdzv import _handler
     from fsrdzv._errors import StorageError
+    from fsrdzv._keepalive import Heartbeat, ThreadRuntime
+    from fsrdzv._session import Session
 
     store = fsrdzv.open_store(f"memory://beat-{uuid.uuid4().hex[:8]}", "run")
-    handler = _handler.RendezvousHandler(store, fsrdzv.Settings("run", 1, 1, keep_alive_interval=1.0))
     beats: list[tuple[float, bool]] = []
     real_put = store.put_record
 
     def flaky_put(kind: str, name: str, data: bytes) -> None:
-        fail = kind == "hb" and not any(ok is False for _, ok in beats)
+        fail = kind == "hb" and len(beats) == 1
         beats.append((time.monotonic(), not fail))
         if fail:
             raise StorageError(5, "injected heartbeat failure")
         real_put(kind, name, data)
 
     store.put_record = flaky_put  # type: ignore[method-assign]
-    keepalive = _handler._KeepAlive(handler, 1.0)
-    keepalive.start()
+    heartbeat = Heartbeat(Session(store), "node", 1.0, ThreadRuntime(), time.monotonic)
     try:
+        heartbeat.start()
         deadline = time.monotonic() + 5
-        while len(beats) < 2 and time.monotonic() < deadline:
+        while len(beats) < 3 and time.monotonic() < deadline:
             time.sleep(0.01)
     finally:
-        keepalive.stop()
-    assert [ok for _, ok in beats[:2]] == [False, True]
-    assert beats[1][0] - beats[0][0] < 0.8
+        heartbeat.stop()
+    assert [ok for _, ok in beats[:3]] == [True, False, True]
+    assert beats[2][0] - beats[1][0] < 0.8

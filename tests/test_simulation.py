@@ -9,15 +9,17 @@ import threading
 import pytest
 
 from fsrdzv._handler import RendezvousHandler
+from fsrdzv._keepalive import Heartbeat
+from fsrdzv._session import Session
 from fsrdzv._settings import Settings
 from fsrdzv.testing._sim import (
     NFS,
     S3,
+    SimRuntime,
     SimStorage,
     SimulationStalled,
     Throttled,
     VirtualClock,
-    simulated_handlers,
 )
 
 pytestmark = pytest.mark.timeout(60)
@@ -103,29 +105,30 @@ def test_64_real_handlers_form_and_stay_off_the_document(model: object) -> None:
             clock=clock,
             sleep=clock.sleep,
             rng=random.Random(i),
+            runtime=runtime,
         )
         info = handler.next_rendezvous()
         ranks[i] = info.rank
         done[i] = clock()
         clock.sleep(60.0)  # hold the round while the keep-alives run
-        handler._stop_keepalive()
+        handler.shutdown()
 
-    with simulated_handlers(clock):
-        for i in range(n):
-            clock.spawn(node, i, name=f"node-{i}")
-        try:
-            while len(done) < n and clock() < 120 and not clock.errors:
-                clock.run(until=clock() + 1.0)
-            assert not clock.errors, clock.errors[:2]
-            assert sorted(ranks.values()) == list(range(n))
-            formation = max(done.values())
-            assert formation < 30.0
-            clock.run(until=clock() + 10.0)
-            before = storage.total.snapshot()
-            clock.run(until=clock() + 30.0)
-            steady = storage.total.snapshot().minus(before)
-        finally:
-            clock.stop()
+    runtime = SimRuntime(clock)
+    for i in range(n):
+        clock.spawn(node, i, name=f"node-{i}")
+    try:
+        while len(done) < n and clock() < 120 and not clock.errors:
+            clock.run(until=clock() + 1.0)
+        assert not clock.errors, clock.errors[:2]
+        assert sorted(ranks.values()) == list(range(n))
+        formation = max(done.values())
+        assert formation < 30.0
+        clock.run(until=clock() + 10.0)
+        before = storage.total.snapshot()
+        clock.run(until=clock() + 30.0)
+        steady = storage.total.snapshot().minus(before)
+    finally:
+        clock.stop()
     assert steady.cas_won == 0 and steady.ops["cas"] == 0  # heartbeats never touch the document
     assert 0.8 * n * 30 / 5 <= steady.ops["put"] <= 1.2 * n * 30 / 5  # one heartbeat per node every 5 s
 
@@ -135,20 +138,19 @@ def test_a_node_that_beats_while_its_keep_alive_beats_does_not_stall_the_simulat
     # block the node's thread outside the scheduler (a node that rejoins beats at once), and the whole run with it.
     clock = VirtualClock()
     storage = SimStorage(S3.with_(sigma=0.0), clock, seed=1)
-    settings = Settings("beats", 1, 1, keep_alive_interval=1.0)
-    handler = RendezvousHandler(storage.open("test-sim-beats", "beats"), settings, clock=clock, sleep=clock.sleep)
+    session = Session(storage.open("test-sim-beats", "beats"), clock=clock, sleep=clock.sleep)
+    heartbeat = Heartbeat(session, "node", 1.0, SimRuntime(clock), clock)
 
     def node() -> None:
-        handler._start_keepalive()  # beats now (done at 0.06 s); the keep-alive beats at 1.06 s (done at 1.12 s)
+        heartbeat.start()  # beats now (done at 0.06 s); the keep-alive beats at 1.06 s (done at 1.12 s)
         clock.sleep(1.01)
-        handler._beat()  # at 1.07 s: waits for the keep-alive's write in flight
-        handler._stop_keepalive()
+        heartbeat.beat()  # at 1.07 s: waits for the keep-alive's write in flight
+        heartbeat.stop()
 
-    with simulated_handlers(clock):
-        clock.spawn(node, name="node")
-        try:
-            clock.run(until=5.0, stall_timeout=5.0)
-        finally:
-            clock.stop()
+    clock.spawn(node, name="node")
+    try:
+        clock.run(until=5.0, stall_timeout=5.0)
+    finally:
+        clock.stop()
     assert not clock.errors, clock.errors
-    assert handler._beats == 3 and storage.total.ops["put"] == 3
+    assert heartbeat.count == 3 and storage.total.ops["put"] == 3
