@@ -23,8 +23,6 @@ import contextlib
 import logging
 import secrets
 from abc import ABC, abstractmethod
-from dataclasses import dataclass
-from typing import Protocol
 
 from ._envelope import (
     MAX_DOCUMENT_BYTES,
@@ -38,6 +36,7 @@ from ._envelope import (
     validate_run_id,
 )
 from ._errors import ConfigurationError, StateCorruptError, UnsupportedStoreError
+from ._storetypes import CasResult, ChangeWatch, Snapshot, StoreCapabilities
 
 __all__ = [
     "MAX_DOCUMENT_BYTES",
@@ -57,51 +56,6 @@ __all__ = [
 ]
 
 log = logging.getLogger("fsrdzv.store")
-
-
-class ChangeWatch(Protocol):
-    """Returned by :meth:`Store.change_watch`."""
-
-    def wait(self, timeout: float) -> bool:
-        """Sleep up to ``timeout`` seconds; True if it returned early because the document changed."""
-
-    def close(self) -> None:
-        """Release the watch."""
-
-
-@dataclass(frozen=True)
-class Snapshot:
-    """The document as read: its payload, the token to CAS against, and its monotonic generation."""
-
-    data: bytes
-    token: str
-    generation: int = 0
-
-
-@dataclass(frozen=True)
-class CasResult:
-    """Outcome of :meth:`Store.compare_and_set`.
-
-    ``won`` says whether this call's write took effect. ``snapshot`` is the document after the call: the new one
-    when ``won``, otherwise the current one (``None`` if no document exists).
-    """
-
-    won: bool
-    snapshot: Snapshot | None
-
-
-@dataclass(frozen=True)
-class StoreCapabilities:
-    """What a store offers beyond the contract, for tools that check or show it (the defaults: nothing special)."""
-
-    #: Local or shared directory that holds the run's data (the doctor checks its mount, lock and clock).
-    directory: str | None = None
-    #: The lock file that serialises the store's writers, if it has one.
-    lock_path: str | None = None
-    #: Whether the store takes that lock (the directory option ``lock``).
-    uses_lock: bool = False
-    #: Whether :meth:`Store.change_watch` may return a watch (else callers only poll).
-    watch: bool = False
 
 
 class Store(ABC):

@@ -170,7 +170,7 @@ class VirtualClock:
 
 
 def _thread_dump() -> str:
-    frames = sys._current_frames()
+    frames = sys._current_frames()  # noqa: SLF001 - the standard library's way to dump every thread
     out = []
     for thread in threading.enumerate()[:8]:
         frame = frames.get(thread.ident or -1)
