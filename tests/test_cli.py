@@ -349,3 +349,32 @@ def test_demo_shows_formation_failure_and_scale_up() -> None:
     assert elapsed < 60
     tmp = re.search(r"endpoint (\S+)/rdzv", out)
     assert tmp is not None and not os.path.exists(tmp.group(1)), "the demo cleans up"
+
+
+# -- the status model: heartbeat ages from the handler's liveness tracker ------------------------------------------
+
+
+def test_status_ages_come_from_the_liveness_tracker() -> None:
+    from fsrdzv._liveness import LivenessTracker
+    from fsrdzv._status import heartbeat_json, observe_heartbeats
+
+    observer = LivenessTracker.observer()
+    observe_heartbeats(observer, {"a": "1", "gone": "1"}, 10.0)
+    observe_heartbeats(observer, {"a": "1", "new": "1"}, 12.0)
+    # Unchanged since the first look: a lower bound. Appeared while watched: a real change. Gone: forgotten.
+    assert heartbeat_json(observer, "a", 13.0) == {
+        "present": True,
+        "changed": False,
+        "age_seconds": 3.0,
+        "age_is_lower_bound": True,
+    }
+    assert heartbeat_json(observer, "new", 13.0)["age_is_lower_bound"] is False
+    assert heartbeat_json(observer, "gone", 13.0)["present"] is False
+    observe_heartbeats(observer, {"a": "2", "new": "1"}, 20.0)
+    assert heartbeat_json(observer, "a", 20.5) == {
+        "present": True,
+        "changed": True,
+        "age_seconds": 0.5,
+        "age_is_lower_bound": False,
+    }
+    assert observer.changed_since(15.0) == {"a"} and observer.dead({"a", "new"}, 1e9) == set()

@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import datetime
 import math
 from typing import Any
 
 import pytest
 
 from fsrdzv import ConfigurationError, Settings
+from fsrdzv._settings import DEFAULTS, parse_bool, parse_count, parse_seconds, set_nested
 from fsrdzv._store import validate_run_id
 
 TIMEOUTS = ["join_timeout", "last_call_timeout", "close_timeout", "heartbeat_timeout", "keep_alive_interval"]
@@ -189,3 +191,70 @@ def test_settings_are_frozen() -> None:
     s = make()
     with pytest.raises(AttributeError):
         s.min_nodes = 3  # type: ignore[misc]
+
+
+# -- Settings.from_mapping and the shared value parsers ------------------------------------------------------------
+
+
+def test_from_mapping_takes_strings_and_fills_torchs_defaults() -> None:
+    s = Settings.from_mapping({"run_id": "job-1", "min_nodes": "2", "max_nodes": 4, "join_timeout": " 90 "})
+    assert (s.min_nodes, s.max_nodes, s.join_timeout) == (2, 4, 90.0)
+    assert s == make(min_nodes=2, join_timeout=90)
+    assert {k: getattr(s, k) for k in DEFAULTS if k != "join_timeout"} == {
+        k: v for k, v in DEFAULTS.items() if k != "join_timeout"
+    }
+
+
+def test_defaults_are_the_dataclass_defaults() -> None:
+    assert DEFAULTS == {
+        "join_timeout": 600.0,
+        "last_call_timeout": 30.0,
+        "close_timeout": 30.0,
+        "heartbeat_timeout": 5.0,
+        "keep_alive_interval": 5.0,
+        "keep_alive_max_attempt": 3,
+    }
+
+
+def test_from_mapping_names_the_source_key_and_value() -> None:
+    with pytest.raises(ConfigurationError, match=r"^invalid --rdzv-conf value join_timeout='soon' is not a number"):
+        Settings.from_mapping(
+            {"run_id": "a", "min_nodes": 1, "max_nodes": 1, "join_timeout": "soon"}, source="--rdzv-conf"
+        )
+    with pytest.raises(
+        ConfigurationError, match=r"unknown setting 'heartbeat' \(value 9\).*did you mean 'heartbeat_timeout'"
+    ):
+        Settings.from_mapping({"run_id": "a", "min_nodes": 1, "max_nodes": 1, "heartbeat": 9})
+    with pytest.raises(ConfigurationError, match=r"missing setting.*max_nodes"):
+        Settings.from_mapping({"run_id": "a", "min_nodes": 1})
+
+
+@pytest.mark.parametrize(
+    ("value", "expected"),
+    [(True, True), (0, False), (1, True), (" YES ", True), ("on", True), ("off", False), ("f", False), ("0", False)],
+)
+def test_one_boolean_vocabulary(value: object, expected: bool) -> None:
+    assert parse_bool("lock", value) is expected
+
+
+@pytest.mark.parametrize("value", ["maybe", 2, None, "", 0.5])
+def test_bad_booleans_are_refused_with_key_and_value(value: object) -> None:
+    with pytest.raises(ConfigurationError) as info:
+        parse_bool("lock", value, source="storage option")
+    assert f"lock={value!r}" in str(info.value) and "true or false" in str(info.value)
+
+
+def test_seconds_and_counts_share_the_settings_rules() -> None:
+    assert parse_seconds("t", datetime.timedelta(minutes=2)) == 120.0
+    assert parse_count("n", "0", minimum=0) == 0
+    with pytest.raises(ConfigurationError, match="n=-1 must be at least 0"):
+        parse_count("n", -1, minimum=0)
+
+
+def test_set_nested_builds_dotted_options_and_refuses_a_plain_parent() -> None:
+    options: dict[str, Any] = {}
+    set_nested(options, "client_kwargs.region_name", "eu-west-1")
+    set_nested(options, "lock", False)
+    assert options == {"client_kwargs": {"region_name": "eu-west-1"}, "lock": False}
+    with pytest.raises(ConfigurationError, match="'lock' is already set to a plain value"):
+        set_nested(options, "lock.x", 1)
