@@ -96,6 +96,19 @@ class RunAdmin:
     def read_snapshot(self) -> tuple[RendezvousState | None, Snapshot | None]:
         return self.session.read()
 
+    def heartbeat_tags(self, node_ids: Iterable[str]) -> dict[str, str]:
+        """Tags of the heartbeat records of ``node_ids`` (a few peers: one read each, no listing). A record that
+        cannot be trusted counts as a change, never as a heartbeat."""
+        tags: dict[str, str] = {}
+        for node_id in node_ids:
+            try:
+                raw = self.session.get("hb", node_id)
+            except RendezvousStateError as exc:
+                raw = str(exc).encode()
+            if raw is not None:
+                tags[node_id] = raw.hex()
+        return tags
+
     # -- writing -------------------------------------------------------------------------------------------
 
     def close(self, timeout: float, *, create: bool = True) -> CloseResult:

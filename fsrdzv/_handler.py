@@ -179,6 +179,12 @@ class RendezvousHandler:
         return self.settings.run_id
 
     @property
+    def admin(self) -> RunAdmin:
+        """Changes to the run's document outside a join (the launcher's removals), through this node's budgeted
+        and counted I/O."""
+        return self._admin
+
+    @property
     def node(self) -> NodeInfo:
         """This node's identity as its last join request carried it (with the master port it offered)."""
         return self._joiner.node

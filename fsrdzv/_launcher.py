@@ -36,7 +36,6 @@ import logging
 import os
 import signal
 import subprocess
-import sys
 import threading
 import time
 from collections.abc import Callable, Mapping, Sequence
@@ -44,7 +43,7 @@ from dataclasses import dataclass, field
 from types import FrameType
 from typing import Any, Final
 
-from . import _protocol as proto
+from ._command import exit_status, kill_group, spawn, stop_group
 from ._errors import (
     RendezvousClosedError,
     RendezvousError,
@@ -54,7 +53,7 @@ from ._errors import (
 )
 from ._handler import RendezvousHandler, RendezvousInfo, create_handler
 from ._liveness import LivenessTracker
-from ._state import RendezvousState, decode_state, encode_state
+from ._settings import LAUNCH_DEFAULTS, Settings
 
 __all__ = ["LaunchConfig", "Launcher", "exit_status"]
 
@@ -63,28 +62,6 @@ log = logging.getLogger("fsrdzv.run")
 #: How often the launcher wakes up to poll the command and pending signals (s); the storage checks run every
 #: ``monitor_interval`` on top of that.
 TICK: Final = 0.05
-
-#: Runs between fork and the command's exec on Linux: ask the kernel to SIGKILL the command when the launcher dies,
-#: then exec. If the launcher already died before prctl took effect, exit instead of running orphaned.
-_PDEATHSIG_SHIM: Final = (
-    "import ctypes,os,sys\n"
-    "try:\n"
-    "    ctypes.CDLL(None, use_errno=True).prctl(1, 9)\n"
-    "except Exception:\n"
-    "    pass\n"
-    "if os.getppid() != int(sys.argv[1]):\n"
-    "    sys.exit(137)\n"
-    "try:\n"
-    "    os.execvp(sys.argv[2], sys.argv[2:])\n"
-    "except OSError as e:\n"
-    "    sys.stderr.write('fsrdzv run: cannot execute %r: %s\\n' % (sys.argv[2], e.strerror))\n"
-    "    sys.exit(127)\n"
-)
-
-
-def exit_status(returncode: int) -> int:
-    """A ``Popen.returncode`` as a shell exit status: a death by signal N becomes 128 + N."""
-    return 128 - returncode if returncode < 0 else returncode
 
 
 @dataclass(frozen=True)
@@ -100,15 +77,15 @@ class LaunchConfig:
     local_addr: str | None = None
     storage_options: Mapping[str, Any] = field(default_factory=dict)
     secret: bytes | None = None
-    join_timeout: float = 600.0
-    last_call_timeout: float = 30.0
-    close_timeout: float = 30.0
-    keep_alive_interval: float = 5.0
-    keep_alive_max_attempt: int = 3
-    heartbeat_timeout: float = 5.0
-    monitor_interval: float = 1.0
-    stop_timeout: float = 10.0
-    watch_peers: int = 2
+    join_timeout: float = Settings.join_timeout
+    last_call_timeout: float = Settings.last_call_timeout
+    close_timeout: float = Settings.close_timeout
+    keep_alive_interval: float = Settings.keep_alive_interval
+    keep_alive_max_attempt: int = Settings.keep_alive_max_attempt
+    heartbeat_timeout: float = Settings.heartbeat_timeout
+    monitor_interval: float = float(LAUNCH_DEFAULTS["monitor_interval"])
+    stop_timeout: float = float(LAUNCH_DEFAULTS["stop_timeout"])
+    watch_peers: int = int(LAUNCH_DEFAULTS["watch_peers"])
 
 
 class _Interrupted(Exception):
@@ -281,17 +258,10 @@ class Launcher:
         if not self.handler.shutdown():
             log.warning("could not close run %r; the other nodes will notice this node's absence", self.config.run_id)
 
-    def _read(self) -> tuple[RendezvousState | None, str | None]:
-        store = self.handler.store
-        snap = store.read()
-        if snap is None:
-            return None, None
-        return decode_state(snap.data, store.describe("document")), snap.token
-
     def _round_members(self, info: RendezvousInfo) -> tuple[list[str], str | None]:
         """Node ids of the round's participants in rank order, and the document's epoch."""
         try:
-            state, _ = self._read()
+            state = self.handler.admin.read()
         except RendezvousError as exc:
             log.warning("could not read the round's members (peers are not watched this round): %s", exc)
             return [], None
@@ -328,40 +298,20 @@ class Launcher:
                 "FSRDZV_NODE_ID": self.handler.node_id,
             }
         )
-        argv = list(config.cmd)
-        if sys.platform == "linux":
-            argv = [sys.executable, "-I", "-S", "-c", _PDEATHSIG_SHIM, str(os.getpid()), *argv]
         self._pending_signal = None
         self._forwarded_at = None
         self._killed = False
-        # A new session: the command and everything it starts form one process group that we can stop as a
-        # whole, and a Ctrl-C on the terminal reaches only the launcher, which forwards it exactly once.
-        self._child = subprocess.Popen(argv, env=env, start_new_session=True)
+        self._child = spawn(config.cmd, env)
 
     def _kill_group(self, sig: int) -> None:
-        child = self._child
-        if child is None:
-            return
-        with contextlib.suppress(ProcessLookupError, PermissionError):
-            os.killpg(child.pid, sig)
+        if self._child is not None:
+            kill_group(self._child, sig)
 
     def _stop_child(self, why: str) -> None:
         """Stop the command's whole process group: SIGTERM, then SIGKILL after ``stop_timeout``."""
-        child = self._child
-        if child is None:
-            return
-        if child.poll() is None:
-            log.info("stopping the command (pid %d): %s", child.pid, why)
-            self._kill_group(signal.SIGTERM)
-            try:
-                child.wait(timeout=self.config.stop_timeout)
-            except subprocess.TimeoutExpired:
-                log.warning("the command ignored SIGTERM for %.1fs: SIGKILL", self.config.stop_timeout)
-                self._kill_group(signal.SIGKILL)
-                child.wait()
-        # Whatever the command left behind in its group (background helpers) must not outlive the round.
-        self._kill_group(signal.SIGKILL)
-        self._child = None
+        if self._child is not None:
+            stop_group(self._child, self.config.stop_timeout, why)
+            self._child = None
 
     def _monitor(self, info: RendezvousInfo, ids: list[str], epoch: str | None) -> _Outcome:
         child = self._child
@@ -414,8 +364,9 @@ class Launcher:
     ) -> str | None:
         """Why the current round is over, or None while it still stands."""
         me = self.handler.node_id
+        admin = self.handler.admin
         try:
-            state, token = self._read()
+            state, snap = admin.read_snapshot()
         except RendezvousStateError as exc:
             log.error("the document became unreadable; the command keeps running: %s", exc)
             return None
@@ -431,23 +382,13 @@ class Launcher:
             return f"{len(state.wait_list)} node(s) waiting to join"
         if not peers:
             return None
-        tags: dict[str, str] = {}
-        store = self.handler.store
-        for peer in peers:
-            try:
-                raw = store.read_record("hb", peer)
-            except RendezvousStateError as exc:
-                raw = str(exc).encode()  # a garbage record is a change, not a heartbeat we can trust
-            if raw is not None:
-                tags[peer] = raw.hex()
-        tracker.observe(tags, now, peers)
+        tracker.observe(admin.heartbeat_tags(peers), now, peers)
         dead = tracker.dead(peers, now)
         if not dead:
             return None
         # Remove them at once (the handler's own rule, already timed here), so the next round needs no second wait.
-        new = proto.remove_nodes(state, dead, self.handler.settings)
         with contextlib.suppress(RendezvousError):
-            store.compare_and_set(encode_state(new), token)
+            admin.remove_from(state, snap, dead)
         return (
             f"participant(s) {', '.join(sorted(dead))} stopped heartbeating for "
             f"{self.handler.settings.liveness_timeout:g}s"
