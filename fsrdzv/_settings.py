@@ -46,9 +46,16 @@ COUNT_KEYS: Final = ("keep_alive_max_attempt",)
 LAUNCH_DEFAULTS: Final[Mapping[str, float | int]] = {"monitor_interval": 1.0, "stop_timeout": 10.0, "watch_peers": 2}
 
 
-def _invalid(key: str, value: object, problem: str, source: str) -> ConfigurationError:
-    where = f"invalid {source} value " if source else ""
-    return ConfigurationError(f"{where}{key}={value!r} {problem}")
+def _invalid(key: str, value: object, problem: str, expected: str, source: str) -> ConfigurationError:
+    # Without a source, the form of the settings' messages; with one, the form of --rdzv-conf's (documented in
+    # docs/how-to/troubleshooting.md): both name the key, the value and what to write instead.
+    if source:
+        return ConfigurationError(f"invalid {source} value {key}={value!r}: expected {expected}")
+    return ConfigurationError(f"{key}={value!r} {problem}")
+
+
+_SECONDS: Final = "a positive number of seconds"
+_BOOLEAN: Final = "a boolean (true/false, yes/no, on/off, 1/0)"
 
 
 def parse_seconds(key: str, value: object, *, source: str = "") -> float:
@@ -60,14 +67,14 @@ def parse_seconds(key: str, value: object, *, source: str = "") -> float:
     if isinstance(value, datetime.timedelta):
         number = value.total_seconds()
     elif isinstance(value, bool) or not isinstance(value, (int, float, str)):
-        raise _invalid(key, value, "is not a number of seconds", source)
+        raise _invalid(key, value, "is not a number of seconds", _SECONDS, source)
     else:
         try:
             number = float(value)
         except ValueError:
-            raise _invalid(key, value, "is not a number of seconds", source) from None
+            raise _invalid(key, value, "is not a number of seconds", _SECONDS, source) from None
     if not math.isfinite(number) or number <= 0:
-        raise _invalid(key, value, "must be a positive number of seconds", source)
+        raise _invalid(key, value, f"must be {_SECONDS}", _SECONDS, source)
     return number
 
 
@@ -76,14 +83,15 @@ def parse_count(key: str, value: object, minimum: int = 1, *, source: str = "") 
 
     :raises ConfigurationError: naming ``key`` and ``value``.
     """
+    expected = "a positive integer" if minimum == 1 else f"an integer of at least {minimum}"
     if isinstance(value, bool) or (isinstance(value, float) and not value.is_integer()):
-        raise _invalid(key, value, "is not an integer", source)
+        raise _invalid(key, value, "is not an integer", expected, source)
     try:
         number = int(value.strip()) if isinstance(value, str) else int(value)  # type: ignore[call-overload]
     except (TypeError, ValueError, OverflowError):
-        raise _invalid(key, value, "is not an integer", source) from None
+        raise _invalid(key, value, "is not an integer", expected, source) from None
     if number < minimum:
-        raise _invalid(key, value, f"must be at least {minimum}", source)
+        raise _invalid(key, value, f"must be at least {minimum}", expected, source)
     return number
 
 
@@ -100,7 +108,7 @@ def parse_bool(key: str, value: object, *, source: str = "") -> bool:
         text = value.strip().lower()
         if text in BOOL_TRUE or text in BOOL_FALSE:
             return text in BOOL_TRUE
-    raise _invalid(key, value, "is not a boolean (use true or false; yes/no, on/off and 1/0 also work)", source)
+    raise _invalid(key, value, f"is not {_BOOLEAN}; use true or false", _BOOLEAN, source)
 
 
 def _validated(values: Mapping[str, object], source: str) -> dict[str, Any]:

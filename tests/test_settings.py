@@ -217,7 +217,10 @@ def test_defaults_are_the_dataclass_defaults() -> None:
 
 
 def test_from_mapping_names_the_source_key_and_value() -> None:
-    with pytest.raises(ConfigurationError, match=r"^invalid --rdzv-conf value join_timeout='soon' is not a number"):
+    with pytest.raises(
+        ConfigurationError,
+        match=r"^invalid --rdzv-conf value join_timeout='soon': expected a positive number of seconds$",
+    ):
         Settings.from_mapping(
             {"run_id": "a", "min_nodes": 1, "max_nodes": 1, "join_timeout": "soon"}, source="--rdzv-conf"
         )
@@ -241,7 +244,7 @@ def test_one_boolean_vocabulary(value: object, expected: bool) -> None:
 def test_bad_booleans_are_refused_with_key_and_value(value: object) -> None:
     with pytest.raises(ConfigurationError) as info:
         parse_bool("lock", value, source="storage option")
-    assert f"lock={value!r}" in str(info.value) and "true or false" in str(info.value)
+    assert f"lock={value!r}" in str(info.value) and "true/false" in str(info.value)
 
 
 def test_seconds_and_counts_share_the_settings_rules() -> None:

@@ -38,7 +38,7 @@ _OWN_KEYS: Final = frozenset({"read_timeout", "secret_file"})
 
 def _parse_str(key: str, value: object, *, source: str = "") -> str:
     if not isinstance(value, str) or not value.strip():
-        raise fe.ConfigurationError(f"invalid {source} value {key}={value!r} is not a non-empty string")
+        raise fe.ConfigurationError(f"invalid {source} value {key}={value!r}: expected a non-empty string")
     return value.strip()
 
 
