@@ -93,7 +93,7 @@ class Target:
 
 
 def _fsrdzv_handler(t: Target) -> tuple[Any, Any]:
-    from fsrdzv import _handler
+    from fsrdzv import _handler, _policy
     from fsrdzv._settings import Settings
     from fsrdzv._stores import open_store
 
@@ -102,7 +102,7 @@ def _fsrdzv_handler(t: Target) -> tuple[Any, Any]:
     if "nolock" in variants:
         options["lock"] = False
     if "flatpoll" in variants:
-        _handler.POLL_GROWTH = 1.0  # type: ignore[misc]
+        _policy.POLL_GROWTH = 1.0  # type: ignore[misc]
     store = CountingStore(open_store(t.endpoint, t.run_id, storage_options=options))
     if t.timeline:
         store.timeline()

@@ -160,6 +160,7 @@ def simulate(
             clock=clock,
             sleep=clock.sleep,
             rng=random.Random(seed * 100003 + i),
+            runtime=runtime,
         )
         handler.next_rendezvous()
         done[i] = clock()
@@ -174,7 +175,7 @@ def simulate(
     steady_ops: SimCounters | None = None
     steady_doc_writes = 0
     formed = False
-    with simulated_handlers(clock):
+    with simulated_handlers(clock) as runtime:
         for i in range(n):
             clock.spawn(node, i, name=f"node-{i}", delay=arrivals[i])
         try:
