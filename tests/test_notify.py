@@ -76,7 +76,7 @@ class _RecordedWatches:
                     self.closed.add(kinds)
                     close()
 
-                watch.close = closing
+                watch.close = closing  # type: ignore[method-assign]
             return watch
 
         store.change_watch = change_watch  # type: ignore[method-assign]
