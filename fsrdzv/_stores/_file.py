@@ -81,7 +81,7 @@ class FileStore(SealedStore):
     ) -> None:
         root = os.path.abspath(os.path.expanduser(root))
         super().__init__(run_id, root, secret)
-        source = f"storage option of {root}"
+        source = "storage option"
         lock = parse_bool("lock", lock, source=source)
         fsync = parse_bool("fsync", fsync, source=source)
         lock_timeout = parse_seconds("lock_timeout", lock_timeout, source=source)
