@@ -22,7 +22,16 @@ from collections.abc import Iterable
 from ._settings import Settings
 from ._state import APPLIED_HISTORY, JoinRequest, NodeInfo, RendezvousState, nonce_order
 
-__all__ = ["close", "complete", "fold_requests", "new_state", "pending", "remove_nodes", "restart"]
+__all__ = [
+    "close",
+    "complete_round",
+    "fold_requests",
+    "mark_complete",
+    "new_state",
+    "pending",
+    "remove_nodes",
+    "restart",
+]
 
 
 def new_state(run_id: str, epoch: str, generation: int = 0) -> RendezvousState:
@@ -35,7 +44,7 @@ def restart(state: RendezvousState, epoch: str) -> RendezvousState:
     No member, round or closed flag of the old job survives. The generation keeps climbing and ``applied`` is
     kept, so a request record left behind by a killed node of the old job can never be folded into the new one.
     """
-    return new_state(state.run_id, epoch, state.generation + 1).bump(applied=dict(state.applied))
+    return new_state(state.run_id, epoch, state.generation + 1).evolve(applied=dict(state.applied))
 
 
 def pending(state: RendezvousState, requests: Iterable[JoinRequest]) -> list[JoinRequest]:
@@ -63,13 +72,16 @@ def _ordered(state: RendezvousState, ids: Iterable[str]) -> list[str]:
     return sorted(ids, key=lambda i: state.nodes[i])
 
 
-def complete(state: RendezvousState) -> RendezvousState:
-    """Mark the round complete: ranks by sorted node identity; the master is rank 0's address and port."""
+def complete_round(state: RendezvousState) -> RendezvousState:
+    """The round completed: ranks by sorted node identity; the master is rank 0's address and port. The caller
+    bumps the generation (a fold that reaches ``max_nodes``, or :func:`mark_complete`)."""
     order = _ordered(state, state.participants)
     ranks = {node_id: rank for rank, node_id in enumerate(order)}
     first = state.nodes[order[0]]
     roster = tuple(state.nodes[n].addr for n in order)
-    return state.bump(complete=True, last_call=None, participants=ranks, master=(first.addr, first.port), roster=roster)
+    return state.evolve(
+        complete=True, last_call=None, participants=ranks, master=(first.addr, first.port), roster=roster
+    )
 
 
 def _with_last_call(state: RendezvousState, settings: Settings, generation: int) -> RendezvousState:
@@ -77,15 +89,15 @@ def _with_last_call(state: RendezvousState, settings: Settings, generation: int)
     if state.complete:
         return state
     if count >= settings.max_nodes:
-        return complete(state)
+        return complete_round(state)
     if count >= settings.min_nodes:
-        return state if state.last_call is not None else state.bump(last_call=generation)
-    return state.bump(last_call=None)
+        return state if state.last_call is not None else state.evolve(last_call=generation)
+    return state.evolve(last_call=None)
 
 
 def _advance_round(state: RendezvousState, settings: Settings, generation: int) -> RendezvousState:
     """The last participant of a complete round left: start the next round with the waiting nodes."""
-    state = state.bump(round=state.round + 1, complete=False, last_call=None, master=None, roster=(), participants={})
+    state = state.evolve(round=state.round + 1, complete=False, last_call=None, master=None, roster=(), participants={})
     return _settle(state, settings, generation)
 
 
@@ -103,18 +115,20 @@ def _settle(state: RendezvousState, settings: Settings, generation: int) -> Rend
         candidates = _ordered(state, state.wait_list) + _ordered(state, state.redundancy_list)
         if candidates and room > 0:
             joining, extra = candidates[:room], candidates[room:]
-            state = state.bump(
+            state = state.evolve(
                 participants={**state.participants, **dict.fromkeys(joining, 0)},
                 wait_list=(),
                 redundancy_list=tuple(sorted(extra)),
             )
         state = _with_last_call(state, settings, generation)
         if state.complete and state.wait_list:
-            state = state.bump(redundancy_list=tuple(sorted({*state.redundancy_list, *state.wait_list})), wait_list=())
+            state = state.evolve(
+                redundancy_list=tuple(sorted({*state.redundancy_list, *state.wait_list})), wait_list=()
+            )
         return state
     if state.redundancy_list and len(state.participants) < settings.max_nodes:
         # A spare replaces a lost node: as a waiting node it makes every agent re-rendezvous.
-        return state.bump(wait_list=tuple(sorted({*state.wait_list, *state.redundancy_list})), redundancy_list=())
+        return state.evolve(wait_list=tuple(sorted({*state.wait_list, *state.redundancy_list})), redundancy_list=())
     return state
 
 
@@ -127,7 +141,7 @@ def _after_participant_loss(state: RendezvousState, settings: Settings, generati
 def _drop(state: RendezvousState, node_id: str) -> RendezvousState:
     participants = {k: v for k, v in state.participants.items() if k != node_id}
     nodes = {k: v for k, v in state.nodes.items() if k != node_id}
-    return state.bump(
+    return state.evolve(
         participants=participants,
         wait_list=tuple(x for x in state.wait_list if x != node_id),
         redundancy_list=tuple(x for x in state.redundancy_list if x != node_id),
@@ -141,27 +155,27 @@ def _trim_applied(state: RendezvousState) -> RendezvousState:
     if len(gone) <= APPLIED_HISTORY:
         return state
     drop = set(gone[: len(gone) - APPLIED_HISTORY])
-    return state.bump(applied={k: v for k, v in state.applied.items() if k not in drop})
+    return state.evolve(applied={k: v for k, v in state.applied.items() if k not in drop})
 
 
 def _join_one(state: RendezvousState, node: NodeInfo, settings: Settings, generation: int) -> RendezvousState:
     node_id = node.node_id
     nodes = {**state.nodes, node_id: node}
     if node_id in state.redundancy_list and len(state.participants) < settings.max_nodes:
-        state = state.bump(redundancy_list=tuple(x for x in state.redundancy_list if x != node_id))
+        state = state.evolve(redundancy_list=tuple(x for x in state.redundancy_list if x != node_id))
     if node_id in state.participants or node_id in state.redundancy_list:
-        return state.bump(nodes=nodes)
+        return state.evolve(nodes=nodes)
     if state.complete:
         if len(state.participants) < settings.max_nodes:
             if node_id in state.wait_list:
-                return state.bump(nodes=nodes)
-            return state.bump(nodes=nodes, wait_list=(*state.wait_list, node_id))
+                return state.evolve(nodes=nodes)
+            return state.evolve(nodes=nodes, wait_list=(*state.wait_list, node_id))
         wait = tuple(x for x in state.wait_list if x != node_id)
-        return state.bump(nodes=nodes, wait_list=wait, redundancy_list=(*state.redundancy_list, node_id))
+        return state.evolve(nodes=nodes, wait_list=wait, redundancy_list=(*state.redundancy_list, node_id))
     # An incomplete round: become a participant (leaving the wait list if there).
     if len(state.participants) >= settings.max_nodes:  # pragma: no cover - max completes the round at once
-        return state.bump(nodes=nodes, redundancy_list=(*state.redundancy_list, node_id))
-    state = state.bump(
+        return state.evolve(nodes=nodes, redundancy_list=(*state.redundancy_list, node_id))
+    state = state.evolve(
         nodes=nodes,
         participants={**state.participants, node_id: 0},
         wait_list=tuple(x for x in state.wait_list if x != node_id),
@@ -200,7 +214,7 @@ def fold_requests(state: RendezvousState, requests: Iterable[JoinRequest], setti
         applied.pop(node_id, None)  # re-insert so that the dict keeps application order (oldest first)
         applied[node_id] = request.nonce
     state = _settle(state, settings, generation)
-    return _trim_applied(state.bump(applied=applied, generation=generation))
+    return _trim_applied(state.evolve(applied=applied, generation=generation))
 
 
 def remove_nodes(state: RendezvousState, node_ids: Iterable[str], settings: Settings) -> RendezvousState:
@@ -215,17 +229,17 @@ def remove_nodes(state: RendezvousState, node_ids: Iterable[str], settings: Sett
         state = _drop(state, node_id)
     if lost_participant:
         state = _after_participant_loss(state, settings, generation)
-    return _trim_applied(state.bump(generation=generation))
+    return _trim_applied(state.evolve(generation=generation))
 
 
 def close(state: RendezvousState) -> RendezvousState:
     if state.closed:
         return state
-    return state.bump(closed=True, generation=state.generation + 1)
+    return state.evolve(closed=True, generation=state.generation + 1)
 
 
 def mark_complete(state: RendezvousState, settings: Settings) -> RendezvousState:
     """Complete the round after its last call expired (a participant's local timer decides when)."""
     if state.complete or state.closed or not (settings.min_nodes <= len(state.participants) <= settings.max_nodes):
         return state
-    return complete(state).bump(generation=state.generation + 1)
+    return complete_round(state).evolve(generation=state.generation + 1)

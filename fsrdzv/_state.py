@@ -103,7 +103,8 @@ class RendezvousState:
     def members(self) -> set[str]:
         return set(self.participants) | set(self.wait_list) | set(self.redundancy_list)
 
-    def bump(self, **changes: Any) -> RendezvousState:
+    def evolve(self, **changes: Any) -> RendezvousState:
+        """A copy with ``changes`` (``dataclasses.replace``); the generation changes only when given."""
         return replace(self, **changes)
 
 
@@ -179,6 +180,19 @@ def _expect(doc: Mapping[str, Any], key: str, kind: type | tuple[type, ...], whe
     return value
 
 
+def _check_entries(
+    where: str, roster: list[Any], participants: dict[Any, Any], listed: list[Any], applied: dict[Any, Any]
+) -> None:
+    if not all(isinstance(x, str) for x in roster):
+        raise StateCorruptError(f"{where}: 'roster' must hold addresses")
+    if not all(type(v) is int for v in participants.values()):
+        raise StateCorruptError(f"{where}: 'participants' must map node ids to integer ranks")
+    if not all(isinstance(x, str) for x in listed):
+        raise StateCorruptError(f"{where}: 'wait_list' and 'redundancy_list' must hold node ids")
+    if not all(isinstance(k, str) and isinstance(v, str) for k, v in applied.items()):
+        raise StateCorruptError(f"{where}: 'applied' must map node ids to nonces")
+
+
 def decode_state(data: bytes, where: str) -> RendezvousState:
     """Parse and validate a document. ``where`` names the object in error messages."""
     hint = "run 'fsrdzv status' to inspect it and 'fsrdzv reset --force' to replace it"
@@ -205,14 +219,7 @@ def decode_state(data: bytes, where: str) -> RendezvousState:
         master_json = _expect(doc, "master", dict, where, optional=True)
         last_call = _expect(doc, "last_call", int, where, optional=True)
         roster = _expect(doc, "roster", list, where)
-        if not all(isinstance(x, str) for x in roster):
-            raise StateCorruptError(f"{where}: 'roster' must hold addresses")
-        if not all(type(v) is int for v in participants.values()):
-            raise StateCorruptError(f"{where}: 'participants' must map node ids to integer ranks")
-        if not all(isinstance(x, str) for x in [*wait_list, *redundancy]):
-            raise StateCorruptError(f"{where}: 'wait_list' and 'redundancy_list' must hold node ids")
-        if not all(isinstance(k, str) and isinstance(v, str) for k, v in applied.items()):
-            raise StateCorruptError(f"{where}: 'applied' must map node ids to nonces")
+        _check_entries(where, roster, participants, [*wait_list, *redundancy], applied)
         master = None
         if master_json is not None:
             addr, port = master_json.get("addr"), master_json.get("port")

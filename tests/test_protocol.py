@@ -19,7 +19,16 @@ from typing import Any
 import pytest
 
 from fsrdzv import _protocol as proto
-from fsrdzv._protocol import close, complete, fold_requests, mark_complete, new_state, pending, remove_nodes, restart
+from fsrdzv._protocol import (
+    close,
+    complete_round,
+    fold_requests,
+    mark_complete,
+    new_state,
+    pending,
+    remove_nodes,
+    restart,
+)
 from fsrdzv._settings import Settings
 from fsrdzv._state import APPLIED_HISTORY, JoinRequest, NodeInfo, RendezvousState
 
@@ -290,7 +299,7 @@ def test_ranks_follow_sorted_identity(given: list[NodeInfo], expected: list[str]
 
 def test_complete_assigns_dense_ranks_and_master() -> None:
     script = Script(1, 8).join("e", "c", "a", "d")
-    state = complete(script.state)
+    state = complete_round(script.state)
     assert state.participants == {nid("a"): 0, nid("c"): 1, nid("d"): 2, nid("e"): 3}
     assert state.master == master_of("a")
     assert state.complete and state.last_call is None
@@ -391,7 +400,7 @@ def test_restart_is_a_fresh_epoch_with_only_the_generation() -> None:
     old = script.state
     fresh = restart(old, "epoch-new")
     # The generation keeps climbing; `applied` is kept so old request records can never be folded again.
-    assert fresh == new_state(RUN, "epoch-new", old.generation + 1).bump(applied=dict(old.applied))
+    assert fresh == new_state(RUN, "epoch-new", old.generation + 1).evolve(applied=dict(old.applied))
     assert fresh.epoch != old.epoch and fresh.run_id == old.run_id
     assert not fresh.closed and not fresh.members() and not fresh.nodes
     assert fresh.master is None and fresh.round == 0 and fresh.last_call is None
@@ -418,7 +427,7 @@ def test_applied_history_is_trimmed_to_the_newest_departed_nodes() -> None:
     members = [NodeInfo("m", 1, i, "x") for i in range(2)]
     state = fold_requests(new_state(RUN, "e"), [JoinRequest(n, "q") for n in members], settings)
     gone = {f"gone_{i:05d}": f"n{i}" for i in range(APPLIED_HISTORY + 10)}
-    state = state.bump(applied={**gone, **state.applied})
+    state = state.evolve(applied={**gone, **state.applied})
     state = fold_requests(state, [JoinRequest(NodeInfo("m", 1, 9, "x"), "q")], settings)
     # Every current member keeps its entry; of the departed nodes, exactly APPLIED_HISTORY survive, oldest dropped.
     assert all(state.applied.get(m) is not None for m in state.members())
@@ -435,7 +444,7 @@ def test_applied_history_under_the_limit_is_kept() -> None:
 def test_trimming_also_happens_on_removal() -> None:
     settings = Settings(run_id=RUN, min_nodes=1, max_nodes=4)
     state = fold_requests(new_state(RUN, "e"), [JoinRequest(NODES["a"], "q")], settings)
-    state = state.bump(applied={**{f"g{i:05d}": "n" for i in range(APPLIED_HISTORY + 1)}, **state.applied})
+    state = state.evolve(applied={**{f"g{i:05d}": "n" for i in range(APPLIED_HISTORY + 1)}, **state.applied})
     state = remove_nodes(state, [nid("a")], settings)
     assert len(state.applied) == APPLIED_HISTORY
 

@@ -232,7 +232,7 @@ class ProtocolMachine(RuleBasedStateMachine):
         data = encode_state(self.state)
         decoded = decode_state(data, "the test document")
         # The lists are sets: the document stores them sorted, the in-memory tuples keep insertion order.
-        assert decoded == self.state.bump(
+        assert decoded == self.state.evolve(
             wait_list=tuple(sorted(self.state.wait_list)), redundancy_list=tuple(sorted(self.state.redundancy_list))
         )
         assert encode_state(decoded) == data

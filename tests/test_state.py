@@ -73,7 +73,7 @@ def encode_doc(doc: object) -> bytes:
         forming_state,
         busy_state,
         lambda: close(busy_state()),
-        lambda: busy_state().bump(redundancy_list=(), wait_list=()),
+        lambda: busy_state().evolve(redundancy_list=(), wait_list=()),
     ],
     ids=["empty", "forming-with-last-call", "complete-with-waiter", "closed", "complete-no-waiters"],
 )
@@ -92,7 +92,7 @@ def test_encoding_is_canonical() -> None:
     settings = Settings(run_id="job-7", min_nodes=1, max_nodes=8)
     state = fold_requests(busy_state(), [JoinRequest(node(i), "w") for i in (9, 7, 8)], settings)
     assert len(state.wait_list) == 4
-    shuffled = state.bump(wait_list=tuple(reversed(state.wait_list)))
+    shuffled = state.evolve(wait_list=tuple(reversed(state.wait_list)))
     assert encode_state(shuffled) == encode_state(state)
 
 
@@ -105,7 +105,7 @@ def test_document_names_its_schema_and_kind() -> None:
 def test_node_identity_round_trips_through_json() -> None:
     info = NodeInfo("ħost-ü.example", 2**22, 3, "abc", port=65535, host="h")
     assert info.node_id == "ħost-ü.example_4194304_3_abc"
-    state = new_state("r", "e").bump(participants={info.node_id: 0}, nodes={info.node_id: info})
+    state = new_state("r", "e").evolve(participants={info.node_id: 0}, nodes={info.node_id: info})
     assert decode_state(encode_state(state), WHERE).nodes[info.node_id] == info
 
 
