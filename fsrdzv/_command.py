@@ -1,4 +1,10 @@
-"""The launcher's command: a process group of its own that dies with the launcher and is stopped as a whole."""
+"""The launcher's command: a process group of its own that dies with the launcher and is stopped as a whole.
+
+On Linux the command gets ``PR_SET_PDEATHSIG = SIGKILL`` through a tiny exec shim, so that a launcher killed with
+SIGKILL (a node "dying" in tests, an OOM kill) never leaves its command running alone. The death signal follows
+the thread that started the child: :meth:`fsrdzv._launcher.Launcher.run` must run on the thread that lives
+longest (the main one).
+"""
 
 from __future__ import annotations
 

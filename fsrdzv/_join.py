@@ -202,10 +202,11 @@ class Joiner:
         if isinstance(action, policy.ReturnInfo):
             return state
         if isinstance(action, policy.RaiseClosed):
-            self._raise_closed(action.spare)
+            self.heartbeat.stop()
+            _raise_closed(self.settings, action.spare)
         if isinstance(action, policy.RollBack):
             self.admin.roll_back(state, run.snap, self.me, policy.ROLLBACK_WINDOW)
-            self._raise_timeout(state)
+            _raise_timeout(self.settings, state)
         self._act(action, run, state, now)
         return None
 
@@ -225,27 +226,6 @@ class Joiner:
             self._sweep(run, state)
         elif isinstance(action, policy.Poll):
             self._poll(run, action, state)
-
-    def _raise_closed(self, spare: bool) -> NoReturn:
-        self.heartbeat.stop()
-        run_id = self.settings.run_id
-        if spare:
-            raise RendezvousGracefulExitError(
-                f"rendezvous {run_id!r} was closed while this node waited as a spare; exiting normally"
-            )
-        raise RendezvousClosedError(
-            f"rendezvous {run_id!r} is closed; start a new job (a finished run id is reused once all its nodes "
-            "are gone)"
-        )
-
-    def _raise_timeout(self, state: RendezvousState) -> NoReturn:
-        settings = self.settings
-        raise RendezvousTimeoutError(
-            f"rendezvous {settings.run_id!r} did not complete within join_timeout="
-            f"{settings.join_timeout:g}s: {len(state.participants)} participant(s), "
-            f"min_nodes={settings.min_nodes}; check that the other nodes use the same endpoint and "
-            "run id, or raise join_timeout"
-        )
 
     def _sweep(self, run: _Progress, state: RendezvousState) -> None:
         """Remove the members whose heartbeat stopped changing (this observer's clock), with one write."""
@@ -308,3 +288,23 @@ class Joiner:
                 break
             state, snap = got, got_snap
         run.state, run.snap = state, snap
+
+
+def _raise_closed(settings: Settings, spare: bool) -> NoReturn:
+    run_id = settings.run_id
+    if spare:
+        raise RendezvousGracefulExitError(
+            f"rendezvous {run_id!r} was closed while this node waited as a spare; exiting normally"
+        )
+    raise RendezvousClosedError(
+        f"rendezvous {run_id!r} is closed; start a new job (a finished run id is reused once all its nodes are gone)"
+    )
+
+
+def _raise_timeout(settings: Settings, state: RendezvousState) -> NoReturn:
+    raise RendezvousTimeoutError(
+        f"rendezvous {settings.run_id!r} did not complete within join_timeout="
+        f"{settings.join_timeout:g}s: {len(state.participants)} participant(s), "
+        f"min_nodes={settings.min_nodes}; check that the other nodes use the same endpoint and "
+        "run id, or raise join_timeout"
+    )

@@ -23,10 +23,6 @@ the rendezvous on a signal either). A signal while no command runs ends the laun
 Peers are watched in a ring (each node reads the heartbeat records of the ``watch_peers`` next ranks), so the
 monitoring costs O(1) reads per node instead of O(N). Some live node always watches the first of any set of dead
 nodes, and a death it sees makes every node re-form, after which the handlers' own sweeps remove the rest.
-
-On Linux the command gets ``PR_SET_PDEATHSIG = SIGKILL`` through a tiny exec shim, so that a launcher killed with
-SIGKILL (a node "dying" in tests, an OOM kill) never leaves its command running alone. The death signal follows
-the thread that started the child: :meth:`Launcher.run` must run on the thread that lives longest (the main one).
 """
 
 from __future__ import annotations
@@ -103,6 +99,64 @@ class _Outcome:
     reason: str = ""
 
 
+def handler_for(config: LaunchConfig) -> RendezvousHandler:
+    """This node's handler for ``config``."""
+    return create_handler(
+        config.endpoint,
+        config.run_id,
+        config.min_nodes,
+        config.max_nodes,
+        local_addr=config.local_addr,
+        storage_options=dict(config.storage_options),
+        join_timeout=config.join_timeout,
+        last_call_timeout=config.last_call_timeout,
+        close_timeout=config.close_timeout,
+        keep_alive_interval=config.keep_alive_interval,
+        keep_alive_max_attempt=config.keep_alive_max_attempt,
+        heartbeat_timeout=config.heartbeat_timeout,
+        secret=config.secret,
+    )
+
+
+def command_env(info: RendezvousInfo, config: LaunchConfig, restarts: int, node_id: str) -> dict[str, str]:
+    """The variables the command gets for one round (torch's names, plus fsrdzv's own)."""
+    return {
+        "RANK": str(info.rank),
+        "GROUP_RANK": str(info.rank),
+        "WORLD_SIZE": str(info.world_size),
+        "LOCAL_RANK": "0",
+        "LOCAL_WORLD_SIZE": "1",
+        "MASTER_ADDR": info.master_addr,
+        "MASTER_PORT": str(info.master_port),
+        "FSRDZV_ROUND": str(info.round),
+        "FSRDZV_RUN_ID": config.run_id,
+        "FSRDZV_RESTART_COUNT": str(restarts),
+        "FSRDZV_MAX_RESTARTS": str(config.max_restarts),
+        "FSRDZV_NODE_ID": node_id,
+    }
+
+
+def round_members(handler: RendezvousHandler, info: RendezvousInfo) -> tuple[list[str], str | None]:
+    """Node ids of the round's participants in rank order, and the document's epoch."""
+    try:
+        state = handler.admin.read()
+    except RendezvousError as exc:
+        log.warning("could not read the round's members (peers are not watched this round): %s", exc)
+        return [], None
+    if state is None or state.round != info.round:
+        return [], None if state is None else state.epoch
+    return sorted(state.participants, key=lambda n: state.participants[n]), state.epoch
+
+
+def ring_peers(ids: Sequence[str], me: str, watch_peers: int) -> list[str]:
+    """The peers whose heartbeats ``me`` watches: the next ``watch_peers`` ranks (0: all); all, if not a member."""
+    if me not in ids:
+        return [n for n in ids if n != me]
+    count = len(ids) - 1 if watch_peers <= 0 else min(watch_peers, len(ids) - 1)
+    i = ids.index(me)
+    return [ids[(i + k) % len(ids)] for k in range(1, count + 1)]
+
+
 class Launcher:
     """Run ``config.cmd`` elastically. Create, then call :meth:`run` on the main thread; it returns the exit status."""
 
@@ -114,21 +168,7 @@ class Launcher:
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
         self.config = config
-        self.handler = handler or create_handler(
-            config.endpoint,
-            config.run_id,
-            config.min_nodes,
-            config.max_nodes,
-            local_addr=config.local_addr,
-            storage_options=dict(config.storage_options),
-            join_timeout=config.join_timeout,
-            last_call_timeout=config.last_call_timeout,
-            close_timeout=config.close_timeout,
-            keep_alive_interval=config.keep_alive_interval,
-            keep_alive_max_attempt=config.keep_alive_max_attempt,
-            heartbeat_timeout=config.heartbeat_timeout,
-            secret=config.secret,
-        )
+        self.handler = handler or handler_for(config)
         self._clock = clock
         self._child: subprocess.Popen[bytes] | None = None
         self._pending_signal: int | None = None
@@ -209,7 +249,7 @@ class Launcher:
                 # Closed before or between rounds of this node: the CLI reports it as one line, status 1.
                 raise
             self.rounds.append(info)
-            ids, epoch = self._round_members(info)
+            ids, epoch = round_members(self.handler, info)
             log.info(
                 "round %d complete: rank %d of %d, master %s:%d; starting the command%s",
                 info.round,
@@ -258,46 +298,11 @@ class Launcher:
         if not self.handler.shutdown():
             log.warning("could not close run %r; the other nodes will notice this node's absence", self.config.run_id)
 
-    def _round_members(self, info: RendezvousInfo) -> tuple[list[str], str | None]:
-        """Node ids of the round's participants in rank order, and the document's epoch."""
-        try:
-            state = self.handler.admin.read()
-        except RendezvousError as exc:
-            log.warning("could not read the round's members (peers are not watched this round): %s", exc)
-            return [], None
-        if state is None or state.round != info.round:
-            return [], None if state is None else state.epoch
-        return sorted(state.participants, key=lambda n: state.participants[n]), state.epoch
-
-    def _peers(self, ids: Sequence[str]) -> list[str]:
-        me = self.handler.node_id
-        if me not in ids:
-            return [n for n in ids if n != me]
-        count = len(ids) - 1 if self.config.watch_peers <= 0 else min(self.config.watch_peers, len(ids) - 1)
-        i = ids.index(me)
-        return [ids[(i + k) % len(ids)] for k in range(1, count + 1)]
-
     # -- the command ---------------------------------------------------------------------------------------
 
     def _start_child(self, info: RendezvousInfo) -> None:
         config = self.config
-        env = dict(os.environ)
-        env.update(
-            {
-                "RANK": str(info.rank),
-                "GROUP_RANK": str(info.rank),
-                "WORLD_SIZE": str(info.world_size),
-                "LOCAL_RANK": "0",
-                "LOCAL_WORLD_SIZE": "1",
-                "MASTER_ADDR": info.master_addr,
-                "MASTER_PORT": str(info.master_port),
-                "FSRDZV_ROUND": str(info.round),
-                "FSRDZV_RUN_ID": config.run_id,
-                "FSRDZV_RESTART_COUNT": str(self.restarts),
-                "FSRDZV_MAX_RESTARTS": str(config.max_restarts),
-                "FSRDZV_NODE_ID": self.handler.node_id,
-            }
-        )
+        env = {**os.environ, **command_env(info, config, self.restarts, self.handler.node_id)}
         self._pending_signal = None
         self._forwarded_at = None
         self._killed = False
@@ -318,7 +323,7 @@ class Launcher:
         assert child is not None
         config = self.config
         tracker = LivenessTracker(self.handler.settings.liveness_timeout)
-        peers = self._peers(ids)
+        peers = ring_peers(ids, self.handler.node_id, config.watch_peers)
         next_check = self._clock() + config.monitor_interval
         storage_warned = False
         while True:
