@@ -24,35 +24,28 @@ import contextlib
 import errno
 import logging
 import os
-import secrets
 import shutil
-import socket
 from collections.abc import Callable, Iterator
-from typing import Final, TypeVar
+from typing import Final
 
 import filelock
 
 from .._errors import ConfigurationError, StorageError
 from .._settings import parse_bool, parse_seconds
 from .._store import MAX_RECORD_BYTES, ChangeWatch, SealedStore, StoreCapabilities
-from ._fileio import map_os_error, newest_mtime, not_hidden, parse_envelope, read_file, version_of
+from ._fileio import map_os_error, newest_mtime, not_hidden, read_file, version_of
+from ._filelog import KEEP_LOG_ENTRIES, CommitLog
 from ._keys import check_kind
 from ._notify import watch_directories
 
-__all__ = ["FileStore"]
+__all__ = ["KEEP_LOG_ENTRIES", "FileStore"]
 
 log = logging.getLogger("fsrdzv.store.file")
 
-#: How many recent log entries keep their content (older ones are truncated to free space).
-KEEP_LOG_ENTRIES: Final = 64
-#: Retries for the transient errors of shared file systems (ESTALE after a rename on NFS, ENOENT races).
-_READ_RETRIES: Final = 20
-_GEN_WIDTH: Final = 20
 #: Seconds between attempts to take a contended lock. A commit holds the lock for far less than filelock's
 #: default poll (50 ms), so a waiter retries soon after a release and a lost CAS learns it quickly (formation
 #: latency). Each attempt is an open(2) + flock(2) (RPCs on NFS), hence not 0; docs/performance.md has the trade-off.
 _LOCK_POLL_INTERVAL: Final = 0.002
-_T = TypeVar("_T")
 
 
 class FileStore(SealedStore):
@@ -93,8 +86,9 @@ class FileStore(SealedStore):
         self.file_mode, self.dir_mode = modes[permissions]
         self.root = root
         self.dir = os.path.join(root, run_id)
-        self.state_path = os.path.join(self.dir, "state")
-        self.log_dir = os.path.join(self.dir, "log")
+        self._log = CommitLog(self.dir, self.file_mode, fsync)
+        self.state_path = self._log.state_path
+        self.log_dir = self._log.log_dir
         self.lock_path = os.path.join(self.dir, "lock")
         self.records_dir = os.path.join(self.dir, "records")
         self.use_lock = lock
@@ -103,12 +97,8 @@ class FileStore(SealedStore):
         self._lock: filelock.BaseFileLock | None = None
         self._lock_warned = False
         self._dirs_ready = False
-        self._host = socket.gethostname().replace(os.sep, "_")
 
     # -- helpers ---------------------------------------------------------------------------------------------
-
-    def _log_path(self, generation: int) -> str:
-        return os.path.join(self.log_dir, f"{generation:0{_GEN_WIDTH}d}")
 
     def _ensure_dirs(self) -> None:
         if self._dirs_ready:
@@ -139,24 +129,6 @@ class FileStore(SealedStore):
         # mkdir's mode is filtered by the umask; 'group' must really give the group access.
         os.chmod(path, self.dir_mode)
 
-    def _write_temp(self, directory: str, raw: bytes, sync: bool) -> str:
-        path = os.path.join(directory, f".tmp.{self._host}.{os.getpid()}.{secrets.token_hex(6)}")
-        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, self.file_mode)
-        try:
-            os.fchmod(fd, self.file_mode)  # the umask filtered the mode given to open
-            view = memoryview(raw)
-            while view:
-                view = view[os.write(fd, view) :]
-            if sync:
-                os.fsync(fd)
-        except BaseException:
-            os.close(fd)
-            with contextlib.suppress(OSError):
-                os.unlink(path)
-            raise
-        os.close(fd)
-        return path
-
     @contextlib.contextmanager
     def _locked(self) -> Iterator[None]:
         if not self.use_lock:
@@ -183,128 +155,17 @@ class FileStore(SealedStore):
 
     def _read_raw(self) -> tuple[bytes, str] | None:
         try:
-            current = self._read_current(verify=False)  # Store.read unseals it: that checks the checksum
+            current = self._log.read_current(verify=False)  # Store.read unseals it: that checks the checksum
         except OSError as exc:
             raise map_os_error(exc, f"reading {self.state_path}") from exc
         return None if current is None else (current[0], current[1])
 
-    def _read_current(self, verify: bool) -> tuple[bytes, str, int | None] | None:
-        """The newest document as ``(raw, version, generation)``; generation None: damaged or foreign.
-
-        With ``verify`` the returned document's checksum was checked here. Without it, a ``state`` that is the
-        newest generation is returned unchecked, for the caller's ``unseal`` (one hash per read, not two); every
-        log entry read and any ``state`` rolled forward from are still checked here, as before.
-        """
-        for _ in range(_READ_RETRIES):
-            try:
-                raw: bytes | None = read_file(self.state_path)
-            except FileNotFoundError:
-                raw = None
-            except NotADirectoryError:
-                return None
-            parsed: tuple[int, str] | None = None
-            if raw is not None:
-                parsed = parse_envelope(raw, verify)
-                if parsed is None:
-                    # Not ours or damaged: report it as it is (the base class raises StateCorruptError).
-                    return raw, version_of(raw), None
-            rolled = self._roll_forward(raw, parsed, verify)
-            if rolled is None:
-                # A pruned (truncated) entry: ``state`` is far behind; fall back to the newest entry.
-                found = self._newest_log_entry()
-                if found is None:
-                    continue
-                return found[0], found[1][1], found[1][0]
-            latest, parsed, damaged = rolled
-            if latest is None:
-                return None
-            if damaged or parsed is None:
-                return latest, version_of(latest), None
-            return latest, parsed[1], parsed[0]
-        return None
-
-    def _roll_forward(
-        self, raw: bytes | None, parsed: tuple[int, str] | None, checked: bool
-    ) -> tuple[bytes | None, tuple[int, str] | None, bool] | None:
-        """Follow ``log/<gen+1>`` ... from ``state``: ``(newest raw, its envelope, state damaged)``, or None at a
-        pruned entry."""
-        latest, generation = raw, 0 if parsed is None else parsed[0]
-        while True:
-            try:
-                nxt = read_file(self._log_path(generation + 1))
-            except (FileNotFoundError, NotADirectoryError):
-                return latest, parsed, False
-            if raw is not None and not checked:
-                # Rolling forward: check ``state`` as a verified read would have (a damaged one is reported).
-                if parse_envelope(raw, True) is None:
-                    return raw, None, True
-                checked = True
-            entry = parse_envelope(nxt, True)
-            if entry is None:
-                return None
-            latest, parsed, generation = nxt, entry, generation + 1
-
-    def _newest_log_entry(self) -> tuple[bytes, tuple[int, str]] | None:
-        try:
-            names = sorted((n for n in os.listdir(self.log_dir) if n.isdigit()), reverse=True)
-        except FileNotFoundError:
-            return None
-        for name in names[:4]:
-            try:
-                raw = read_file(os.path.join(self.log_dir, name))
-            except FileNotFoundError:
-                continue
-            parsed = parse_envelope(raw, True)
-            if parsed is not None:
-                return raw, parsed
-        return None
-
     def _commit(self, raw: bytes, generation: int, expected: tuple[int, str] | None) -> str | None:
         self._ensure_dirs()
         try:
-            with self._locked():
-                current = self._read_current(verify=True)
-                if expected is None:
-                    if current is not None:
-                        return None
-                elif current is None or current[2] != expected[0] or current[1] != expected[1]:
-                    return None  # stale token, or a damaged document (generation None: never overwritten)
-                entry = self._write_temp(self.log_dir, raw, self.fsync)
-                try:
-                    # The commit point: exclusive across processes and NFS clients, lock or no lock.
-                    os.link(entry, self._log_path(generation))
-                except FileExistsError:
-                    return None
-                finally:
-                    os.unlink(entry)
-                # Committed. Publishing ``state`` is only a shortcut for readers (they roll forward through the
-                # log), so a failure from here on must not turn a win into an error.
-                try:
-                    self._publish(raw, generation)
-                except OSError as exc:
-                    log.warning("generation %d of %s committed; 'state' not updated: %s", generation, self.dir, exc)
-                self._prune(generation - KEEP_LOG_ENTRIES)
-                return version_of(raw[: raw.index(b"\n")])  # what _envelope gives readers of this entry
+            return self._log.commit(raw, generation, expected, self._locked)
         except OSError as exc:
             raise map_os_error(exc, f"writing generation {generation} of {self.dir}") from exc
-
-    def _publish(self, raw: bytes, generation: int) -> None:
-        # A separate copy as ``state``, not a hard link: log entries are truncated later.
-        published = self._write_temp(self.dir, raw, False)
-        try:
-            if os.path.exists(self._log_path(generation + 1)):
-                return  # someone already built on our entry; never move ``state`` back
-            os.replace(published, self.state_path)
-        finally:
-            with contextlib.suppress(FileNotFoundError):
-                os.unlink(published)
-
-    def _prune(self, generation: int) -> None:
-        if generation < 1:
-            return
-        with contextlib.suppress(OSError):
-            fd = os.open(self._log_path(generation), os.O_WRONLY | os.O_TRUNC)
-            os.close(fd)
 
     # -- records ---------------------------------------------------------------------------------------------
 
@@ -316,7 +177,7 @@ class FileStore(SealedStore):
         directory = self._kind_dir(kind)
         try:
             self._mkdir(directory)
-            tmp = self._write_temp(directory, raw, False)
+            tmp = self._log.write_temp(directory, raw, False)
             os.replace(tmp, os.path.join(directory, name))
         except OSError as exc:
             raise map_os_error(exc, f"writing record {kind}/{name} in {self.dir}") from exc
