@@ -132,8 +132,9 @@ class RunAdmin:
             closed = proto.close(state)
             try:
                 won, _, _ = self.session.cas(closed, snap)
-            except StorageError:
-                if self._clock() > deadline:
+            except StorageError as exc:
+                # Retrying cannot fix a permanent error (a bad endpoint): report it at once, not after close_timeout.
+                if exc.errno in self._retry.permanent or self._clock() > deadline:
                     raise
                 won = False  # maybe written, maybe not: the next read tells (closing is idempotent)
             if won:
@@ -149,16 +150,23 @@ class RunAdmin:
         old one so that no old token or request can ever match again."""
         previous: RendezvousState | None = None
         unreadable: str | None = None
-        generation = 0
         try:
             previous = self.read()
         except RendezvousStateError as exc:
             unreadable = str(exc)
-        if previous is not None:
-            generation = previous.generation + 1
+        # Unreadable: continue above every generation the store ever wrote (its envelope, its log), so that no
+        # token or mark of the old document can match the new one (no ABA).
+        generation = previous.generation + 1 if previous is not None else self._written_floor()
         fresh = proto.new_state(self.run_id, secrets.token_hex(8), generation)
         self.session.reset(fresh)
         return ResetResult(previous, unreadable, fresh)
+
+    def _written_floor(self) -> int:
+        envelope = 0
+        with contextlib.suppress(RendezvousStateError):
+            snap = self.store.read()
+            envelope = 0 if snap is None else snap.generation
+        return max(envelope, self.store.highest_generation()) + 1
 
     def remove_nodes(self, node_ids: Iterable[str]) -> RendezvousState | None:
         """Remove nodes (dead, or gone) from every list in one compare-and-set; the document after it (None if

@@ -180,6 +180,11 @@ class Store(ABC):
         """What this store offers beyond the contract (see :class:`StoreCapabilities`)."""
         return StoreCapabilities()
 
+    def highest_generation(self) -> int:
+        """The highest generation this store ever wrote for the run, also where the document is unreadable (a
+        directory's log); 0 if unknown. ``reset`` continues above it."""
+        return 0
+
     def last_modified(self) -> float | None:
         """Wall-clock time (epoch seconds, the storage's clock) of the newest object of this run, or None if
         unknown or there is none."""
@@ -268,6 +273,7 @@ class SealedStore(Store):
             current = None
         if current is not None:
             generation = current.generation + 1
+        generation = max(generation, self.highest_generation() + 1)
         self.delete_run()
         # Keep the generation climbing across a reset so that no old token can ever match again.
         version = self._commit(seal(data, generation, self._secret), generation, None)
@@ -366,6 +372,9 @@ class StoreWrapper(Store):
 
     def last_modified(self) -> float | None:
         return self.inner.last_modified()
+
+    def highest_generation(self) -> int:
+        return self.inner.highest_generation()
 
     def describe(self, what: str) -> str:
         return self.inner.describe(what)

@@ -378,3 +378,68 @@ def test_status_ages_come_from_the_liveness_tracker() -> None:
         "age_is_lower_bound": False,
     }
     assert observer.changed_since(15.0) == {"a"} and observer.dead({"a", "new"}, 1e9) == set()
+
+
+# -- issue 15 §4: what retrying cannot fix fails at once, in a line that says what it is -------------------------
+
+
+def test_reset_over_an_unreadable_document_continues_above_every_generation(tmp_path: Path) -> None:
+    from fsrdzv._admin import RunAdmin
+
+    store = open_store(str(tmp_path), "gens")
+    snap = None
+    for n in range(5):  # five generations in the directory's log
+        result = store.compare_and_set(encode_state(RendezvousState("gens", "e", generation=n)), snap and snap.token)
+        snap = result.snapshot
+    assert snap is not None and snap.generation == 5
+    corrupt(store, b"\x00garbage")  # the envelope itself is gone: only the log remembers generation 5
+    assert store.highest_generation() >= 5
+    reset = RunAdmin(store).reset()
+    assert reset.unreadable is not None
+    assert reset.state.generation > 5
+    after = store.read()
+    assert after is not None and after.generation > 5, after
+
+
+def test_small_messages_of_issue_15(tmp_path: Path) -> None:
+    plain = tmp_path / "plain-file"
+    plain.write_text("x")
+    _dead_run(str(tmp_path), "exists")
+    results = cli_many(
+        [
+            (["status", str(plain), "--run-id", "r"], {}),
+            (["status", "--bogus"], {}),
+            (["status", str(tmp_path), "--run-id", "nope", "--watch", "--interval", "0.2"], {}),
+        ]
+    )
+    line = one_line_error(results[0], 3)
+    assert "is a file, not a directory" in line and "does not exist" not in line, line
+    line = one_line_error(results[1], 2)
+    assert line.startswith("fsrdzv status: error:") and "'fsrdzv status --help'" in line, line
+    # --watch on a missing run exits as the one-shot form does, instead of waiting forever.
+    assert "no run 'nope'" in one_line_error(results[2], 5)
+
+
+def test_run_help_says_what_heartbeat_timeout_bounds() -> None:
+    out = cli("run", "--help").stdout
+    text = " ".join(out.split())
+    assert "read deadline" in text and "one heartbeat write" not in text
+
+
+def test_a_missing_sdk_names_the_package_not_the_namespace(tmp_path: Path) -> None:
+    # Run without the Google SDK: a meta-path hook refuses 'google' as an uninstalled namespace would.
+    code = (
+        "import sys, importlib.abc\n"
+        "class Block(importlib.abc.MetaPathFinder):\n"
+        "    def find_spec(self, name, path, target=None):\n"
+        "        if name == 'google' or name.startswith('google.'):\n"
+        "            raise ModuleNotFoundError(f'No module named {name!r}', name=name)\n"
+        "sys.meta_path.insert(0, Block())\n"
+        "import fsrdzv\n"
+        "try:\n"
+        "    fsrdzv.open_store('gs://bucket/prefix', 'r')\n"
+        "except fsrdzv.ConfigurationError as exc:\n"
+        "    print(exc)\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    assert "google-cloud-storage is missing" in out.stdout and "pip install 'fsrdzv[gcs]'" in out.stdout, out

@@ -37,6 +37,8 @@ __all__ = [
 
 log = logging.getLogger("fsrdzv.cli")
 
+_COMMANDS = frozenset({"status", "list", "close", "gc", "reset", "doctor", "run", "demo"})
+
 
 def _one_line(text: str) -> str:
     return one_line(text, None) or "unknown error"
@@ -62,6 +64,11 @@ def _setup_logging(command: str | None, debug: bool, quiet: bool) -> None:
         root.setLevel(logging.ERROR)
 
 
+def _named_command(args: list[str]) -> str | None:
+    """The command an argument list names (its first word that is one), for the error line of a bad option."""
+    return next((a for a in args if a in _COMMANDS), None)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the ``fsrdzv`` console script; returns the exit status."""
     args_list = list(sys.argv[1:] if argv is None else argv)
@@ -83,6 +90,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     except SystemExit as exc:  # --help and --version
         return exc.code if isinstance(exc.code, int) else EXIT_OK
     except BaseException as exc:  # noqa: BLE001 - the one place that turns every failure into one line
+        command = command or _named_command(args_list)
         code = exit_code_for(exc)
         if isinstance(exc, KeyboardInterrupt):
             message = "interrupted"
@@ -99,6 +107,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         if debug:
             traceback.print_exc()
         prog = f"fsrdzv {command}" if command else "fsrdzv"
+        message = message.replace("(see 'fsrdzv --help')", f"(see '{prog} --help')")
         with contextlib.suppress(OSError):
             sys.stderr.write(f"{prog}: error: {message}\n")
             sys.stderr.flush()

@@ -32,10 +32,10 @@ def cmd_status(args: argparse.Namespace) -> int:
     run_id = run_id_of(args, from_env=True)
     store = open_run(args, endpoint, run_id)
     observer = LivenessTracker.observer()
+    if not run_exists(store):  # before the observation window (or the watch): a typo should not cost a wait
+        raise not_found(endpoint, run_id, args.storage_options)
     if args.watch:
         return _watch(args, store, endpoint, observer)
-    if not run_exists(store):  # before the observation window: a typo should not cost a wait
-        raise not_found(endpoint, run_id, args.storage_options)
     doc = collect_status(store, endpoint, observer=observer, observe=args.observe)
     if args.json:
         print_json(doc)

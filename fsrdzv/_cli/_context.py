@@ -32,7 +32,10 @@ def endpoint_of(args: argparse.Namespace, *, check_directory: bool = True, optio
     if not check_directory:
         return endpoint
     scheme, rest = split_endpoint(endpoint)
-    if scheme == "file" and not os.path.isdir(os.path.expanduser(rest)):
+    path = os.path.expanduser(rest)
+    if scheme == "file" and os.path.exists(path) and not os.path.isdir(path):
+        raise CliError(f"endpoint {rest} is a file, not a directory; give the shared directory", EXIT_STORAGE)
+    if scheme == "file" and not os.path.isdir(path):
         raise CliError(
             f"endpoint directory {rest} does not exist; check the path, and that the shared file system is mounted "
             "on this node",

@@ -27,6 +27,9 @@ SCHEMES: Final[dict[str, tuple[str, str, str]]] = {
     "gcs": ("fsrdzv._stores._gcs", "GcsStore", "gcs"),
 }
 
+#: Top-level module of an SDK -> the package that installs it (for the message of a missing extra).
+_PACKAGES: Final = {"google": "google-cloud-storage", "azure": "azure-storage-blob", "azure.identity": "azure-identity"}
+
 _FILE_OPTIONS: Final = {"lock", "lock_timeout", "permissions", "fsync"}
 
 
@@ -63,8 +66,11 @@ def _store_class(scheme: str) -> Any:
     try:
         module = importlib.import_module(module_name)
     except ImportError as exc:
+        # exc.name may be a namespace ("google", "azure"): name the package that provides it.
+        name = f"{exc.name}"
+        missing = _PACKAGES.get(name, _PACKAGES.get(name.partition(".")[0], name))
         raise ConfigurationError(
-            f"{scheme}:// endpoints need extra packages ({exc.name} is missing): pip install 'fsrdzv[{extra}]'"
+            f"{scheme}:// endpoints need extra packages ({missing} is missing): pip install 'fsrdzv[{extra}]'"
         ) from exc
     return getattr(module, class_name)
 

@@ -104,6 +104,10 @@ class FileStore(SealedStore):
         if self._dirs_ready:
             return
         try:
+            if os.path.exists(self.root) and not os.path.isdir(self.root):
+                raise StorageError(
+                    errno.ENOTDIR, f"endpoint {self.root} is a file, not a directory; give a shared directory"
+                )
             if not os.path.isdir(self.root):
                 parent = os.path.dirname(self.root)
                 if not os.path.isdir(parent):
@@ -159,6 +163,13 @@ class FileStore(SealedStore):
         except OSError as exc:
             raise map_os_error(exc, f"reading {self.state_path}") from exc
         return None if current is None else (current[0], current[1])
+
+    def highest_generation(self) -> int:
+        # Every generation ever committed left log/<generation> (old ones truncated, never deleted).
+        try:
+            return max((int(n) for n in os.listdir(self.log_dir) if n.isdigit()), default=0)
+        except OSError:
+            return 0
 
     def _commit(self, raw: bytes, generation: int, expected: tuple[int, str] | None) -> str | None:
         self._ensure_dirs()

@@ -34,10 +34,10 @@ _ERRNO_HINTS: Final = {
     errno.ENOSPC: "the file system is full; free space or use another endpoint",
     errno.EDQUOT: "the disk quota is exceeded; free space or use another endpoint",
     errno.EROFS: "the file system is mounted read-only; use a writable shared directory",
-    errno.EACCES: "permission denied; check the directory's owner and mode (or set permissions='group')",
+    errno.EACCES: "check the directory's owner and mode (or set permissions='group')",
     errno.EPERM: "operation not permitted; check the directory's owner and mode",
     errno.ENOENT: "a directory is missing; is the shared file system mounted on this node?",
-    errno.ENOTDIR: "a path component is not a directory; check the endpoint",
+    errno.ENOTDIR: "the endpoint (or a path under it) is a file; give a shared directory",
     errno.ESTALE: "stale NFS file handle persisted; check the NFS server",
     errno.EIO: "I/O error from the storage device or server",
 }

@@ -42,6 +42,7 @@ Deliberate differences from torch 2.13's ``c10d`` / dynamic handler:
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Callable
 
 from torch.distributed.elastic.rendezvous import RendezvousHandler, RendezvousParameters
@@ -68,6 +69,8 @@ __all__ = [
     "torch_errors",
 ]
 
+log = logging.getLogger("fsrdzv.torchrun")
+
 
 def create_handler(params: RendezvousParameters, *, graceful_exit: str = "exit") -> FsRendezvousHandler:
     """Build the torchrun handler from torch's parameters (what ``--rdzv-backend=fsrdzv`` runs).
@@ -77,9 +80,9 @@ def create_handler(params: RendezvousParameters, *, graceful_exit: str = "exit")
     :raises ValueError: (``fsrdzv.ConfigurationError``) an unknown ``--rdzv-conf`` key, a malformed value, or an
         invalid endpoint or run id; the message names the key and the value.
     """
-    config = parse_config(params)
     ports = PortReservation()
     try:
+        config = parse_config(params)
         core = create_core_handler(
             config.endpoint,
             config.run_id,
@@ -88,7 +91,9 @@ def create_handler(params: RendezvousParameters, *, graceful_exit: str = "exit")
             port_factory=ports.reserve,
             **config.handler_kwargs(),
         )
-    except fe.ConfigurationError:
+    except fe.ConfigurationError as exc:
+        # torchrun prints a long traceback ending with this line; log it first, where the user looks.
+        log.error("fsrdzv: %s", exc)
         raise  # already a ValueError with a message that names the setting
     except fe.RendezvousError as exc:
         raise to_torch(exc) from exc

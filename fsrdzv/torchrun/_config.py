@@ -129,7 +129,7 @@ def _read_secret(key: str, value: object) -> bytes:
 
 def _unknown_key(key: str, value: object, scheme: str, known: set[str]) -> fe.ConfigurationError:
     hint = difflib.get_close_matches(key, sorted(known), n=1)
-    suggestion = f"; did you mean {hint[0]!r}?" if hint else ""
+    suggestion = f"; did you mean {hint[0]!r}?" if hint else ";"
     return fe.ConfigurationError(
         f"unknown {_SOURCE} key {key!r} (value {value!r}) for the fsrdzv backend with a {scheme}:// "
         f"endpoint{suggestion} Known keys: {', '.join(sorted(known))}"
