@@ -17,6 +17,7 @@ from ._errors import (
     UnsupportedStoreError,
 )
 from ._handler import RendezvousHandler, RendezvousInfo, create_handler
+from ._safepoint import safe_point
 from ._settings import Settings
 from ._store import CasResult, Snapshot, Store
 from ._stores import list_runs, open_store
@@ -46,4 +47,5 @@ __all__ = [
     "create_handler",
     "list_runs",
     "open_store",
+    "safe_point",
 ]

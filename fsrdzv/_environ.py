@@ -100,7 +100,9 @@ def _int(environ: Mapping[str, str], name: str) -> int:
 def launched_round(environ: Mapping[str, str] | None = None) -> LaunchedRound | None:
     """The round of ``fsrdzv run`` this process was started in, or None outside the launcher."""
     environ = os.environ if environ is None else environ
-    if "FSRDZV_NODE_ID" not in environ or "FSRDZV_ROUND" not in environ:
+    # FSRDZV_RESTART_COUNT too: torchrun's workers get FSRDZV_NODE_ID and FSRDZV_ROUND (for fsrdzv.safe_point)
+    # but their MASTER_PORT is the agent's store, not a round of the launcher.
+    if any(name not in environ for name in ("FSRDZV_NODE_ID", "FSRDZV_ROUND", "FSRDZV_RESTART_COUNT")):
         return None
     return LaunchedRound(
         rank=_int(environ, "RANK"),

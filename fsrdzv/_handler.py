@@ -45,6 +45,7 @@ from ._join import Joiner
 from ._keepalive import Heartbeat, Runtime, ThreadRuntime
 from ._policy import FAST_POLL, READ_CACHE, SLOW_POLL, outage_budget
 from ._retry import Retry
+from ._scaleup import ScaleUpGate, ScaleUpPolicy
 from ._secret import job_secret, read_secret_file
 from ._session import Session
 from ._settings import Settings
@@ -124,6 +125,7 @@ class RendezvousHandler:
         rng: random.Random | None = None,
         port_factory: Callable[[str], int] | None = None,
         runtime: Runtime | None = None,
+        scale_up: ScaleUpPolicy | None = None,
     ) -> None:
         if store.run_id != settings.run_id:
             raise ValueError("the store and the settings name different run ids")
@@ -167,6 +169,7 @@ class RendezvousHandler:
             port_factory=port_factory or _free_port,
         )
         self._cached: tuple[float, RendezvousState | None] | None = None
+        self._gate = ScaleUpGate(scale_up or ScaleUpPolicy(), self._session, self.node_id, clock)
         self._finalizer = weakref.finalize(self, self._heartbeat.stopper())
 
     # -- identity ------------------------------------------------------------------------------------------
@@ -188,6 +191,11 @@ class RendezvousHandler:
     def node(self) -> NodeInfo:
         """This node's identity as its last join request carried it (with the master port it offered)."""
         return self._joiner.node
+
+    @property
+    def scale_up(self) -> ScaleUpGate:
+        """Whether waiting newcomers are reported now (``scale_up_at``); the launcher asks it too."""
+        return self._gate
 
     @property
     def heartbeats(self) -> int:
@@ -232,7 +240,7 @@ class RendezvousHandler:
         """Nodes waiting to join the next round (not counting spares). Answers from a read at most 1 s old."""
         with self._lock:
             state = self._cached_state()
-            return 0 if state is None else len(state.wait_list)
+            return self._gate.waiting(state)
 
     def is_closed(self) -> bool:
         """Whether the run is closed (from a read at most 1 s old)."""
@@ -262,6 +270,7 @@ class RendezvousHandler:
         """
         self._stop_keepalive()
         self._session.close_watches()
+        self._gate.close()
         try:
             self.set_closed()
         except RendezvousError as exc:
@@ -301,12 +310,16 @@ def create_handler(
     clock: Clock = time.monotonic,
     sleep: Sleep = time.sleep,
     port_factory: Callable[[str], int] | None = None,
+    scale_up_at: str = "any_time",
+    scale_up_max_delay: float = ScaleUpPolicy.max_delay,
 ) -> RendezvousHandler:
     """Create a rendezvous handler for ``run_id`` at ``endpoint`` (see :func:`fsrdzv.open_store`).
 
     Timeouts are seconds (floats allowed) with torch's defaults. ``secret`` (or the file named by the environment
     variable ``FSRDZV_SECRET_FILE``) turns on HMAC authentication of every document and record. ``clock`` and
     ``sleep`` are injectable (tests, simulation); ``port_factory(addr)`` picks the master port this node offers.
+    ``scale_up_at="safe_point"`` holds waiting newcomers back until every participant called
+    :func:`fsrdzv.safe_point`, or for at most ``scale_up_max_delay`` seconds (see ``fsrdzv._scaleup``).
 
     :raises ConfigurationError: an invalid value (negative timeout, min > max, bad run id or endpoint).
     """
@@ -321,9 +334,16 @@ def create_handler(
         keep_alive_interval=keep_alive_interval,
         keep_alive_max_attempt=keep_alive_max_attempt,
     )
+    scale_up = ScaleUpPolicy.parse(scale_up_at, scale_up_max_delay)
     if secret is None:
         secret = job_secret()
     store = open_store(endpoint, run_id, storage_options=storage_options, secret=secret)
     return RendezvousHandler(
-        store, settings, local_addr=local_addr, clock=clock, sleep=sleep, port_factory=port_factory
+        store,
+        settings,
+        local_addr=local_addr,
+        clock=clock,
+        sleep=sleep,
+        port_factory=port_factory,
+        scale_up=scale_up,
     )

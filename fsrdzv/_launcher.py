@@ -4,11 +4,12 @@ One launcher runs on every node. It loops:
 
 1. **Join** the next round (:meth:`RendezvousHandler.next_rendezvous`; the handler heartbeats on its own thread
    from then on, also while the program runs).
-2. **Run** the command in a new process group with ``RANK``, ``WORLD_SIZE``, ``MASTER_ADDR``, ``MASTER_PORT``,
-   ``FSRDZV_ROUND`` and ``FSRDZV_RUN_ID`` (plus ``LOCAL_RANK=0``, ``LOCAL_WORLD_SIZE=1``, ``GROUP_RANK``,
-   ``FSRDZV_RESTART_COUNT``, ``FSRDZV_MAX_RESTARTS`` and ``FSRDZV_NODE_ID``) set.
+2. **Run** ``nproc_per_node`` copies of the command, each in a new process group with torchrun's worker
+   environment (``RANK``, ``WORLD_SIZE``, ``LOCAL_RANK``, ``MASTER_ADDR``, ``MASTER_PORT``, ``TORCHELASTIC_*``...;
+   see :mod:`fsrdzv._workers`) and fsrdzv's ``FSRDZV_*``. One failed copy stops the others, as in torchrun.
 3. **Monitor**, every ``monitor_interval``: one read of the document (nodes waiting, as
-   ``num_nodes_waiting()`` counts them; a new round or epoch; this node dropped; the run closed) and the
+   ``num_nodes_waiting()`` counts them, so ``scale_up_at=safe_point`` defers them; a new round or epoch; this
+   node dropped; the run closed) and the
    heartbeat records of a few peers (a participant dies when its record stops changing for
    ``keep_alive_interval x keep_alive_max_attempt`` seconds of *this* host's monotonic clock, the handler's rule).
 4. On a **membership change** it stops the command (SIGTERM to the whole group, SIGKILL after ``stop_timeout``)
@@ -29,9 +30,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
-import os
 import signal
-import subprocess
 import threading
 import time
 from collections.abc import Callable, Mapping, Sequence
@@ -39,7 +38,6 @@ from dataclasses import dataclass, field
 from types import FrameType
 from typing import Any, Final
 
-from ._command import exit_status, kill_group, spawn, stop_group
 from ._errors import (
     RendezvousClosedError,
     RendezvousError,
@@ -49,9 +47,11 @@ from ._errors import (
 )
 from ._handler import RendezvousHandler, RendezvousInfo, create_handler
 from ._liveness import LivenessTracker
+from ._scaleup import DEFAULT_MAX_DELAY
 from ._settings import LAUNCH_DEFAULTS, Settings
+from ._workers import WorkerGroup, WorkerSetup, worker_env
 
-__all__ = ["LaunchConfig", "Launcher", "exit_status"]
+__all__ = ["LaunchConfig", "Launcher"]
 
 log = logging.getLogger("fsrdzv.run")
 
@@ -82,6 +82,11 @@ class LaunchConfig:
     monitor_interval: float = float(LAUNCH_DEFAULTS["monitor_interval"])
     stop_timeout: float = float(LAUNCH_DEFAULTS["stop_timeout"])
     watch_peers: int = int(LAUNCH_DEFAULTS["watch_peers"])
+    nproc_per_node: int = 1
+    scale_up_at: str = "any_time"
+    scale_up_max_delay: float = DEFAULT_MAX_DELAY
+    #: Where the job secret came from (exported to the workers as a path, never as the secret).
+    secret_file: str | None = None
 
 
 class _Interrupted(Exception):
@@ -115,25 +120,9 @@ def handler_for(config: LaunchConfig) -> RendezvousHandler:
         keep_alive_max_attempt=config.keep_alive_max_attempt,
         heartbeat_timeout=config.heartbeat_timeout,
         secret=config.secret,
+        scale_up_at=config.scale_up_at,
+        scale_up_max_delay=config.scale_up_max_delay,
     )
-
-
-def command_env(info: RendezvousInfo, config: LaunchConfig, restarts: int, node_id: str) -> dict[str, str]:
-    """The variables the command gets for one round (torch's names, plus fsrdzv's own)."""
-    return {
-        "RANK": str(info.rank),
-        "GROUP_RANK": str(info.rank),
-        "WORLD_SIZE": str(info.world_size),
-        "LOCAL_RANK": "0",
-        "LOCAL_WORLD_SIZE": "1",
-        "MASTER_ADDR": info.master_addr,
-        "MASTER_PORT": str(info.master_port),
-        "FSRDZV_ROUND": str(info.round),
-        "FSRDZV_RUN_ID": config.run_id,
-        "FSRDZV_RESTART_COUNT": str(restarts),
-        "FSRDZV_MAX_RESTARTS": str(config.max_restarts),
-        "FSRDZV_NODE_ID": node_id,
-    }
 
 
 def round_members(handler: RendezvousHandler, info: RendezvousInfo) -> tuple[list[str], str | None]:
@@ -170,7 +159,16 @@ class Launcher:
         self.config = config
         self.handler = handler or handler_for(config)
         self._clock = clock
-        self._child: subprocess.Popen[bytes] | None = None
+        self._child: WorkerGroup | None = None
+        self._setup = WorkerSetup(
+            endpoint=config.endpoint,
+            run_id=config.run_id,
+            nproc=config.nproc_per_node,
+            max_restarts=config.max_restarts,
+            storage_options=config.storage_options,
+            secret_file=config.secret_file,
+            flag_path=self.handler.scale_up.flag_path,
+        )
         self._pending_signal: int | None = None
         self._forwarded_at: float | None = None
         self._killed = False
@@ -183,7 +181,7 @@ class Launcher:
 
     def _on_signal(self, signum: int, frame: FrameType | None) -> None:
         child = self._child
-        if child is not None and child.poll() is None:
+        if child is not None and child.running():
             # Forwarding happens in the monitor loop, not here: a handler must not block or race the loop.
             if self._pending_signal is not None or self._forwarded_at is not None:
                 self._kill_group(signal.SIGKILL)  # a second signal: the user means it
@@ -301,21 +299,24 @@ class Launcher:
     # -- the command ---------------------------------------------------------------------------------------
 
     def _start_child(self, info: RendezvousInfo) -> None:
-        config = self.config
-        env = {**os.environ, **command_env(info, config, self.restarts, self.handler.node_id)}
+        node_id = self.handler.node_id
+        envs = [
+            worker_env(info, self._setup, self.restarts, node_id, local_rank)
+            for local_rank in range(self.config.nproc_per_node)
+        ]
         self._pending_signal = None
         self._forwarded_at = None
         self._killed = False
-        self._child = spawn(config.cmd, env)
+        self._child = WorkerGroup(self.config.cmd, envs)
 
     def _kill_group(self, sig: int) -> None:
         if self._child is not None:
-            kill_group(self._child, sig)
+            self._child.kill(sig)
 
     def _stop_child(self, why: str) -> None:
-        """Stop the command's whole process group: SIGTERM, then SIGKILL after ``stop_timeout``."""
+        """Stop every local process's group: SIGTERM, then SIGKILL after ``stop_timeout``."""
         if self._child is not None:
-            stop_group(self._child, self.config.stop_timeout, why)
+            self._child.stop(self.config.stop_timeout, why)
             self._child = None
 
     def _monitor(self, info: RendezvousInfo, ids: list[str], epoch: str | None) -> _Outcome:
@@ -327,19 +328,16 @@ class Launcher:
         next_check = self._clock() + config.monitor_interval
         storage_warned = False
         while True:
-            try:
-                code = child.wait(timeout=TICK)
-            except subprocess.TimeoutExpired:
-                code = None
-            if code is not None:
-                status = exit_status(code)
-                if self._forwarded_at is not None:
-                    return _Outcome("signalled", status)
-                return _Outcome("exited", status)
+            status = child.wait(TICK)
+            if status is not None:
+                if child.running():  # one local process failed: torchrun stops the others too
+                    child.stop(config.stop_timeout, f"a local process exited with {status}")
+                return _Outcome("signalled" if self._forwarded_at is not None else "exited", status)
             now = self._clock()
             if self._pending_signal is not None:
                 signum, self._pending_signal = self._pending_signal, None
-                log.info("forwarding %s to the command (pid %d)", signal.Signals(signum).name, child.pid)
+                pids = ", ".join(map(str, child.pids))
+                log.info("forwarding %s to the command (pid %s)", signal.Signals(signum).name, pids)
                 self._kill_group(signum)
                 self._forwarded_at = now
                 continue
@@ -383,8 +381,9 @@ class Launcher:
             return None
         if (epoch is not None and state.epoch != epoch) or state.round != info.round or me not in state.participants:
             return f"round {info.round} is over (the document is at round {state.round})"
-        if state.wait_list:
-            return f"{len(state.wait_list)} node(s) waiting to join"
+        waiting = self.handler.scale_up.waiting(state)
+        if waiting:
+            return f"{waiting} node(s) waiting to join"
         if not peers:
             return None
         tracker.observe(admin.heartbeat_tags(peers), now, peers)

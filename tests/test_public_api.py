@@ -114,3 +114,15 @@ def test_import_is_light() -> None:
     )
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60, check=True)
     assert json.loads(result.stdout) == []
+
+
+def test_safe_point_is_public_torch_free_and_a_no_op_outside_an_agent() -> None:
+    """``fsrdzv.safe_point()`` (issue 14 §1): importable without torch, no arguments, False when no agent asks."""
+    assert list(inspect.signature(fsrdzv.safe_point).parameters) == []
+    code = (
+        "import json, os, sys, fsrdzv\n"
+        "os.environ.pop('FSRDZV_SAFE_POINT_FILE', None)\n"
+        "print(json.dumps([fsrdzv.safe_point(), 'torch' in sys.modules]))\n"
+    )
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60, check=True)
+    assert json.loads(result.stdout) == [False, False]

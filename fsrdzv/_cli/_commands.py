@@ -194,6 +194,10 @@ def cmd_run(args: argparse.Namespace) -> int:
         monitor_interval=args.monitor_interval,
         stop_timeout=args.stop_timeout,
         watch_peers=args.watch_peers,
+        nproc_per_node=args.nproc_per_node,
+        scale_up_at=args.scale_up_at,
+        scale_up_max_delay=args.scale_up_max_delay,
+        secret_file=args.secret_file,
     )
     return Launcher(config).run()
 

@@ -7,11 +7,12 @@ import shutil
 import textwrap
 from typing import NoReturn, Protocol
 
-from .._settings import DEFAULTS, LAUNCH_DEFAULTS
+from .._settings import DEFAULTS
 from ._admin_cmds import cmd_close, cmd_gc, cmd_reset
-from ._commands import cmd_demo, cmd_doctor, cmd_list, cmd_run, cmd_status
+from ._commands import cmd_demo, cmd_doctor, cmd_list, cmd_status
 from ._exits import EXIT_CODES, EXIT_USAGE, CliError
-from ._values import count, parse_duration, parse_nnodes, positive_duration
+from ._run_parser import add_run
+from ._values import count, parse_duration, positive_duration
 
 __all__ = ["build_parser"]
 
@@ -235,108 +236,6 @@ def _add_doctor(add: _Add) -> None:
     p.set_defaults(func=cmd_doctor)
 
 
-def _add_run(add: _Add) -> None:
-    p = add(
-        "run",
-        "elastic launcher: join, run CMD with RANK/WORLD_SIZE/MASTER_ADDR..., re-form on changes",
-        "Run CMD elastically on this node. The launcher joins the rendezvous, runs CMD with\n"
-        "  RANK, WORLD_SIZE, MASTER_ADDR, MASTER_PORT, FSRDZV_ROUND, FSRDZV_RUN_ID\n"
-        "  (and GROUP_RANK, LOCAL_RANK=0, LOCAL_WORLD_SIZE=1, FSRDZV_RESTART_COUNT, FSRDZV_MAX_RESTARTS,\n"
-        "  FSRDZV_NODE_ID) set, keeps heartbeating, and watches the run. When a node waits to join or a\n"
-        "  participant stops heartbeating, it stops CMD (SIGTERM to its process group, SIGKILL after\n"
-        "  --stop-timeout) and re-forms; that is free. When CMD fails it re-forms too, up to --max-restarts\n"
-        "  times. When CMD succeeds it closes the run. SIGTERM/SIGINT are forwarded to CMD; the launcher then\n"
-        "  exits with CMD's status and leaves the run open for the other nodes.",
-        "examples:\n"
-        "  srun fsrdzv run --endpoint /shared/rdzv --nnodes 2:4 --max-restarts 3 -- python train.py\n"
-        "  FSRDZV_ENDPOINT=s3://bucket/rdzv fsrdzv run --run-id job7 --nnodes 4 -- ./train.sh --epochs 10\n\n"
-        "defaults under Slurm: --run-id from SLURM_JOB_ID, --nnodes from SLURM_JOB_NUM_NODES.",
-    )
-    p.add_argument(
-        "--endpoint", metavar="ENDPOINT", help="shared directory or object-store URL (default: $FSRDZV_ENDPOINT)"
-    )
-    p.add_argument("--run-id", metavar="ID", help="the run (default: $FSRDZV_RUN_ID, then $SLURM_JOB_ID)")
-    p.add_argument(
-        "--nnodes", type=parse_nnodes, metavar="MIN[:MAX]", help="node count (default: $SLURM_JOB_NUM_NODES)"
-    )
-    p.add_argument(
-        "--max-restarts", type=count(0), default=0, metavar="K", help="restarts after CMD failures (default: 0)"
-    )
-    p.add_argument(
-        "--local-addr",
-        metavar="ADDR",
-        help="address other nodes reach this one at; MASTER_ADDR when rank 0 (default: FQDN)",
-    )
-    timing = p.add_argument_group("timing (seconds, or durations like 500ms, 2m)")
-    timing.add_argument(
-        "--join-timeout",
-        type=positive_duration,
-        default=DEFAULTS["join_timeout"],
-        metavar="T",
-        help=f"a join must finish within (default: {DEFAULTS['join_timeout']:g})",
-    )
-    timing.add_argument(
-        "--last-call-timeout",
-        type=positive_duration,
-        default=DEFAULTS["last_call_timeout"],
-        metavar="T",
-        help=f"wait for more nodes once MIN joined (default: {DEFAULTS['last_call_timeout']:g})",
-    )
-    timing.add_argument(
-        "--close-timeout",
-        type=positive_duration,
-        default=DEFAULTS["close_timeout"],
-        metavar="T",
-        help=f"closing the run must finish within (default: {DEFAULTS['close_timeout']:g})",
-    )
-    timing.add_argument(
-        "--keep-alive-interval",
-        type=positive_duration,
-        default=DEFAULTS["keep_alive_interval"],
-        metavar="T",
-        help=f"heartbeat period (default: {DEFAULTS['keep_alive_interval']:g})",
-    )
-    timing.add_argument(
-        "--keep-alive-max-attempt",
-        type=count(1),
-        default=int(DEFAULTS["keep_alive_max_attempt"]),
-        metavar="N",
-        help=f"missed heartbeats before a node is dead (default: {DEFAULTS['keep_alive_max_attempt']:g})",
-    )
-    timing.add_argument(
-        "--heartbeat-timeout",
-        type=positive_duration,
-        default=DEFAULTS["heartbeat_timeout"],
-        metavar="T",
-        help=f"read deadline when polling for waiting nodes or closure (default: {DEFAULTS['heartbeat_timeout']:g})",
-    )
-    timing.add_argument(
-        "--monitor-interval",
-        type=positive_duration,
-        default=LAUNCH_DEFAULTS["monitor_interval"],
-        metavar="T",
-        help=f"membership check period while CMD runs (default: {LAUNCH_DEFAULTS['monitor_interval']:g})",
-    )
-    timing.add_argument(
-        "--stop-timeout",
-        type=positive_duration,
-        default=LAUNCH_DEFAULTS["stop_timeout"],
-        metavar="T",
-        help=f"SIGTERM to SIGKILL grace when stopping CMD (default: {LAUNCH_DEFAULTS['stop_timeout']:g})",
-    )
-    p.add_argument(
-        "--watch-peers",
-        type=count(0),
-        default=int(LAUNCH_DEFAULTS["watch_peers"]),
-        metavar="N",
-        help=f"peers whose heartbeats each node reads (ring; 0: all; default: {LAUNCH_DEFAULTS['watch_peers']:g})",
-    )
-    p.add_argument("--quiet", action="store_true", help="log only warnings and errors of the launcher")
-    p.add_argument("cmd", nargs=argparse.REMAINDER, metavar="-- CMD ...", help="the command and its arguments")
-    _common(p)
-    p.set_defaults(func=cmd_run)
-
-
 def _add_demo(add: _Add) -> None:
     p = add(
         "demo",
@@ -382,6 +281,6 @@ def build_parser() -> argparse.ArgumentParser:
     _add_gc(add)
     _add_reset(add)
     _add_doctor(add)
-    _add_run(add)
+    add_run(add, _common)
     _add_demo(add)
     return parser
