@@ -44,7 +44,8 @@ __all__ = [
     "ScaleUpPolicy",
 ]
 
-log = logging.getLogger("fsrdzv")
+# Deferrals and admissions are what a node waits for: shown by fsrdzv run like its own progress.
+log = logging.getLogger("fsrdzv.progress")
 
 #: The values of ``scale_up_at``: torch's behaviour, and waiting for a safe point.
 SCALE_UP_AT: Final = ("any_time", "safe_point")

@@ -23,6 +23,7 @@ from typing import Any, Final
 
 from ._errors import RendezvousStateError, StorageError
 from ._liveness import LivenessTracker
+from ._scaleup import GATE_KIND, read_gate_records
 from ._state import NodeInfo, RendezvousState, decode_state, request_owner
 from ._store import Store
 
@@ -30,6 +31,7 @@ __all__ = [
     "LIST_SCHEMA",
     "STATUS_SCHEMA",
     "collect_status",
+    "deferral_json",
     "heartbeat_json",
     "observe_heartbeats",
     "read_state",
@@ -128,6 +130,28 @@ def _nodes_json(state: RendezvousState, observer: LivenessTracker, now: float) -
     }
 
 
+def deferral_json(store: Store, state: RendezvousState) -> dict[str, Any] | None:
+    """The ``scale_up`` object: waiting nodes that ``scale_up_at=safe_point`` holds back, or None.
+
+    From the record the round's rank 0 writes when it starts to defer (no record: nobody defers). ``since`` is that
+    node's wall clock (Unix seconds), for display only.
+    """
+    if not state.wait_list or not state.complete:
+        return None
+    records = read_gate_records(lambda: store.list_records(GATE_KIND), lambda name: store.read_record(GATE_KIND, name))
+    current = [r for r in records if r.get("round") == state.round and r.get("epoch") == state.epoch]
+    if not current:
+        return None
+    record = current[0]
+    return {
+        "at": "safe_point",
+        "deferred": [{"node_id": n} for n in sorted(state.wait_list, key=lambda n: state.nodes[n])],
+        "since": record["since"],
+        "max_delay_seconds": record["max_delay"],
+        "deferred_by": record["by"],
+    }
+
+
 def collect_status(
     store: Store,
     endpoint: str,
@@ -163,8 +187,9 @@ def collect_status(
         "observed_seconds": round(0.0 if first is None else now - first, 3),
     }
     if state is None:
-        doc.update({**_NO_DOCUMENT, "participants": [], "waiting": [], "spares": [], "unlisted": []})
+        doc.update({**_NO_DOCUMENT, "participants": [], "waiting": [], "spares": [], "unlisted": [], "scale_up": None})
         return doc
+    doc["scale_up"] = deferral_json(store, state)
     unlisted = [
         {"node_id": n, "heartbeat": heartbeat_json(observer, n, now), "join_request": n in requests}
         for n in sorted((set(tags) | requests) - state.members())

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import sys
+import time
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -38,6 +39,19 @@ def heartbeat_text(hb: Mapping[str, Any]) -> str:
         return "missing"
     age = human(hb["age_seconds"])
     return f">={age}" if hb["age_is_lower_bound"] else age
+
+
+def _deferral_lines(scale_up: Mapping[str, Any] | None) -> list[str]:
+    """The waiting nodes that scale_up_at=safe_point holds back, and since when (the deferring node's clock)."""
+    if not scale_up:
+        return []
+    since = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(scale_up["since"]))
+    by = time.strftime("%H:%M:%S", time.localtime(scale_up["since"] + scale_up["max_delay_seconds"]))
+    ids = ", ".join(d["node_id"] for d in scale_up["deferred"])
+    return [
+        f"  deferred until a safe point of every participant (scale_up_at=safe_point) since {since}, "
+        f"admitted by {by} at the latest (clock of rank 0, {scale_up['deferred_by']}): {ids}"
+    ]
 
 
 def render_status(doc: Mapping[str, Any]) -> str:
@@ -80,6 +94,7 @@ def render_status(doc: Mapping[str, Any]) -> str:
 
     section("participants", doc["participants"], ranked=True)
     section("waiting", doc["waiting"], ranked=False)
+    lines.extend(_deferral_lines(doc.get("scale_up")))
     section("spares", doc["spares"], ranked=False)
     if doc["unlisted"]:
         lines.append("")

@@ -51,7 +51,7 @@ from .. import _errors as fe
 from .. import create_handler as create_core_handler
 from ._backend import BACKEND_NAME, FsRendezvousBackend
 from ._config import DEFAULT_STORE_TIMEOUT as DEFAULT_STORE_TIMEOUT
-from ._config import TorchrunConfig, parse_config
+from ._config import TorchrunConfig, parse_config, worker_variables
 from ._errors import GracefulExit, to_torch, torch_errors
 from ._handler import WARN_INTERVAL as WARN_INTERVAL
 from ._handler import CoreHandler as CoreHandler
@@ -97,7 +97,13 @@ def create_handler(params: RendezvousParameters, *, graceful_exit: str = "exit")
         raise  # already a ValueError with a message that names the setting
     except fe.RendezvousError as exc:
         raise to_torch(exc) from exc
-    return FsRendezvousHandler(core, store_timeout=config.store_timeout, graceful_exit=graceful_exit, ports=ports)
+    return FsRendezvousHandler(
+        core,
+        store_timeout=config.store_timeout,
+        graceful_exit=graceful_exit,
+        ports=ports,
+        worker_env=worker_variables(config, core.node_id, core.scale_up.flag_path),
+    )
 
 
 def handler_creator() -> Callable[[RendezvousParameters], RendezvousHandler]:

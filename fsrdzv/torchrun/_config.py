@@ -10,6 +10,7 @@ kind (``anon=0`` is False, not the string ``"0"``) before an SDK sees them.
 from __future__ import annotations
 
 import difflib
+import json
 import os
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
@@ -18,11 +19,12 @@ from typing import Any, Final
 from torch.distributed.elastic.rendezvous import RendezvousParameters
 
 from .. import _errors as fe
+from .._scaleup import DEFAULT_MAX_DELAY, ScaleUpPolicy
 from .._secret import read_secret_file
 from .._settings import COUNT_KEYS, DEFAULTS, SECONDS_KEYS, Settings, parse_bool, parse_seconds, set_nested
 from .._stores import split_endpoint
 
-__all__ = ["DEFAULT_STORE_TIMEOUT", "TorchrunConfig", "parse_config"]
+__all__ = ["DEFAULT_STORE_TIMEOUT", "TorchrunConfig", "parse_config", "worker_variables"]
 
 #: torch's c10d backend uses 60 s for its TCPStore; the agent's blocking gets (worker rank assignment) and the
 #: clients' connection retries while rank 0's server comes up both run under this timeout.
@@ -33,7 +35,7 @@ _SOURCE: Final = "--rdzv-conf"
 #: Keys torchrun or torch add on their own; fsrdzv has no use for them.
 _IGNORED_KEYS: Final = frozenset({"timeout"})
 #: fsrdzv's own keys (not storage specific).
-_OWN_KEYS: Final = frozenset({"read_timeout", "secret_file"})
+_OWN_KEYS: Final = frozenset({"read_timeout", "secret_file", "scale_up_at", "scale_up_max_delay"})
 
 
 def _parse_str(key: str, value: object, *, source: str = "") -> str:
@@ -103,6 +105,10 @@ class TorchrunConfig:
     store_timeout: float = DEFAULT_STORE_TIMEOUT
     storage_options: dict[str, Any] = field(default_factory=dict)
     secret: bytes | None = field(default=None, repr=False)
+    #: The file the secret came from (the workers get the path, for :func:`fsrdzv.safe_point`).
+    secret_file: str | None = None
+    scale_up_at: str = "any_time"
+    scale_up_max_delay: float = DEFAULT_MAX_DELAY
 
     def handler_kwargs(self) -> dict[str, Any]:
         """Keyword arguments for :func:`fsrdzv.create_handler`."""
@@ -116,6 +122,8 @@ class TorchrunConfig:
             "keep_alive_interval": self.keep_alive_interval,
             "keep_alive_max_attempt": self.keep_alive_max_attempt,
             "secret": self.secret,
+            "scale_up_at": self.scale_up_at,
+            "scale_up_max_delay": self.scale_up_max_delay,
         }
 
 
@@ -161,6 +169,10 @@ def parse_config(params: RendezvousParameters) -> TorchrunConfig:
         {"run_id": params.run_id, "min_nodes": params.min_nodes, "max_nodes": params.max_nodes, **timings},
         source=_SOURCE,
     )
+    scale_up = ScaleUpPolicy.parse(
+        conf.get("scale_up_at", "any_time"), conf.get("scale_up_max_delay", DEFAULT_MAX_DELAY), source=_SOURCE
+    )
+    secret_file = os.path.abspath(os.path.expanduser(str(conf["secret_file"]))) if "secret_file" in conf else None
     return TorchrunConfig(
         endpoint=params.endpoint,
         run_id=settings.run_id,
@@ -180,4 +192,20 @@ def parse_config(params: RendezvousParameters) -> TorchrunConfig:
         ),
         storage_options=storage_options,
         secret=_read_secret("secret_file", conf["secret_file"]) if "secret_file" in conf else None,
+        secret_file=secret_file,
+        scale_up_at=scale_up.at,
+        scale_up_max_delay=scale_up.max_delay,
     )
+
+
+def worker_variables(config: TorchrunConfig, node_id: str, flag_path: str | None) -> dict[str, str]:
+    """The ``FSRDZV_*`` variables torchrun's workers get (for :func:`fsrdzv.safe_point`); no credential: the
+    storage options of ``--rdzv-conf`` never hold one, and the secret travels as its file's path."""
+    env = {"FSRDZV_ENDPOINT": config.endpoint, "FSRDZV_RUN_ID": config.run_id, "FSRDZV_NODE_ID": node_id}
+    if config.storage_options:
+        env["FSRDZV_STORAGE_OPTIONS"] = json.dumps(config.storage_options, sort_keys=True)
+    if config.secret_file:
+        env["FSRDZV_SECRET_FILE"] = config.secret_file
+    if flag_path:
+        env["FSRDZV_SAFE_POINT_FILE"] = flag_path
+    return env

@@ -5,8 +5,10 @@ from __future__ import annotations
 import datetime
 import logging
 import math
+import os
 import threading
 import time
+from collections.abc import Mapping
 from typing import Final, Protocol
 
 # torch.distributed imports these names from its C extension without re-exporting them for type checkers; the
@@ -36,6 +38,8 @@ log = logging.getLogger("fsrdzv.torchrun")
 
 #: Seconds between two warnings about failed ``num_nodes_waiting`` polls (the agent polls every 0.1 s).
 WARN_INTERVAL: Final = 30.0
+#: torch's switch: "1" turns the agent's store off for the workers (``use_agent_store`` False).
+DISABLE_SHARING_ENV: Final = "TORCH_DISABLE_SHARE_RDZV_TCP_STORE"
 
 
 class _CoreInfo(Protocol):
@@ -77,6 +81,9 @@ class FsRendezvousHandler(RendezvousHandler):
         agent's blocking ``get`` calls wait this long.
     :param graceful_exit: ``"exit"`` raises :class:`GracefulExit` (status 0) when a spare sees the run close, which
         is what torchrun needs; ``"raise"`` raises torch's ``RendezvousGracefulExitError`` as torch's handler does.
+    :param worker_env: ``FSRDZV_*`` variables for the workers (the run's coordinates for :func:`fsrdzv.safe_point`);
+        each completed round puts them, with ``FSRDZV_ROUND``, into this process's environment, which torch's
+        agent copies into every worker it starts.
     """
 
     def __init__(
@@ -86,6 +93,7 @@ class FsRendezvousHandler(RendezvousHandler):
         store_timeout: float = DEFAULT_STORE_TIMEOUT,
         graceful_exit: str = "raise",
         ports: PortReservation | None = None,
+        worker_env: Mapping[str, str] | None = None,
     ) -> None:
         if graceful_exit not in ("exit", "raise"):
             raise fe.ConfigurationError(f"graceful_exit must be 'exit' or 'raise', not {graceful_exit!r}")
@@ -93,6 +101,7 @@ class FsRendezvousHandler(RendezvousHandler):
         self._ports = ports if ports is not None else PortReservation()
         self._timeout = datetime.timedelta(seconds=store_timeout)
         self._graceful_exit = graceful_exit
+        self._worker_env = dict(worker_env or {})
         self._lock = threading.Lock()
         # The server this agent hosts for the current round when it is rank 0.
         self._server: TCPStore | None = None
@@ -105,9 +114,9 @@ class FsRendezvousHandler(RendezvousHandler):
 
     @property
     def use_agent_store(self) -> bool:
-        # Always: rank 0's agent hosts the workers' store. torch's TORCH_DISABLE_SHARE_RDZV_TCP_STORE switch exists
-        # only as the workaround for its stale-bootstrap bug, which the per-round server here does not have.
-        return True
+        # torch's rule, read on every access: rank 0's agent hosts the workers' store unless the switch is "1";
+        # then worker rank 0 binds a free port of its own, published per round (see _bootstrap).
+        return os.getenv(DISABLE_SHARING_ENV, "0") != "1"
 
     def get_run_id(self) -> str:
         return self._core.run_id
@@ -129,12 +138,21 @@ class FsRendezvousHandler(RendezvousHandler):
         # Every member of the new round has left the previous one, so nobody uses the previous server any more.
         self._release_server()
         store = self._round_store(info)
-        return RendezvousInfo(
-            store,
-            info.rank,
-            info.world_size,
-            RendezvousStoreInfo(master_addr=info.master_addr, master_port=info.master_port),
-        )
+        if self._worker_env:
+            os.environ.update({**self._worker_env, "FSRDZV_ROUND": str(info.round)})
+        return RendezvousInfo(store, info.rank, info.world_size, self._bootstrap(info, store))
+
+    def _bootstrap(self, info: _CoreInfo, store: Store) -> RendezvousStoreInfo:
+        if self.use_agent_store:
+            return RendezvousStoreInfo(master_addr=info.master_addr, master_port=info.master_port)
+        # Sharing off, as torch does it: rank 0 publishes its address and a free port in the round's key space,
+        # and every member reads them back (a fresh key space every round, so never a stale port).
+        try:
+            with torch_errors():
+                return RendezvousStoreInfo.build(info.rank, store, local_addr=info.master_addr)
+        except BaseException:
+            self._release_server()
+            raise
 
     def is_closed(self) -> bool:
         with torch_errors():
