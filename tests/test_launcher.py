@@ -307,3 +307,115 @@ def test_slurm_defaults(job: Job) -> None:
     assert result.returncode == 0, result.stderr
     record = json.loads((job.root / "s.jsonl").read_text())
     assert record["FSRDZV_RUN_ID"] == "4242" and record["WORLD_SIZE"] == "1"
+
+
+# -- --nproc-per-node: torchrun's worker environment (issue 14 §2) ------------------------------------------
+
+#: torchrun's worker variables whose values fsrdzv run must match (the addresses, ports and run ids differ).
+TORCHRUN_SAME = (
+    "RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "GROUP_RANK", "GROUP_WORLD_SIZE", "ROLE_RANK",
+    "ROLE_WORLD_SIZE", "ROLE_NAME", "TORCHELASTIC_RESTART_COUNT", "TORCHELASTIC_MAX_RESTARTS", "OMP_NUM_THREADS",
+    "TORCH_NCCL_ASYNC_ERROR_HANDLING",
+)  # fmt: skip
+TORCHRUN_PRESENT = ("MASTER_ADDR", "MASTER_PORT", "TORCHELASTIC_RUN_ID", "TORCHELASTIC_USE_AGENT_STORE")
+
+ENV_DUMP = """\
+import json, os, sys
+keys = {keys!r}
+with open(os.path.join(sys.argv[1], "env-" + os.environ["RANK"] + ".json"), "w") as f:
+    json.dump({{k: os.environ.get(k) for k in keys}}, f)
+"""
+
+
+def _env_dumps(out: Path) -> dict[str, dict[str, str | None]]:
+    return {p.stem: json.loads(p.read_text()) for p in sorted(out.glob("env-*.json"))}
+
+
+def test_nproc_per_node_matches_torchruns_worker_environment(tmp_path: Path) -> None:
+    pytest.importorskip("torch")
+    script = tmp_path / "dump.py"
+    script.write_text(ENV_DUMP.format(keys=(*TORCHRUN_SAME, *TORCHRUN_PRESENT)))
+    env = {k: v for k, v in os.environ.items() if k not in ("OMP_NUM_THREADS", "TORCH_NCCL_ASYNC_ERROR_HANDLING")}
+    theirs, ours = tmp_path / "torchrun", tmp_path / "fsrdzv"
+    theirs.mkdir()
+    ours.mkdir()
+    (tmp_path / "rdzv").mkdir()
+    torchrun = [sys.executable, "-m", "torch.distributed.run", "--nnodes=1", "--nproc-per-node=2", "--max-restarts=2"]
+    subprocess.run([*torchrun, str(script), str(theirs)], env=env, check=True, capture_output=True, timeout=120)
+    argv = fsrdzv(
+        "run", "--endpoint", str(tmp_path / "rdzv"), "--run-id", "envs", "--nnodes", "1", "--nproc-per-node", "2",
+        "--max-restarts", "2", *FAST, "--", sys.executable, str(script), str(ours),
+    )  # fmt: skip
+    subprocess.run(argv, env=env, check=True, capture_output=True, timeout=120)
+    torch_envs, our_envs = _env_dumps(theirs), _env_dumps(ours)
+    assert sorted(torch_envs) == sorted(our_envs) == ["env-0", "env-1"]
+    for name, torch_env in torch_envs.items():
+        assert {k: our_envs[name][k] for k in TORCHRUN_SAME} == {k: torch_env[k] for k in TORCHRUN_SAME}
+        assert all(our_envs[name][k] for k in TORCHRUN_PRESENT), our_envs[name]
+    assert {e["TORCHELASTIC_RUN_ID"] for e in our_envs.values()} == {"envs"}
+    # No agent store under fsrdzv run: worker rank 0 binds MASTER_PORT itself (torch's env:// reads this).
+    assert {e["TORCHELASTIC_USE_AGENT_STORE"] for e in our_envs.values()} == {"False"}
+
+
+def test_gloo_job_of_two_nodes_by_two_processes(tmp_path: Path) -> None:
+    """A real torch.distributed job (init_method env://, gloo): 2 nodes x 2 processes, all-reduce correct."""
+    pytest.importorskip("torch")
+    (tmp_path / "rdzv").mkdir()
+    out = tmp_path / "out"
+    worker = Path(__file__).with_name("torchrun_worker.py")
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    argv = fsrdzv(
+        "run", "--endpoint", str(tmp_path / "rdzv"), "--run-id", "gloo", "--nnodes", "2", "--nproc-per-node", "2",
+        *FAST, "--", sys.executable, str(worker), f"--out={out}", "--world=4",
+    )  # fmt: skip
+    procs = [subprocess.Popen(argv, env=env, stderr=subprocess.PIPE, text=True) for _ in range(2)]
+    try:
+        results = [p.communicate(timeout=180) for p in procs]
+    finally:
+        for p in procs:
+            p.kill()
+    assert [p.returncode for p in procs] == [0, 0], [err for _, err in results]
+    records = [json.loads(p.read_text()) for p in sorted(out.glob("a0-w4-r*.json"))]
+    assert sorted(r["rank"] for r in records) == [0, 1, 2, 3]
+    assert all(r["ok"] for r in records), records
+    assert sorted(r["group_rank"] for r in records) == [0, 0, 1, 1]
+    assert {r["group_world"] for r in records} == {2} and {r["run_id"] for r in records} == {"gloo"}
+    assert len({r["master"] for r in records}) == 1
+
+
+NPROC_WORKER = """\
+import json, os, sys, time
+log, stop = sys.argv[1], sys.argv[2]
+with open(log, "a") as f:
+    f.write(json.dumps({k: os.environ[k] for k in ("RANK", "LOCAL_RANK", "TORCHELASTIC_RESTART_COUNT")}
+                       | {"pid": os.getpid()}) + "\\n")
+if os.environ["LOCAL_RANK"] == "1" and os.environ["TORCHELASTIC_RESTART_COUNT"] == "0":
+    time.sleep(0.5)
+    sys.exit(5)
+while not os.path.exists(stop):
+    time.sleep(0.05)
+"""
+
+
+def test_one_failed_local_process_stops_the_others_and_restarts_the_node(tmp_path: Path) -> None:
+    (tmp_path / "rdzv").mkdir()
+    script, log, stop = tmp_path / "w.py", tmp_path / "log.jsonl", tmp_path / "stop"
+    script.write_text(NPROC_WORKER)
+    argv = fsrdzv(
+        "run", "--endpoint", str(tmp_path / "rdzv"), "--run-id", "fail", "--nnodes", "1", "--nproc-per-node", "3",
+        "--max-restarts", "1", *FAST, "--", sys.executable, str(script), str(log), str(stop),
+    )  # fmt: skip
+    proc = subprocess.Popen(argv, stderr=subprocess.PIPE, text=True)
+    try:
+        wait_until("the restart", lambda: log.exists() and len(log.read_text().splitlines()) >= 6, timeout=60)
+        records = [json.loads(line) for line in log.read_text().splitlines()]
+        first = [r for r in records if r["TORCHELASTIC_RESTART_COUNT"] == "0"]
+        assert sorted(r["LOCAL_RANK"] for r in first) == ["0", "1", "2"]
+        # The copies that did not fail were stopped before the node re-joined.
+        assert not any(pid_alive(r["pid"]) for r in first)
+        stop.write_text("")
+        _, err = proc.communicate(timeout=60)
+    finally:
+        proc.kill()
+    assert proc.returncode == 0, err
+    assert "a local process exited with 5" in err and "failed with 5: restart 1 of 1" in err

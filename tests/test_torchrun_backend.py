@@ -8,6 +8,8 @@ The backend tests are our own port of the eight checks of torch's ``RendezvousBa
 from __future__ import annotations
 
 import datetime
+import os
+import socket
 import subprocess
 import sys
 import threading
@@ -48,6 +50,16 @@ from tests.servers import Endpoint
 pytestmark = pytest.mark.torch
 
 REPO = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(autouse=True)
+def _restore_environment() -> Any:
+    """Each round's handler writes FSRDZV_* for the workers into this process's environment (torch's agent copies
+    it into every worker): give every test the environment it started with."""
+    saved = dict(os.environ)
+    yield
+    os.environ.clear()
+    os.environ.update(saved)
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -586,3 +598,79 @@ def test_master_port_is_held_from_join_until_the_server_serves() -> None:
     assert ports.take(port) is None  # handed over once
     listener.close()
     ports.release()
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# TORCH_DISABLE_SHARE_RDZV_TCP_STORE (issue 14 §4): torch's IntegrationTest checks, ported.
+# ---------------------------------------------------------------------------------------------------------------
+
+
+def test_use_agent_store_is_true_by_default(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv("TORCH_DISABLE_SHARE_RDZV_TCP_STORE", raising=False)
+    handler = torchrun.create_handler(RendezvousParameters("fsrdzv", str(tmp_path), "share", 1, 1, "127.0.0.1"))
+    assert handler.use_agent_store is True
+    handler.shutdown()
+
+
+def test_use_agent_store_is_disabled(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    handler = torchrun.create_handler(RendezvousParameters("fsrdzv", str(tmp_path), "share", 1, 1, "127.0.0.1"))
+    monkeypatch.setenv("TORCH_DISABLE_SHARE_RDZV_TCP_STORE", "1")
+    assert handler.use_agent_store is False  # read on every access, as torch does
+    monkeypatch.setenv("TORCH_DISABLE_SHARE_RDZV_TCP_STORE", "0")
+    assert handler.use_agent_store is True
+    handler.shutdown()
+
+
+def test_sharing_off_publishes_a_free_port_per_round(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Like torch's test_share_tcp_store_is_disabled: every member reads rank 0's address and port from the round's
+    store, and that port is not the agent's own server (worker rank 0 binds it)."""
+    monkeypatch.setenv("TORCH_DISABLE_SHARE_RDZV_TCP_STORE", "1")
+    nodes = _form(str(tmp_path / "rdzv"), "unshared", 2)
+    infos = [info for _, info in nodes]
+    boot = {(i.bootstrap_store_info.master_addr, i.bootstrap_store_info.master_port) for i in infos}
+    assert len(boot) == 1
+    addr, port = boot.pop()
+    assert addr == "127.0.0.1"
+    keys = [b"127.0.0.1", str(port).encode()]
+    assert [infos[1].store.get(k) for k in ("MASTER_ADDR", "MASTER_PORT")] == keys
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", port))  # free: nobody (no agent server) listens on it
+    assert all(h.shutdown() for h, _ in nodes)
+
+
+WORKER_VARIABLES = ("FSRDZV_ENDPOINT", "FSRDZV_RUN_ID", "FSRDZV_NODE_ID", "FSRDZV_ROUND", "FSRDZV_SAFE_POINT_FILE")
+
+
+def test_workers_get_the_runs_coordinates_for_safe_points(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    # The handler writes them into this process's environment (torch's agent copies it): undone at the end.
+    for name in (*WORKER_VARIABLES, "FSRDZV_STORAGE_OPTIONS", "FSRDZV_SECRET_FILE"):
+        monkeypatch.setenv(name, "")  # so that the undo removes what the handler sets
+        monkeypatch.delenv(name)
+    secret = tmp_path / "secret"
+    secret.write_text("0123456789abcdef0123\n")
+    endpoint = str(tmp_path / "rdzv")
+    nodes = _form(endpoint, "coords", 1, scale_up_at="safe_point", scale_up_max_delay="60", secret_file=str(secret))
+    handler, _ = nodes[0]
+    assert os.environ["FSRDZV_ENDPOINT"] == endpoint and os.environ["FSRDZV_RUN_ID"] == "coords"
+    assert os.environ["FSRDZV_ROUND"] == "0" and os.environ["FSRDZV_NODE_ID"]
+    assert os.environ["FSRDZV_SECRET_FILE"] == str(secret)
+    assert os.path.isdir(os.path.dirname(os.environ["FSRDZV_SAFE_POINT_FILE"]))
+    assert handler.shutdown()
+    assert not os.path.exists(os.path.dirname(os.environ["FSRDZV_SAFE_POINT_FILE"])), "the flag goes at shutdown"
+
+
+def test_the_environment_test_left_nothing_behind() -> None:
+    assert not [name for name in (*WORKER_VARIABLES, "FSRDZV_SECRET_FILE") if name in os.environ]
+
+
+@pytest.mark.parametrize(
+    ("conf", "message"),
+    [
+        ({"scale_up_at": "sometimes"}, "invalid --rdzv-conf value scale_up_at='sometimes': expected any_time"),
+        ({"scale_up_max_delay": "-5"}, "invalid --rdzv-conf value scale_up_max_delay='-5': expected a number"),
+    ],
+)
+def test_bad_scale_up_values_are_one_line(conf: dict[str, str], message: str) -> None:
+    with pytest.raises(ValueError) as err:
+        parse_config(_params(**conf))
+    assert str(err.value).startswith(message) and "\n" not in str(err.value)
