@@ -15,6 +15,7 @@ Settings are small (last call 1 s, keep-alive 1 s x 3) so that the file runs in 
 
 from __future__ import annotations
 
+import time
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
@@ -27,7 +28,7 @@ pytest.importorskip("torch")
 import fsrdzv
 from fsrdzv._state import decode_state
 from tests.servers import Endpoint
-from tests.torchrun_helpers import Cluster, cluster
+from tests.torchrun_helpers import FAST_CONF, Cluster, cluster
 
 pytestmark = [pytest.mark.torch, pytest.mark.slow, pytest.mark.timeout(240)]
 
@@ -39,13 +40,15 @@ def _run_id() -> str:
     return "e2e-" + uuid.uuid4().hex[:8]
 
 
-def _assert_round(records: list[dict[str, Any]], *, world: int, restart: int | None = None) -> None:
+def _assert_round(
+    records: list[dict[str, Any]], *, world: int, restart: int | None = None, agent_store: str = "True"
+) -> None:
     """All ``world`` workers of that world reported a correct sum and agreed on one master and one run."""
     mine = [r for r in records if r["world"] == world and (restart is None or r["restart"] == restart)]
     assert sorted(r["rank"] for r in mine) == list(range(world)), mine
     assert all(r["ok"] for r in mine), mine
     assert len({r["master"] for r in mine}) == 1, f"workers of one round saw different masters: {mine}"
-    assert {r["agent_store"] for r in mine} == {"True"}
+    assert {r["agent_store"] for r in mine} == {agent_store}
 
 
 @pytest.fixture
@@ -170,3 +173,43 @@ def test_spare_exits_cleanly_when_the_run_ends(local: Cluster, tmp_path: Path) -
     assert local.wait_all([a, b, spare], FINISH) == [0, 0, 0], local.logs()
     assert "AttributeError" not in spare.output()
     assert not any(r["world"] != 2 for r in local.records())
+
+
+# -- issue 14: scale-up at safe points, TORCH_DISABLE_SHARE_RDZV_TCP_STORE --------------------------------------
+
+
+def test_scale_up_waits_for_the_workers_safe_point(local: Cluster, tmp_path: Path) -> None:
+    run_id = _run_id()
+    go = tmp_path / "go"
+    conf = FAST_CONF + ",scale_up_at=safe_point,scale_up_max_delay=120"
+    args = ["--world=4", f"--safe-point-file={go}"]
+    a = local.start("A", nnodes="1:2", run_id=run_id, conf=conf, worker_args=args)
+    local.wait_for("A training alone", lambda: local.has(world=2), FINISH)
+    b = local.start("B", nnodes="1:2", run_id=run_id, conf=conf, worker_args=args)
+    store = fsrdzv.open_store(local.endpoint, run_id)
+
+    def b_waits() -> bool:
+        snap = store.read()
+        return snap is not None and bool(decode_state(snap.data, "test").wait_list)
+
+    local.wait_for("B waiting to join", b_waits, FINISH)
+    time.sleep(4)  # 40 of the agent's monitor periods: torch's policy would have restarted A long ago
+    assert not local.has(world=4, count=1), "a newcomer must not restart the workers before a safe point"
+    go.write_text("")
+    assert local.wait_all([a, b], FINISH) == [0, 0], local.logs()
+    _assert_round(local.records(), world=4, restart=0)
+    assert "marked a safe point" in a.output()
+
+
+def test_sharing_off_scale_up_and_all_reduce(local: Cluster) -> None:
+    """Reference E4: with TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1 worker rank 0 binds a fresh port every round."""
+    local.env["TORCH_DISABLE_SHARE_RDZV_TCP_STORE"] = "1"
+    run_id = _run_id()
+    a = local.start("A", nnodes="1:2", run_id=run_id, worker_args=["--world=4"])
+    local.wait_for("A training alone", lambda: local.has(world=2), FINISH)
+    b = local.start("B", nnodes="1:2", run_id=run_id, local_addr="127.0.0.2", worker_args=["--world=4"])
+    assert local.wait_all([a, b], FINISH) == [0, 0], local.logs()
+    records = local.records()
+    _assert_round(records, world=4, restart=0, agent_store="False")
+    solo = next(r["master"] for r in records if r["world"] == 2)
+    assert solo != next(r["master"] for r in records if r["world"] == 4)

@@ -6,7 +6,8 @@ finishes or *holds*, all-reducing every ``--interval`` seconds:
 
 * ``--world W``: finish only in a world of W workers; any other world holds until the agent stops it (scale-up
   restart) or a peer dies (the next all-reduce fails, which is what a node failure test needs);
-* ``--hold FILE``: also hold until FILE exists (the test releases the workers when it has seen what it wanted).
+* ``--hold FILE``: also hold until FILE exists (the test releases the workers when it has seen what it wanted);
+* ``--safe-point-file FILE``: while holding, call ``fsrdzv.safe_point()`` at every step once FILE exists.
 
 A worker that holds longer than ``--max-wait`` seconds exits with status 3, so a broken test fails instead of
 hanging. Exit status 2 means a wrong all-reduce sum.
@@ -25,6 +26,8 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
+import fsrdzv
+
 
 def main() -> int:
     parser = argparse.ArgumentParser()
@@ -33,6 +36,7 @@ def main() -> int:
     parser.add_argument("--hold", default="", help="also hold until this file exists")
     parser.add_argument("--interval", type=float, default=0.2)
     parser.add_argument("--max-wait", type=float, default=150.0)
+    parser.add_argument("--safe-point-file", default="", help="mark safe points once this file exists")
     args = parser.parse_args()
 
     rank = int(os.environ["RANK"])
@@ -76,6 +80,8 @@ def main() -> int:
         time.sleep(args.interval)
         if not check():
             return 2
+        if args.safe_point_file and os.path.exists(args.safe_point_file) and fsrdzv.safe_point():
+            print(f"worker rank={rank} marked a safe point", flush=True)
 
     dist.barrier()
     dist.destroy_process_group()
