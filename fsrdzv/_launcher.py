@@ -299,11 +299,8 @@ class Launcher:
     # -- the command ---------------------------------------------------------------------------------------
 
     def _start_child(self, info: RendezvousInfo) -> None:
-        node_id = self.handler.node_id
-        envs = [
-            worker_env(info, self._setup, self.restarts, node_id, local_rank)
-            for local_rank in range(self.config.nproc_per_node)
-        ]
+        node_id, count = self.handler.node_id, self.config.nproc_per_node
+        envs = [worker_env(info, self._setup, self.restarts, node_id, local) for local in range(count)]
         self._pending_signal = None
         self._forwarded_at = None
         self._killed = False

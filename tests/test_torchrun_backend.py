@@ -670,7 +670,7 @@ def test_the_environment_test_left_nothing_behind() -> None:
         ({"scale_up_max_delay": "-5"}, "invalid --rdzv-conf value scale_up_max_delay='-5': expected a number"),
     ],
 )
-def test_bad_scale_up_values_are_one_line(conf: dict[str, str], message: str) -> None:
+def test_bad_scale_up_values_are_one_line(conf: dict[str, Any], message: str) -> None:
     with pytest.raises(ValueError) as err:
         parse_config(_params(**conf))
     assert str(err.value).startswith(message) and "\n" not in str(err.value)
