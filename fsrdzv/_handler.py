@@ -35,7 +35,7 @@ import socket
 import threading
 import time
 import weakref
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -45,6 +45,7 @@ from ._join import Joiner
 from ._keepalive import Heartbeat, Runtime, ThreadRuntime
 from ._policy import FAST_POLL, READ_CACHE, SLOW_POLL, outage_budget
 from ._retry import Retry
+from ._roster import expected_nodes as expected_nodes_of
 from ._scaleup import ScaleUpGate, ScaleUpPolicy
 from ._secret import job_secret, read_secret_file
 from ._session import Session
@@ -312,6 +313,7 @@ def create_handler(
     port_factory: Callable[[str], int] | None = None,
     scale_up_at: str = "any_time",
     scale_up_max_delay: float = ScaleUpPolicy.max_delay,
+    expected_nodes: Sequence[str] | None = None,
 ) -> RendezvousHandler:
     """Create a rendezvous handler for ``run_id`` at ``endpoint`` (see :func:`fsrdzv.open_store`).
 
@@ -320,6 +322,8 @@ def create_handler(
     ``sleep`` are injectable (tests, simulation); ``port_factory(addr)`` picks the master port this node offers.
     ``scale_up_at="safe_point"`` holds waiting newcomers back until every participant called
     :func:`fsrdzv.safe_point`, or for at most ``scale_up_max_delay`` seconds (see ``fsrdzv._scaleup``).
+    ``expected_nodes``: the host names the job expects (items may use Slurm's ``node[01-03]``; default: the
+    environment's ``SLURM_JOB_NODELIST``): progress lines and the join-timeout message name the missing ones.
 
     :raises ConfigurationError: an invalid value (negative timeout, min > max, bad run id or endpoint).
     """
@@ -333,6 +337,7 @@ def create_handler(
         heartbeat_timeout=heartbeat_timeout,
         keep_alive_interval=keep_alive_interval,
         keep_alive_max_attempt=keep_alive_max_attempt,
+        expected_nodes=expected_nodes_of(expected_nodes),
     )
     scale_up = ScaleUpPolicy.parse(scale_up_at, scale_up_max_delay)
     if secret is None:

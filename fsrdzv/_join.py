@@ -18,9 +18,16 @@ from typing import NoReturn
 
 from . import _policy as policy
 from ._admin import RunAdmin
-from ._errors import RendezvousClosedError, RendezvousGracefulExitError, RendezvousTimeoutError, StorageError
+from ._errors import (
+    ConfigurationError,
+    RendezvousClosedError,
+    RendezvousGracefulExitError,
+    RendezvousTimeoutError,
+    StorageError,
+)
 from ._keepalive import Heartbeat
 from ._liveness import LivenessTracker
+from ._progress import ProgressReport
 from ._retry import Attempts, Retry
 from ._session import BeatFilter, RequestBook, Session
 from ._settings import Settings
@@ -83,6 +90,7 @@ class Joiner:
         self._request_count = 0
         self._last_call_seen: dict[tuple[str, int, int], float] = {}
         self._verified = False
+        self.progress = ProgressReport(settings, node.node_id)
 
     @property
     def me(self) -> str:
@@ -94,6 +102,7 @@ class Joiner:
         """Join the next round; the document of the completed round that has this node as a participant."""
         start = self._clock()
         deadline = start + self.settings.join_timeout
+        self.progress.start(start)
         if not self._verified:
             self._retry(self.session.store.verify_conditions, deadline)
             self._verified = True
@@ -192,6 +201,7 @@ class Joiner:
     def _step(self, run: _Progress) -> RendezvousState | None:
         now = self._clock()
         view = self._view(run, now)
+        self.progress.tick(view.state, now, view.last_call_seen_at)
         action = policy.decide(view)
         if isinstance(action, policy.CreateDocument):
             _, run.state, run.snap = self.session.cas(policy.create_document(view, secrets.token_hex(8)), None)
@@ -206,7 +216,16 @@ class Joiner:
             _raise_closed(self.settings, action.spare)
         if isinstance(action, policy.RollBack):
             self.admin.roll_back(state, run.snap, self.me, policy.ROLLBACK_WINDOW)
-            _raise_timeout(self.settings, state)
+            _raise_timeout(self.settings, state, self.progress.missing(state, now))
+        if isinstance(action, policy.RaiseMismatch):
+            self.admin.roll_back(state, run.snap, self.me, policy.ROLLBACK_WINDOW)
+            self.heartbeat.stop()
+            if self.requests.own_name is not None:
+                self.session.discard("req", self.requests.own_name)
+            raise ConfigurationError(
+                f"run {self.settings.run_id!r} was started with other settings: {action.what}; give every node the "
+                "same --nnodes and last_call_timeout, or use another run id"
+            )
         self._act(action, run, state, now)
         return None
 
@@ -301,10 +320,10 @@ def _raise_closed(settings: Settings, spare: bool) -> NoReturn:
     )
 
 
-def _raise_timeout(settings: Settings, state: RendezvousState) -> NoReturn:
+def _raise_timeout(settings: Settings, state: RendezvousState, missing: str) -> NoReturn:
     raise RendezvousTimeoutError(
         f"rendezvous {settings.run_id!r} did not complete within join_timeout="
         f"{settings.join_timeout:g}s: {len(state.participants)} participant(s), "
-        f"min_nodes={settings.min_nodes}; check that the other nodes use the same endpoint and "
+        f"min_nodes={settings.min_nodes}{missing}; check that the other nodes use the same endpoint and "
         "run id, or raise join_timeout"
     )

@@ -189,6 +189,13 @@ class RaiseClosed:
 
 
 @dataclass(frozen=True)
+class RaiseMismatch:
+    """The run was started with another node range or last call (``what`` names both values): leave, then fail."""
+
+    what: str
+
+
+@dataclass(frozen=True)
 class Write:
     """Write ``state``: this node's own fold (``why="fold own"``) or the completion after the last call."""
 
@@ -215,7 +222,7 @@ class Poll:
     look_now: bool
 
 
-Action = CreateDocument | Rejoin | ReturnInfo | RaiseClosed | Write | Sweep | RollBack | Poll
+Action = CreateDocument | Rejoin | ReturnInfo | RaiseClosed | RaiseMismatch | Write | Sweep | RollBack | Poll
 
 
 def create_document(view: JoinView, epoch: str) -> RendezvousState:
@@ -238,6 +245,9 @@ def decide(view: JoinView) -> Action:
 
 def _settled(view: JoinView, state: RendezvousState) -> Action | None:
     me = view.me
+    mismatch = None if state.closed else proto.config_mismatch(state.config, view.settings)
+    if mismatch is not None:
+        return RaiseMismatch(mismatch)
     if view.mine and me not in state.members() and not state.closed:
         return Rejoin()
     if view.mine and state.complete and me in state.participants:

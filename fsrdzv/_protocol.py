@@ -23,14 +23,17 @@ from ._settings import Settings
 from ._state import APPLIED_HISTORY, JoinRequest, NodeInfo, RendezvousState, nonce_order
 
 __all__ = [
+    "SHARED_SETTINGS",
     "close",
     "complete_round",
+    "config_mismatch",
     "fold_requests",
     "mark_complete",
     "new_state",
     "pending",
     "remove_nodes",
     "restart",
+    "run_config",
 ]
 
 
@@ -149,12 +152,12 @@ def _drop(state: RendezvousState, node_id: str) -> RendezvousState:
     )
 
 
-def _trim_applied(state: RendezvousState) -> RendezvousState:
+def _trim_applied(state: RendezvousState, history: int = APPLIED_HISTORY) -> RendezvousState:
     members = state.members()
     gone = [k for k in state.applied if k not in members]
-    if len(gone) <= APPLIED_HISTORY:
+    if len(gone) <= history:
         return state
-    drop = set(gone[: len(gone) - APPLIED_HISTORY])
+    drop = set(gone[: len(gone) - history])
     return state.evolve(applied={k: v for k, v in state.applied.items() if k not in drop})
 
 
@@ -214,7 +217,9 @@ def fold_requests(state: RendezvousState, requests: Iterable[JoinRequest], setti
         applied.pop(node_id, None)  # re-insert so that the dict keeps application order (oldest first)
         applied[node_id] = request.nonce
     state = _settle(state, settings, generation)
-    return _trim_applied(state.evolve(applied=applied, generation=generation))
+    if state.config is None:
+        state = state.evolve(config=run_config(settings))
+    return _trim_applied(state.evolve(applied=applied, generation=generation), settings.applied_history)
 
 
 def remove_nodes(state: RendezvousState, node_ids: Iterable[str], settings: Settings) -> RendezvousState:
@@ -229,7 +234,41 @@ def remove_nodes(state: RendezvousState, node_ids: Iterable[str], settings: Sett
         state = _drop(state, node_id)
     if lost_participant:
         state = _after_participant_loss(state, settings, generation)
-    return _trim_applied(state.evolve(generation=generation))
+    return _trim_applied(state.evolve(generation=generation), settings.applied_history)
+
+
+def run_config(settings: Settings) -> dict[str, object]:
+    """What the document records of the run's settings (see ``RendezvousState.config``)."""
+    config: dict[str, object] = {
+        "min_nodes": settings.min_nodes,
+        "max_nodes": settings.max_nodes,
+        # Milliseconds: the document holds no floats (no value that looks like a time stamp).
+        "last_call_ms": round(settings.last_call_timeout * 1000),
+        "join_ms": round(settings.join_timeout * 1000),
+        "keep_alive_ms": round(settings.keep_alive_interval * 1000),
+        "keep_alive_max_attempt": settings.keep_alive_max_attempt,
+    }
+    if settings.expected_nodes:
+        config["expected_nodes"] = list(settings.expected_nodes)
+    return config
+
+
+#: The settings every node of a run must share: a difference fails the newcomer at once.
+SHARED_SETTINGS = {"min_nodes": "min_nodes", "max_nodes": "max_nodes", "last_call_ms": "last_call_timeout"}
+
+
+def config_mismatch(config: object, settings: Settings) -> str | None:
+    """``"min_nodes: this node 3, the run 2"`` for the first shared setting that differs, else None."""
+    if not isinstance(config, dict):
+        return None
+    mine = run_config(settings)
+    for key, name in SHARED_SETTINGS.items():
+        theirs, ours = config.get(key), mine[key]
+        if isinstance(theirs, int) and isinstance(ours, int) and theirs != ours:
+            if key.endswith("_ms"):
+                return f"{name}={ours / 1000:g}s on this node, {name}={theirs / 1000:g}s in the run"
+            return f"{name}={ours} on this node, {name}={theirs} in the run"
+    return None
 
 
 def close(state: RendezvousState) -> RendezvousState:

@@ -123,6 +123,12 @@ def _validated(values: Mapping[str, object], source: str) -> dict[str, Any]:
         )
     for name in SECONDS_KEYS:
         out[name] = parse_seconds(name, values[name], source=source)
+    expected = values.get("expected_nodes", ())
+    names = expected.split(",") if isinstance(expected, str) else expected
+    if not isinstance(names, (list, tuple)) or not all(isinstance(n, str) for n in names):
+        raise _invalid("expected_nodes", expected, "must be a list of host names", "host names", source)
+    out["expected_nodes"] = tuple(n.strip() for n in names if n.strip())
+    out["applied_history"] = parse_count("applied_history", values.get("applied_history", 1024), source=source)
     return out
 
 
@@ -160,6 +166,11 @@ class Settings:
     heartbeat_timeout: float = 5.0
     keep_alive_interval: float = 5.0
     keep_alive_max_attempt: int = 3
+    #: The host names the job expects (Slurm's node list, ``expected_nodes=``): named when they are missing.
+    expected_nodes: tuple[str, ...] = ()
+    #: How many departed nodes' last folded requests the document remembers (``_state.APPLIED_HISTORY``); a
+    #: parameter so that tests can pass the history limit with few nodes.
+    applied_history: int = 1024
 
     def __post_init__(self) -> None:
         values = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}

@@ -99,6 +99,9 @@ class RendezvousState:
     roster: tuple[str, ...] = ()
     #: node id -> nonce of its last folded join request (idempotent folding).
     applied: Mapping[str, str] = field(default_factory=dict)
+    #: The run's settings as its first writer had them (node range, last call, timeouts; the expected roster):
+    #: a node with another node range or last call fails at once. None: written by an fsrdzv without it.
+    config: Mapping[str, Any] | None = None
 
     def members(self) -> set[str]:
         return set(self.participants) | set(self.wait_list) | set(self.redundancy_list)
@@ -147,7 +150,7 @@ def _node_from_json(value: object, where: str) -> NodeInfo:
 
 
 def encode_state(state: RendezvousState) -> bytes:
-    doc = {
+    doc: dict[str, Any] = {
         "schema": SCHEMA_VERSION,
         "kind": _KIND,
         "run_id": state.run_id,
@@ -166,6 +169,8 @@ def encode_state(state: RendezvousState) -> bytes:
         # Application order, oldest first (not sorted): trimming the history drops the oldest entries.
         "applied": dict(state.applied),
     }
+    if state.config is not None:
+        doc["config"] = dict(state.config)  # schema 1 readers ignore fields they do not know
     return json.dumps(doc, separators=(",", ":")).encode()
 
 
@@ -219,6 +224,9 @@ def decode_state(data: bytes, where: str) -> RendezvousState:
         master_json = _expect(doc, "master", dict, where, optional=True)
         last_call = _expect(doc, "last_call", int, where, optional=True)
         roster = _expect(doc, "roster", list, where)
+        config = doc.get("config")
+        if config is not None and not isinstance(config, dict):
+            raise StateCorruptError(f"{where}: field 'config' has the wrong type ({type(config).__name__})")
         _check_entries(where, roster, participants, [*wait_list, *redundancy], applied)
         master = None
         if master_json is not None:
@@ -242,6 +250,7 @@ def decode_state(data: bytes, where: str) -> RendezvousState:
             master=master,
             roster=tuple(roster),
             applied=dict(applied),
+            config=config,
         )
     except StateCorruptError as exc:
         raise StateCorruptError(f"{exc}; {hint}") from None

@@ -309,7 +309,13 @@ def test_clock_skew_does_not_cause_false_deaths() -> None:
     assert ranks == [0, 1, 2, 3]
     # A fifth node with a skewed clock waits as a late joiner for several liveness timeouts: nobody dies.
     late = fsrdzv.create_handler(
-        endpoint, rid, 2, 4, local_addr="10.0.0.9", clock=lambda: time.monotonic() - 7200, **FAST
+        endpoint,
+        rid,
+        2,
+        4,
+        local_addr="10.0.0.9",
+        clock=lambda: time.monotonic() - 7200,
+        **{**FAST, "last_call_timeout": 1.0},  # the run's last call: a node with another one is refused
     )
     store = late.store
     deadline = time.monotonic() + 3 * FAST["keep_alive_interval"] * FAST["keep_alive_max_attempt"]

@@ -138,7 +138,7 @@ def test_last_call_uses_the_local_clock_only() -> None:
 def test_num_nodes_waiting_counts_the_wait_list_not_spares() -> None:
     ep = endpoint()
     a = handler(ep, 1, 2, addr="10.0.0.1")
-    b = handler(ep, 1, 2, addr="10.0.0.2", last_call_timeout=0.2)
+    b = handler(ep, 1, 2, addr="10.0.0.2")  # the same last call: a node with another one is refused
     a.next_rendezvous()  # round 0 completes with a alone after the last call
     assert a.num_nodes_waiting() == 0
     done: list[fsrdzv.RendezvousInfo] = []

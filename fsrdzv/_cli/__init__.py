@@ -56,7 +56,8 @@ def _setup_logging(command: str | None, debug: bool, quiet: bool) -> None:
     if command == "run":
         handler.setFormatter(logging.Formatter("%(asctime)s fsrdzv run: %(message)s", "%H:%M:%S"))
         root.setLevel(logging.WARNING)
-        logging.getLogger("fsrdzv.run").setLevel(logging.WARNING if quiet else logging.INFO)
+        for name in ("fsrdzv.run", "fsrdzv.progress"):  # what a waiting node waits for, too (--quiet: not)
+            logging.getLogger(name).setLevel(logging.WARNING if quiet else logging.INFO)
     else:
         # The inspection commands speak through their output and one-line errors; library warnings would
         # add lines that scripts do not expect.
