@@ -94,6 +94,7 @@ class Node:
                 continue
             self.events.append(event)
             self._queue.put(event)
+        self.proc.stdout.close()
         # End of output: the process exited (or closed stdout). wait_for stops waiting on it at once.
         self._queue.put({"event": _EOF})
 
@@ -101,6 +102,7 @@ class Node:
         assert self.proc.stderr is not None
         for line in self.proc.stderr:
             self.stderr.append(line)
+        self.proc.stderr.close()
 
     def wait_for(self, event: str, timeout: float = 30.0) -> dict[str, Any]:
         """Return the next event called ``event`` (earlier events of other kinds are skipped)."""

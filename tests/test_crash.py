@@ -158,6 +158,9 @@ def test_sigkill_writer_mid_cas_100_times(tmp_path: Any, caplog: pytest.LogCaptu
         if server.poll() is None:
             server.kill()
             server.wait(10)
+        server.stdin.close()
+        if server.stdout is not None:
+            server.stdout.close()
     final = store.read()
     assert final is not None
     assert int(final.data) == confirmed + own + committed_in_flight == final.generation - 1
