@@ -29,7 +29,7 @@ RESULTS = REPO / "benchmarks" / "results"
 if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
-from fsrdzv._store import CasResult, Snapshot, Store, StoreWrapper  # noqa: E402
+from fsrdzv._store import NOT_MODIFIED, CasResult, NotModified, Snapshot, Store, StoreWrapper  # noqa: E402
 
 #: Kinds of raw storage operation that read, and that write.
 READ_KINDS = ("read", "get", "list")
@@ -45,7 +45,16 @@ class CountingStore(StoreWrapper):
 
     def __init__(self, inner: Store) -> None:
         super().__init__(inner)
-        self.ops: dict[str, int] = {"read": 0, "cas": 0, "cas_lost": 0, "put": 0, "get": 0, "list": 0, "delete": 0}
+        self.ops: dict[str, int] = {
+            "read": 0,
+            "unchanged": 0,
+            "cas": 0,
+            "cas_lost": 0,
+            "put": 0,
+            "get": 0,
+            "list": 0,
+            "delete": 0,
+        }
         self.read_times: list[float] = []
         self.doc_read_times: list[float] = []
         #: Wall-clock times at which this node's compare-and-sets of the document took effect.
@@ -84,6 +93,14 @@ class CountingStore(StoreWrapper):
         self._count("read")
         with self._timed("read"):
             return self.inner.read()
+
+    def read_if_changed(self, token: object) -> Snapshot | NotModified | None:
+        self._count("read")
+        with self._timed("read"):
+            got = self.inner.read_if_changed(token)
+        if got is NOT_MODIFIED:
+            self._count("unchanged")
+        return got
 
     def compare_and_set(self, data: bytes, token: object = None) -> CasResult:
         self._count("cas")

@@ -21,6 +21,7 @@ __all__ = [
     "decode_name",
     "encode_name",
     "name_signature",
+    "oversized",
     "parse_token",
     "seal",
     "unseal",
@@ -79,17 +80,29 @@ def seal(payload: bytes, generation: int, secret: bytes | None = None) -> bytes:
     return header + b"\n" + payload
 
 
+#: Bytes an envelope adds to its payload at most (the header line): a stored object of more than limit + this is
+#: refused unread.
+ENVELOPE_SLACK: Final = 512
+_CORRUPT_HINT: Final = "inspect it with 'fsrdzv status', then replace it with 'fsrdzv reset --force' if it is garbage"
+
+
+def oversized(where: str, size: int, limit: int) -> StateCorruptError:
+    """The error for a stored object of ``size`` bytes where at most ``limit`` (+ the envelope) belong; stores
+    raise it from the size alone, before reading the object."""
+    return StateCorruptError(f"{where} is {size} bytes, over the {limit}-byte limit; {_CORRUPT_HINT}")
+
+
 def unseal(raw: bytes, where: str, secret: bytes | None = None, limit: int = MAX_DOCUMENT_BYTES) -> tuple[int, bytes]:
     """Check an envelope and return ``(generation, payload)``.
 
     :raises StateCorruptError: empty, truncated, foreign or oversized data (``where`` names the object).
     :raises TamperedError: a job secret is configured and the HMAC is missing or wrong.
     """
-    hint = "inspect it with 'fsrdzv status', then replace it with 'fsrdzv reset --force' if it is garbage"
+    hint = _CORRUPT_HINT
     if not raw:
         raise StateCorruptError(f"{where} is empty; {hint}")
-    if len(raw) > limit + 512:
-        raise StateCorruptError(f"{where} is {len(raw)} bytes, over the {limit}-byte limit; {hint}")
+    if len(raw) > limit + ENVELOPE_SLACK:
+        raise oversized(where, len(raw), limit)
     head, sep, payload = raw.partition(b"\n")
     fields = head.split(b" ")
     if not sep or fields[0] != _MAGIC:

@@ -28,7 +28,7 @@ from ._state import (
     encode_state,
     request_record_name,
 )
-from ._store import ChangeWatch, Snapshot, Store
+from ._store import NOT_MODIFIED, ChangeWatch, Snapshot, Store
 
 __all__ = [
     "COMPLETE_KIND",
@@ -135,8 +135,11 @@ class Session:
         self._watches: dict[WatchRole, ChangeWatch | None] = {}
         #: The last round seen complete (epoch, round): a won write that completes another one announces it.
         self._complete_seen: tuple[str, int] | None = None
-        #: Storage operations made through this session, by kind (benchmarks and tests read them).
-        self.ops: dict[str, int] = {"read": 0, "cas": 0, "put": 0, "list": 0, "get": 0, "delete": 0}
+        #: Storage operations made through this session, by kind (benchmarks and tests read them); ``unchanged``
+        #: counts the reads (among ``read``) that the store answered NOT_MODIFIED.
+        self.ops: dict[str, int] = {"read": 0, "cas": 0, "put": 0, "list": 0, "get": 0, "delete": 0, "unchanged": 0}
+        #: The newest document this session read or wrote, and its snapshot (the token of a conditional read).
+        self.last: tuple[RendezvousState | None, Snapshot | None] = (None, None)
 
     def where(self) -> str:
         return self.store.describe("document")
@@ -148,10 +151,31 @@ class Session:
         self.ops["read"] += 1
         snap = self.store.read()
         if snap is None:
+            self.last = (None, None)
             return None, None
         state = self._documents.decode(snap.data, self.where())
         self._saw(state)
+        self.last = (state, snap)
         return state, snap
+
+    def read_if_changed(self) -> tuple[RendezvousState | None, Snapshot | None]:
+        """The document, from a conditional read against the newest one this session saw (:attr:`last`)."""
+        known = self.last[1]
+        if known is None:
+            return self.read()
+        self._budget.take()
+        self.ops["read"] += 1
+        got = self.store.read_if_changed(known.token)
+        if got is NOT_MODIFIED:
+            self.ops["unchanged"] += 1
+            return self.last
+        if got is None:
+            self.last = (None, None)
+            return self.last
+        state = self._documents.decode(got.data, self.where())
+        self._saw(state)
+        self.last = (state, got)
+        return self.last
 
     def cas(self, new: RendezvousState, snap: Snapshot | None) -> CasOutcome:
         """Write ``new`` if the document is still ``snap`` (None: create it), announcing a completed round."""
@@ -164,6 +188,7 @@ class Session:
             # This write completed the round (its base was a document where the round was not complete).
             self.announce(state)
         self._saw(state)
+        self.last = (state, result.snapshot)
         return result.won, state, result.snapshot
 
     def reset(self, new: RendezvousState) -> Snapshot:

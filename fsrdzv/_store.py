@@ -23,6 +23,7 @@ import contextlib
 import logging
 import secrets
 from abc import ABC, abstractmethod
+from typing import Final
 
 from ._envelope import (
     MAX_DOCUMENT_BYTES,
@@ -36,13 +37,15 @@ from ._envelope import (
     validate_run_id,
 )
 from ._errors import ConfigurationError, StateCorruptError, UnsupportedStoreError
-from ._storetypes import CasResult, ChangeWatch, Snapshot, StoreCapabilities
+from ._storetypes import NOT_MODIFIED, CasResult, ChangeWatch, NotModified, Snapshot, StoreCapabilities
 
 __all__ = [
     "MAX_DOCUMENT_BYTES",
     "MAX_RECORD_BYTES",
+    "NOT_MODIFIED",
     "CasResult",
     "ChangeWatch",
+    "NotModified",
     "SealedStore",
     "Snapshot",
     "Store",
@@ -68,6 +71,8 @@ class Store(ABC):
     #: and the object stores self-test the service when they are opened. Wrappers and third-party stores are
     #: probed by :meth:`verify_conditions` before a handler trusts them.
     enforces_conditions: bool = False
+    #: The answer of :meth:`read_if_changed` for an unchanged document.
+    NOT_MODIFIED: Final = NOT_MODIFIED
 
     def __init__(self, run_id: str, location: str) -> None:
         self.run_id = validate_run_id(run_id)
@@ -81,6 +86,15 @@ class Store(ABC):
         :raises StateCorruptError: the stored object exists but is not a valid fsrdzv document.
         :raises StorageError: the storage failed.
         """
+
+    def read_if_changed(self, token: object) -> Snapshot | NotModified | None:
+        """:attr:`NOT_MODIFIED` if the document is still the one of ``token``, else what :meth:`read` returns.
+
+        Object stores ask the storage (``If-None-Match`` / ``ifGenerationNotMatch``: an unchanged document costs a
+        request without a body); this default reads the document and compares.
+        """
+        snap = self.read()
+        return NOT_MODIFIED if snap is not None and token is not None and snap.token == token else snap
 
     @abstractmethod
     def compare_and_set(self, data: bytes, token: object = None) -> CasResult:
@@ -328,6 +342,9 @@ class StoreWrapper(Store):
 
     def read(self) -> Snapshot | None:
         return self.inner.read()
+
+    def read_if_changed(self, token: object) -> Snapshot | NotModified | None:
+        return self.inner.read_if_changed(token)
 
     def compare_and_set(self, data: bytes, token: object = None) -> CasResult:
         return self.inner.compare_and_set(data, token)

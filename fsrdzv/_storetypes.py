@@ -2,10 +2,21 @@
 
 from __future__ import annotations
 
+import enum
 from dataclasses import dataclass
-from typing import Protocol
+from typing import Final, Literal, Protocol
 
-__all__ = ["CasResult", "ChangeWatch", "Snapshot", "StoreCapabilities"]
+__all__ = ["NOT_MODIFIED", "CasResult", "ChangeWatch", "NotModified", "Snapshot", "StoreCapabilities"]
+
+
+class _Answer(enum.Enum):
+    NOT_MODIFIED = "not modified"
+
+
+#: What :meth:`Store.read_if_changed` returns when the document is still the one the caller holds
+#: (also ``Store.NOT_MODIFIED``).
+NOT_MODIFIED: Final = _Answer.NOT_MODIFIED
+NotModified = Literal[_Answer.NOT_MODIFIED]
 
 
 class ChangeWatch(Protocol):
@@ -51,3 +62,6 @@ class StoreCapabilities:
     uses_lock: bool = False
     #: Whether :meth:`Store.change_watch` may return a watch (else callers only poll).
     watch: bool = False
+    #: Whether :meth:`Store.read_if_changed` asks the storage itself (a 304 answer carries no body) instead of
+    #: reading the document and comparing.
+    conditional_read: bool = False

@@ -204,7 +204,7 @@ def test_selftest_runs_once_per_endpoint_and_leaves_nothing(
     # The probe is gone, and it never counts as a run.
     a.compare_and_set(b"x")
     assert fsrdzv.list_runs(object_endpoint.url, storage_options=object_endpoint.storage_options) == ["run-a"]
-    assert a._get(created[0], "check") is None  # type: ignore[attr-defined]
+    assert a._get(created[0], "check", "the probe", 1024) is None  # type: ignore[attr-defined]
 
 
 def test_selftest_cache_is_per_endpoint(s3_endpoint: Endpoint, monkeypatch: pytest.MonkeyPatch) -> None:

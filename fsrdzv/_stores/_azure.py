@@ -53,6 +53,8 @@ _KNOWN_OPTIONS: Final = frozenset(
         "skip_selftest",
     }
 )
+#: Bytes the first request of a download fetches (documents are smaller; the SDK default is 32 MiB).
+FIRST_GET_BYTES: Final = 4 * 1024 * 1024
 #: Blobs per batch delete request (the service maximum).
 _DELETE_BATCH: Final = 256
 _CONDITIONS: Final = "If-None-Match/If-Match"
@@ -142,6 +144,8 @@ def _service_client(options: dict[str, Any], url_account: str | None) -> tuple[A
             retry_total=3,
         )
     client_kwargs.setdefault("connection_timeout", 10)
+    # A download's first request fetches at most this much: the size of an oversized blob is known before more.
+    client_kwargs.setdefault("max_single_get_size", FIRST_GET_BYTES)
     connection_string = options.get("connection_string")
     account_name = options.get("account_name")
     account_url = options.get("account_url") or url_account
@@ -209,7 +213,7 @@ class AzureStore(ObjectStore):
         if isinstance(exc, az_exc.HttpResponseError) and exc.status_code:
             status, code = int(exc.status_code), _error_code(exc)
             answer = _Answer(status, code)
-            if answer.lost:
+            if answer.lost or answer.not_modified:
                 return answer
             # The message repeats request ids and the code on further lines; the first line says it all.
             reason = one_line(next(iter(str(exc.message or exc.reason or "").splitlines()), ""))
@@ -240,11 +244,16 @@ class AzureStore(ObjectStore):
 
     # -- raw requests (see ObjectStore) ----------------------------------------------------------------------
 
-    def _sdk_get(self, key: str) -> tuple[bytes, str]:
-        # One GET: the downloader carries the ETag of exactly the bytes it returns.
-        downloader = self._container.get_blob_client(key).download_blob()
-        data: bytes = downloader.readall()
-        return data, str(downloader.properties.etag).strip('"')
+    def _sdk_get(self, key: str, limit: int, unless: str | None) -> tuple[bytes, str, int]:
+        # One GET (of at most the client's first chunk): the downloader carries the blob's size and the ETag of
+        # exactly the bytes it returns; an oversized blob is refused before the rest is fetched.
+        condition: dict[str, Any] = {}
+        if unless is not None:
+            condition = {"etag": f'"{unless}"', "match_condition": MatchConditions.IfModified}
+        downloader = self._container.get_blob_client(key).download_blob(**condition)
+        size = int(downloader.size)
+        data: bytes = b"" if size > limit else downloader.readall()
+        return data, str(downloader.properties.etag).strip('"'), size
 
     def _sdk_put(self, key: str, data: bytes, *, create: bool, match: str | None) -> str:
         kwargs: dict[str, Any] = {"overwrite": not create}

@@ -30,11 +30,21 @@ from typing import Final
 
 import filelock
 
+from .._envelope import ENVELOPE_SLACK, decode_name, oversized, parse_token
 from .._errors import ConfigurationError, StorageError
 from .._settings import parse_bool, parse_seconds
-from .._store import MAX_RECORD_BYTES, ChangeWatch, SealedStore, StoreCapabilities
+from .._store import (
+    MAX_DOCUMENT_BYTES,
+    MAX_RECORD_BYTES,
+    NOT_MODIFIED,
+    ChangeWatch,
+    NotModified,
+    SealedStore,
+    Snapshot,
+    StoreCapabilities,
+)
 from ._fileio import map_os_error, newest_mtime, not_hidden, read_file, version_of
-from ._filelog import KEEP_LOG_ENTRIES, CommitLog
+from ._filelog import KEEP_LOG_ENTRIES, CommitLog, Current
 from ._keys import check_kind
 from ._notify import watch_directories
 
@@ -97,6 +107,8 @@ class FileStore(SealedStore):
         self._lock: filelock.BaseFileLock | None = None
         self._lock_warned = False
         self._dirs_ready = False
+        #: Record kinds whose directory this store made (or found) already.
+        self._kinds: set[str] = set()
 
     # -- helpers ---------------------------------------------------------------------------------------------
 
@@ -116,22 +128,14 @@ class FileStore(SealedStore):
                         f"endpoint {self.root} does not exist and neither does its parent {parent}; "
                         "is the shared file system mounted on this node? (fsrdzv creates only the last level)",
                     )
-                self._mkdir(self.root)
+                _make_dir(self.root, self.dir_mode)
             for d in (self.dir, self.log_dir, self.records_dir):
-                self._mkdir(d)
+                _make_dir(d, self.dir_mode)
         except StorageError:
             raise
         except OSError as exc:
             raise map_os_error(exc, f"creating the run directory {self.dir}") from exc
         self._dirs_ready = True
-
-    def _mkdir(self, path: str) -> None:
-        try:
-            os.mkdir(path, self.dir_mode)
-        except FileExistsError:
-            return
-        # mkdir's mode is filtered by the umask; 'group' must really give the group access.
-        os.chmod(path, self.dir_mode)
 
     @contextlib.contextmanager
     def _locked(self) -> Iterator[None]:
@@ -158,18 +162,30 @@ class FileStore(SealedStore):
     # -- document --------------------------------------------------------------------------------------------
 
     def _read_raw(self) -> tuple[bytes, str] | None:
+        current = self._current()
+        return None if current is None else (current[0], current[1])
+
+    def _current(self) -> Current | None:
         try:
             current = self._log.read_current(verify=False)  # Store.read unseals it: that checks the checksum
         except OSError as exc:
             raise map_os_error(exc, f"reading {self.state_path}") from exc
-        return None if current is None else (current[0], current[1])
+        if current is not None and len(current[0]) > MAX_DOCUMENT_BYTES + ENVELOPE_SLACK:
+            raise oversized(self.describe("document"), _size(self.state_path, current[0]), MAX_DOCUMENT_BYTES)
+        return current
+
+    def read_if_changed(self, token: object) -> Snapshot | NotModified | None:
+        # One read of ``state`` (no stat: close-to-open on NFS); an unchanged header needs no hash of the body.
+        current = self._current()
+        if current is None:
+            return None
+        expected = parse_token(token)
+        if expected is not None and current[2] == expected[0] and current[1] == expected[1]:
+            return NOT_MODIFIED
+        return self._snapshot(current[0], current[1])
 
     def highest_generation(self) -> int:
-        # Every generation ever committed left log/<generation> (old ones truncated, never deleted).
-        try:
-            return max((int(n) for n in os.listdir(self.log_dir) if n.isdigit()), default=0)
-        except OSError:
-            return 0
+        return self._log.highest_generation()
 
     def _commit(self, raw: bytes, generation: int, expected: tuple[int, str] | None) -> str | None:
         self._ensure_dirs()
@@ -184,22 +200,38 @@ class FileStore(SealedStore):
         return os.path.join(self.records_dir, check_kind(kind))
 
     def _put_record(self, kind: str, name: str, raw: bytes) -> None:
-        self._ensure_dirs()
         directory = self._kind_dir(kind)
         try:
-            self._mkdir(directory)
-            tmp = self._log.write_temp(directory, raw, False)
+            try:
+                # The kind's directory is made once per store, not at every heartbeat (a failed mkdir each time).
+                tmp = self._log.write_temp(self._ready_kind(kind, directory), raw, False)
+            except FileNotFoundError:
+                self._kinds.clear()  # the run was deleted meanwhile (gc, reset): make its directories again
+                self._dirs_ready = False
+                tmp = self._log.write_temp(self._ready_kind(kind, directory), raw, False)
             os.replace(tmp, os.path.join(directory, name))
         except OSError as exc:
             raise map_os_error(exc, f"writing record {kind}/{name} in {self.dir}") from exc
 
+    def _ready_kind(self, kind: str, directory: str) -> str:
+        self._ensure_dirs()
+        if kind not in self._kinds:
+            _make_dir(directory, self.dir_mode)
+            self._kinds.add(kind)
+        return directory
+
     def _read_record(self, kind: str, name: str) -> bytes | None:
+        path = os.path.join(self._kind_dir(kind), name)
         try:
-            return read_file(os.path.join(self._kind_dir(kind), name), MAX_RECORD_BYTES)
+            raw = read_file(path, MAX_RECORD_BYTES)
         except (FileNotFoundError, NotADirectoryError):
             return None
         except OSError as exc:
             raise map_os_error(exc, f"reading record {kind}/{name} in {self.dir}") from exc
+        if len(raw) > MAX_RECORD_BYTES + ENVELOPE_SLACK:
+            where = self.describe(f"record {kind}/{decode_name(name)}")
+            raise oversized(where, _size(path, raw), MAX_RECORD_BYTES)
+        return raw
 
     def _list_records(self, kind: str) -> dict[str, str]:
         directory = self._kind_dir(kind)
@@ -236,6 +268,7 @@ class FileStore(SealedStore):
         except OSError as exc:
             raise map_os_error(exc, f"deleting {self.dir}") from exc
         self._dirs_ready = False
+        self._kinds.clear()
 
     def change_watch(self, kinds: tuple[str, ...] = (), document: bool = True) -> ChangeWatch | None:
         # Every commit creates log/<generation> (link(2)): watching that directory wakes waiters on this host.
@@ -245,7 +278,7 @@ class FileStore(SealedStore):
             paths: list[tuple[str, Callable[[bytes], bool]]] = [(self.log_dir, bytes.isdigit)] if document else []
             for kind in kinds:
                 directory = self._kind_dir(kind)
-                self._mkdir(directory)
+                _make_dir(directory, self.dir_mode)
                 paths.append((directory, not_hidden))
         except (StorageError, OSError):
             return None
@@ -268,3 +301,20 @@ class FileStore(SealedStore):
 
     def last_modified(self) -> float | None:
         return newest_mtime(self.dir)
+
+
+def _size(path: str, raw: bytes) -> int:
+    """The size of an oversized file (read only up to the limit), for its error message."""
+    try:
+        return max(os.stat(path).st_size, len(raw))
+    except OSError:
+        return len(raw)
+
+
+def _make_dir(path: str, mode: int) -> None:
+    try:
+        os.mkdir(path, mode)
+    except FileExistsError:
+        return
+    # mkdir's mode is filtered by the umask; 'group' must really give the group access.
+    os.chmod(path, mode)

@@ -12,6 +12,7 @@ import logging
 import os
 import secrets
 import socket
+import time
 from collections.abc import Callable
 from contextlib import AbstractContextManager
 from typing import Final
@@ -27,6 +28,10 @@ KEEP_LOG_ENTRIES: Final = 64
 #: Retries for the transient errors of shared file systems (ESTALE after a rename on NFS, ENOENT races).
 _READ_RETRIES: Final = 20
 _GEN_WIDTH: Final = 20
+#: While ``state`` stays the same, a reader looks for a newer log entry than it (the commit of a writer that died
+#: before publishing ``state``, or a ``state`` moved back by an unlocked writer) at most this often (s); a lookup
+#: that finds nothing is a failed syscall (an RPC on NFS), so it is not made on every read of a steady document.
+PROBE_PERIOD: Final = 10.0
 
 #: The newest document as ``(raw, version, generation)``; generation None: damaged or foreign.
 Current = tuple[bytes, str, "int | None"]
@@ -42,6 +47,11 @@ class CommitLog:
         self.file_mode = file_mode
         self.fsync = fsync
         self._host = socket.gethostname().replace(os.sep, "_")
+        #: The highest generation this process saw in the log (entries up to it exist: reading them never fails).
+        self._known = 0
+        #: The header of ``state`` at the previous read, and when a reader last looked past the known entries.
+        self._state_head: bytes | None = None
+        self._probed_at = -float("inf")
 
     def entry_path(self, generation: int) -> str:
         return os.path.join(self.log_dir, f"{generation:0{_GEN_WIDTH}d}")
@@ -67,12 +77,14 @@ class CommitLog:
 
     # -- reading -------------------------------------------------------------------------------------------
 
-    def read_current(self, verify: bool) -> Current | None:
+    def read_current(self, verify: bool, probe: bool = False) -> Current | None:
         """The newest document as ``(raw, version, generation)``; generation None: damaged or foreign.
 
         With ``verify`` the returned document's checksum was checked here. Without it, a ``state`` that is the
         newest generation is returned unchecked, for the caller's ``unseal`` (one hash per read, not two); every
-        log entry read and any ``state`` rolled forward from are still checked here, as before.
+        log entry read and any ``state`` rolled forward from are still checked here, as before. ``probe``: look
+        for a log entry newer than every one known now (writers do); readers do so when ``state`` changed, and
+        otherwise once per PROBE_PERIOD.
         """
         for _ in range(_READ_RETRIES):
             try:
@@ -87,7 +99,8 @@ class CommitLog:
                 if parsed is None:
                     # Not ours or damaged: report it as it is (the base class raises StateCorruptError).
                     return raw, version_of(raw), None
-            rolled = self._roll_forward(raw, parsed, verify)
+            look = probe or self._probe_due(raw)
+            rolled = self._roll_forward(raw, parsed, verify, look)
             if rolled is None:
                 # A pruned (truncated) entry: ``state`` is far behind; fall back to the newest entry.
                 found = self._newest_entry()
@@ -102,16 +115,30 @@ class CommitLog:
             return latest, parsed[1], parsed[0]
         return None
 
+    def _probe_due(self, raw: bytes | None) -> bool:
+        head = None if raw is None else raw[: raw.find(b"\n")]
+        now = time.monotonic()
+        if head != self._state_head or now - self._probed_at >= PROBE_PERIOD:
+            self._state_head = head
+            return True
+        return False
+
     def _roll_forward(
-        self, raw: bytes | None, parsed: tuple[int, str] | None, checked: bool
+        self, raw: bytes | None, parsed: tuple[int, str] | None, checked: bool, probe: bool
     ) -> tuple[bytes | None, tuple[int, str] | None, bool] | None:
         """Follow ``log/<gen+1>`` ... from ``state``: ``(newest raw, its envelope, state damaged)``, or None at a
-        pruned entry."""
+        pruned entry. Without ``probe`` it stops at the newest entry known to exist."""
         latest, generation = raw, 0 if parsed is None else parsed[0]
+        self._known = max(self._known, generation)
         while True:
+            if generation >= self._known:
+                if not probe:
+                    return latest, parsed, False
+                self._probed_at = time.monotonic()
             try:
                 nxt = read_file(self.entry_path(generation + 1))
             except (FileNotFoundError, NotADirectoryError):
+                self._known = generation  # (lower only when the run was deleted and begun again)
                 return latest, parsed, False
             if raw is not None and not checked:
                 # Rolling forward: check ``state`` as a verified read would have (a damaged one is reported).
@@ -122,6 +149,7 @@ class CommitLog:
             if entry is None:
                 return None
             latest, parsed, generation = nxt, entry, generation + 1
+            self._known = max(self._known, generation)
 
     def _newest_entry(self) -> tuple[bytes, tuple[int, str]] | None:
         try:
@@ -138,6 +166,13 @@ class CommitLog:
                 return raw, parsed
         return None
 
+    def highest_generation(self) -> int:
+        # Every generation ever committed left log/<generation> (old ones truncated, never deleted).
+        try:
+            return max((int(n) for n in os.listdir(self.log_dir) if n.isdigit()), default=0)
+        except OSError:
+            return 0
+
     # -- writing -------------------------------------------------------------------------------------------
 
     def commit(
@@ -153,7 +188,7 @@ class CommitLog:
         propagate for the store to translate.
         """
         with locked():
-            current = self.read_current(verify=True)
+            current = self.read_current(verify=True, probe=True)
             if expected is None:
                 if current is not None:
                     return None
@@ -164,9 +199,11 @@ class CommitLog:
                 # The commit point: exclusive across processes and NFS clients, lock or no lock.
                 os.link(entry, self.entry_path(generation))
             except FileExistsError:
+                self._known = max(self._known, generation)  # the next read rolls forward to it
                 return None
             finally:
                 os.unlink(entry)
+            self._known = max(self._known, generation)
             # Committed. Publishing ``state`` is only a shortcut for readers (they roll forward through the
             # log), so a failure from here on must not turn a win into an error.
             try:

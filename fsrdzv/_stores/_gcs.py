@@ -46,6 +46,8 @@ _KNOWN_OPTIONS: Final = frozenset(
 )
 #: Default seconds of retries of transient failures per operation (the library default is 120).
 DEFAULT_RETRY_TIMEOUT: Final = 10.0
+#: Bytes the first request of a download fetches (documents are smaller).
+FIRST_GET_BYTES: Final = 4 * 1024 * 1024
 #: Default seconds per HTTP request.
 DEFAULT_TIMEOUT: Final = 60.0
 _SCOPES: Final = ["https://www.googleapis.com/auth/devstorage.read_write"]
@@ -164,7 +166,7 @@ class GcsStore(ObjectStore):
         if isinstance(exc, api_exc.GoogleAPICallError) and exc.code:
             status = int(exc.code)
             message = _short_message(exc)
-            if status in (404, 412):
+            if status in (304, 404, 412):
                 return _Answer(status, message=message)
             number, hint = _STATUS_HINTS.get(status, (errno.EIO, "check the endpoint and the bucket"))
             return StorageError(number, f"{prefix}: HTTP {status}: {message}; {hint}")
@@ -200,20 +202,34 @@ class GcsStore(ObjectStore):
     def _could_match(self, version: str) -> bool:
         return version.isascii() and version.isdigit() and int(version) != 0  # a GCS generation
 
-    def _sdk_get(self, key: str) -> tuple[bytes, str]:
+    def _sdk_get(self, key: str, limit: int, unless: str | None) -> tuple[bytes, str, int]:
         blob = self._bucket.blob(key)
-        data: bytes = blob.download_as_bytes(retry=self._retry, timeout=self._timeout)
-        if blob.generation is None:
-            # No x-goog-generation header (a proxy stripped it): fetch the generation, then download exactly
-            # that generation, so that data and version always belong together.
+        unchanged = None if unless is None else int(unless)
+        # The first request fetches at most FIRST_GET_BYTES (documents are smaller); only a larger object costs
+        # a metadata request (its size: an oversized one is refused unread) and then the rest of that generation.
+        data = self._download(blob, 0, FIRST_GET_BYTES - 1, if_generation_not_match=unchanged)
+        if blob.generation is None or len(data) >= FIRST_GET_BYTES:
+            # Larger, or no x-goog-generation header (a proxy stripped it): fetch the metadata, then download
+            # exactly that generation, so that data and version always belong together.
             blob.reload(retry=self._retry, timeout=self._timeout)
+            size = int(blob.size or 0)
+            if size > limit:
+                return b"", str(blob.generation), size
             try:
-                data = blob.download_as_bytes(
-                    if_generation_match=blob.generation, retry=self._retry, timeout=self._timeout
-                )
+                data = self._download(blob, 0, None, if_generation_match=blob.generation)
             except api_exc.PreconditionFailed:
-                return self._sdk_get(key)  # the object changed between the two requests: read again
-        return data, str(blob.generation)
+                return self._sdk_get(key, limit, unless)  # the object changed between the two requests
+        return data, str(blob.generation), len(data)
+
+    def _download(self, blob: Any, start: int, end: int | None, **conditions: Any) -> bytes:
+        try:
+            data: bytes = blob.download_as_bytes(
+                start=start, end=end, retry=self._retry, timeout=self._timeout, checksum=None, **conditions
+            )
+        except api_exc.RequestRangeNotSatisfiable:
+            # An empty object has no byte 0 (416): its whole body is nothing.
+            data = blob.download_as_bytes(retry=self._retry, timeout=self._timeout, checksum=None, **conditions)
+        return data
 
     def _sdk_put(self, key: str, data: bytes, *, create: bool, match: str | None) -> str:
         blob = self._bucket.blob(key)

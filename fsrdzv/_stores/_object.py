@@ -3,7 +3,8 @@
 :class:`ObjectStore` implements the :class:`~fsrdzv._store.Store` contract once, in terms of a few raw requests
 that each store module provides in its SDK's own terms:
 
-* ``_sdk_get(key)`` -> ``(body, version)``, ``_sdk_put(key, data, create=..., match=...)`` -> new version,
+* ``_sdk_get(key, limit, unless)`` -> ``(body, version, size)`` (no body when ``size`` is over ``limit``; a
+  ``304`` answer when the version is still ``unless``), ``_sdk_put(key, data, create=..., match=...)`` -> new version,
   ``_sdk_list(prefix, delimiter)`` -> ``({key: version}, [sub-prefixes])`` (all pages), ``_sdk_delete(key)``;
 * ``_delete_many(keys)`` (batches, or a few threads) and ``_exist(keys)`` (for :meth:`ObjectStore.list_runs`);
 * ``_translate(exc, what)``: the store's error mapping. It returns an :class:`ExpectedAnswerError` for the
@@ -29,12 +30,22 @@ from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any, ClassVar, TypeVar
 
+from .._envelope import ENVELOPE_SLACK, decode_name, oversized, parse_token
 from .._errors import ConfigurationError, RendezvousError, StorageError
-from .._store import SealedStore, validate_run_id
+from .._store import (
+    MAX_DOCUMENT_BYTES,
+    MAX_RECORD_BYTES,
+    NOT_MODIFIED,
+    NotModified,
+    SealedStore,
+    Snapshot,
+    validate_run_id,
+)
+from .._storetypes import StoreCapabilities
 from ._keys import check_kind, join_key, split_rest
 from ._selftest import PROBE_DIR, verify_conditional_writes
 
-__all__ = ["ExpectedAnswerError", "ObjectStore", "batches", "check_options", "in_threads"]
+__all__ = ["ExpectedAnswerError", "ObjectRequests", "ObjectStore", "batches", "check_options", "in_threads"]
 
 _T = TypeVar("_T")
 _I = TypeVar("_I")
@@ -69,6 +80,11 @@ class ExpectedAnswerError(Exception):
         return False
 
     @property
+    def not_modified(self) -> bool:
+        """A conditional read found the object unchanged (304: no body)."""
+        return self.status == 304
+
+    @property
     def summary(self) -> str:
         """The answer in an error message: ``412 ConditionNotMet``."""
         return f"{self.status} {self.code}"
@@ -93,7 +109,116 @@ def in_threads(fn: Callable[[_I], _T], items: list[_I]) -> list[_T]:
         return list(pool.map(fn, items))
 
 
-class ObjectStore(SealedStore):
+class ObjectRequests:
+    """The raw requests a store module provides in its SDK's terms, and the requests built on them: the one
+    boundary where foreign exceptions are translated."""
+
+    service: ClassVar[str]
+
+    @property
+    @abstractmethod
+    def where(self) -> str:
+        """The location and the endpoint or account it is on, for messages."""
+
+    # -- what a store provides -------------------------------------------------------------------------------
+
+    @abstractmethod
+    def _translate(self, exc: Exception, what: str) -> Exception:
+        """The exception to raise for a foreign one: an :class:`ExpectedAnswerError` or a :class:`RendezvousError`."""
+
+    @abstractmethod
+    def _sdk_get(self, key: str, limit: int, unless: str | None) -> tuple[bytes, str, int]:
+        """Download ``key``: its body, the version of exactly that body, and its size. An object of more than
+        ``limit`` bytes is not downloaded (empty body, its size). With ``unless``, the storage answers 304 (an
+        ExpectedAnswerError that is ``not_modified``) when the version is still ``unless``."""
+
+    @abstractmethod
+    def _sdk_put(self, key: str, data: bytes, *, create: bool, match: str | None) -> str:
+        """Upload ``data`` to ``key``: only if absent (``create``), only if its version is ``match``, or
+        unconditionally (neither). Return the new version."""
+
+    @abstractmethod
+    def _sdk_list(self, prefix: str, delimiter: str) -> tuple[dict[str, str], list[str]]:
+        """Every key under ``prefix`` with its version (all pages), and with a delimiter the sub-prefixes."""
+
+    @abstractmethod
+    def _sdk_delete(self, key: str) -> None:
+        """Delete ``key``."""
+
+    @abstractmethod
+    def _delete_many(self, keys: list[str]) -> None:
+        """Delete every key of ``keys`` (in batches where the service has them); missing keys are fine."""
+
+    @abstractmethod
+    def _sdk_modified(self, prefix: str) -> list[float]:
+        """Modification times (epoch seconds) of every object under ``prefix``."""
+
+    @abstractmethod
+    def _exist(self, keys: list[str]) -> list[bool]:
+        """Whether each key exists (translated: call through :meth:`_call`)."""
+
+    # -- the boundary ----------------------------------------------------------------------------------------
+
+    def _call(self, what: str, op: Callable[[], _T]) -> _T:
+        """Run one request; translate every foreign exception (the one place the object stores do so)."""
+        try:
+            return op()
+        except RendezvousError:
+            raise
+        except Exception as exc:  # noqa: BLE001 - the boundary: everything foreign is translated here
+            raise self._translate(exc, what) from None
+
+    def _unexpected(self, answer: ExpectedAnswerError, what: str) -> StorageError:
+        """An :class:`ExpectedAnswerError` that the request at hand does not expect."""
+        return StorageError(
+            errno.EIO, f"{self.service} {what} at {self.where} failed: unexpected HTTP {answer.summary}"
+        )
+
+    # -- requests --------------------------------------------------------------------------------------------
+
+    def _get(
+        self, key: str, what: str, where: str, limit: int, unless: str | None = None
+    ) -> tuple[bytes, str] | NotModified | None:
+        """Body and version of ``key``; None when it does not exist; NOT_MODIFIED when its version is ``unless``.
+
+        :raises StateCorruptError: the object is larger than ``limit`` allows (``where`` names it); it is not read.
+        """
+        try:
+            body, version, size = self._call(what, lambda: self._sdk_get(key, limit + ENVELOPE_SLACK, unless))
+        except ExpectedAnswerError as answer:
+            if answer.missing:
+                return None
+            if answer.not_modified and unless is not None:
+                return NOT_MODIFIED
+            raise self._unexpected(answer, what) from None
+        if size > limit + ENVELOPE_SLACK:
+            raise oversized(where, size, limit)
+        return body, version
+
+    def _put(self, key: str, data: bytes, what: str, *, create: bool = False, match: str | None = None) -> str | None:
+        """Write ``data`` (see :meth:`_sdk_put`); return the new version, or None when a condition did not hold."""
+        try:
+            return self._call(what, lambda: self._sdk_put(key, data, create=create, match=match))
+        except ExpectedAnswerError as answer:
+            if answer.lost and (create or match is not None):
+                return None
+            raise self._unexpected(answer, what) from None
+
+    def _delete(self, key: str, what: str) -> None:
+        try:
+            self._call(what, lambda: self._sdk_delete(key))
+        except ExpectedAnswerError as answer:
+            if not answer.nothing_to_delete:
+                raise self._unexpected(answer, what) from None
+
+    def _list(self, prefix: str, what: str, delimiter: str = "") -> tuple[dict[str, str], list[str]]:
+        try:
+            return self._call(what, lambda: self._sdk_list(prefix, delimiter))
+        except ExpectedAnswerError as answer:
+            raise self._unexpected(answer, what) from None
+
+
+class ObjectStore(SealedStore, ObjectRequests):
     """A run's document and records as objects under ``<prefix>/<run_id>/`` of a bucket or container."""
 
     enforces_conditions = True  # checked against the service by the self-test at open
@@ -142,96 +267,6 @@ class ObjectStore(SealedStore):
     def _connect(self, bucket: str, options: dict[str, Any]) -> str | None:
         """Set up the client for ``bucket``; return the endpoint it talks to (the self-test's cache key)."""
 
-    @property
-    @abstractmethod
-    def where(self) -> str:
-        """The location and the endpoint or account it is on, for messages."""
-
-    # -- what a store provides -------------------------------------------------------------------------------
-
-    @abstractmethod
-    def _translate(self, exc: Exception, what: str) -> Exception:
-        """The exception to raise for a foreign one: an :class:`ExpectedAnswerError` or a :class:`RendezvousError`."""
-
-    @abstractmethod
-    def _sdk_get(self, key: str) -> tuple[bytes, str]:
-        """Download ``key``: its body and the version of exactly that body."""
-
-    @abstractmethod
-    def _sdk_put(self, key: str, data: bytes, *, create: bool, match: str | None) -> str:
-        """Upload ``data`` to ``key``: only if absent (``create``), only if its version is ``match``, or
-        unconditionally (neither). Return the new version."""
-
-    @abstractmethod
-    def _sdk_list(self, prefix: str, delimiter: str) -> tuple[dict[str, str], list[str]]:
-        """Every key under ``prefix`` with its version (all pages), and with a delimiter the sub-prefixes."""
-
-    @abstractmethod
-    def _sdk_delete(self, key: str) -> None:
-        """Delete ``key``."""
-
-    @abstractmethod
-    def _delete_many(self, keys: list[str]) -> None:
-        """Delete every key of ``keys`` (in batches where the service has them); missing keys are fine."""
-
-    @abstractmethod
-    def _sdk_modified(self, prefix: str) -> list[float]:
-        """Modification times (epoch seconds) of every object under ``prefix``."""
-
-    @abstractmethod
-    def _exist(self, keys: list[str]) -> list[bool]:
-        """Whether each key exists (translated: call through :meth:`_call`)."""
-
-    # -- the boundary ----------------------------------------------------------------------------------------
-
-    def _call(self, what: str, op: Callable[[], _T]) -> _T:
-        """Run one request; translate every foreign exception (the one place the object stores do so)."""
-        try:
-            return op()
-        except RendezvousError:
-            raise
-        except Exception as exc:  # noqa: BLE001 - the boundary: everything foreign is translated here
-            raise self._translate(exc, what) from None
-
-    def _unexpected(self, answer: ExpectedAnswerError, what: str) -> StorageError:
-        """An :class:`ExpectedAnswerError` that the request at hand does not expect."""
-        return StorageError(
-            errno.EIO, f"{self.service} {what} at {self.where} failed: unexpected HTTP {answer.summary}"
-        )
-
-    # -- requests --------------------------------------------------------------------------------------------
-
-    def _get(self, key: str, what: str) -> tuple[bytes, str] | None:
-        """Body and version of ``key``, or None when it does not exist."""
-        try:
-            return self._call(what, lambda: self._sdk_get(key))
-        except ExpectedAnswerError as answer:
-            if answer.missing:
-                return None
-            raise self._unexpected(answer, what) from None
-
-    def _put(self, key: str, data: bytes, what: str, *, create: bool = False, match: str | None = None) -> str | None:
-        """Write ``data`` (see :meth:`_sdk_put`); return the new version, or None when a condition did not hold."""
-        try:
-            return self._call(what, lambda: self._sdk_put(key, data, create=create, match=match))
-        except ExpectedAnswerError as answer:
-            if answer.lost and (create or match is not None):
-                return None
-            raise self._unexpected(answer, what) from None
-
-    def _delete(self, key: str, what: str) -> None:
-        try:
-            self._call(what, lambda: self._sdk_delete(key))
-        except ExpectedAnswerError as answer:
-            if not answer.nothing_to_delete:
-                raise self._unexpected(answer, what) from None
-
-    def _list(self, prefix: str, what: str, delimiter: str = "") -> tuple[dict[str, str], list[str]]:
-        try:
-            return self._call(what, lambda: self._sdk_list(prefix, delimiter))
-        except ExpectedAnswerError as answer:
-            raise self._unexpected(answer, what) from None
-
     # -- the store -------------------------------------------------------------------------------------------
 
     def _could_match(self, version: str) -> bool:
@@ -239,7 +274,26 @@ class ObjectStore(SealedStore):
         return bool(version)
 
     def _read_raw(self) -> tuple[bytes, str] | None:
-        return self._get(self.state_key, "read of the document")
+        got = self._get(self.state_key, "read of the document", self.describe("document"), MAX_DOCUMENT_BYTES)
+        assert got is not NOT_MODIFIED  # only a conditional read answers so
+        return got
+
+    def read_if_changed(self, token: object) -> Snapshot | NotModified | None:
+        # If-None-Match / ifGenerationNotMatch: an unchanged document is answered 304, without its body.
+        expected = parse_token(token)
+        if expected is None or not self._could_match(expected[1]):
+            return self.read()
+        what, where = "conditional read of the document", self.describe("document")
+        got = self._get(self.state_key, what, where, MAX_DOCUMENT_BYTES, unless=expected[1])
+        if got is None or got is NOT_MODIFIED:
+            return got
+        snap = self._snapshot(*got)
+        # A store that ignores the condition (an emulator, a proxy) sent the body: it may still be the same.
+        return NOT_MODIFIED if snap.token == token else snap
+
+    @property
+    def capabilities(self) -> StoreCapabilities:
+        return StoreCapabilities(conditional_read=True)
 
     def _commit(self, raw: bytes, generation: int, expected: tuple[int, str] | None) -> str | None:
         what = f"conditional write of generation {generation}"
@@ -256,7 +310,9 @@ class ObjectStore(SealedStore):
         self._put(self._record_key(kind, name), raw, f"write of record {kind}/{name}")
 
     def _read_record(self, kind: str, name: str) -> bytes | None:
-        got = self._get(self._record_key(kind, name), f"read of record {kind}/{name}")
+        where = self.describe(f"record {kind}/{decode_name(name)}")
+        got = self._get(self._record_key(kind, name), f"read of record {kind}/{name}", where, MAX_RECORD_BYTES)
+        assert got is not NOT_MODIFIED
         return None if got is None else got[0]
 
     def _list_records(self, kind: str) -> dict[str, str]:

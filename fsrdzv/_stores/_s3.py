@@ -194,7 +194,7 @@ class S3Store(ObjectStore):
         if details is not None:
             status, code, message = details
             answer = _Answer(status, code)
-            if answer.lost or answer.conflict:
+            if answer.lost or answer.conflict or answer.not_modified:
                 return answer
             if code in _UNSUPPORTED_CODES:
                 return UnsupportedStoreError(
@@ -236,12 +236,16 @@ class S3Store(ObjectStore):
 
     # -- raw requests (see ObjectStore) ----------------------------------------------------------------------
 
-    def _sdk_get(self, key: str) -> tuple[bytes, str]:
-        async def op() -> tuple[bytes, str]:
-            response = await self._send("get_object", Bucket=self.bucket, Key=key)
+    def _sdk_get(self, key: str, limit: int, unless: str | None) -> tuple[bytes, str, int]:
+        condition = {} if unless is None else {"IfNoneMatch": f'"{unless}"'}
+
+        async def op() -> tuple[bytes, str, int]:
+            response = await self._send("get_object", Bucket=self.bucket, Key=key, **condition)
+            size = int(response.get("ContentLength") or 0)
             async with response["Body"] as body:
-                data: bytes = await body.read()
-            return data, str(response["ETag"]).strip('"')
+                # The size is in the headers: an oversized object is refused before its body is read.
+                data: bytes = b"" if size > limit else await body.read()
+            return data, str(response["ETag"]).strip('"'), max(size, len(data))
 
         return self._run(op)
 

@@ -8,7 +8,7 @@ import time
 from collections.abc import Callable
 
 from .._errors import StorageError
-from .._store import CasResult, Snapshot, Store, StoreWrapper
+from .._store import CasResult, NotModified, Snapshot, Store, StoreWrapper
 
 __all__ = ["FaultyStore", "LostReplyError", "TransientFault"]
 
@@ -80,6 +80,10 @@ class FaultyStore(StoreWrapper):
     def read(self) -> Snapshot | None:
         self._before("read")
         return self.inner.read()
+
+    def read_if_changed(self, token: object) -> Snapshot | NotModified | None:
+        self._before("read")
+        return self.inner.read_if_changed(token)
 
     def compare_and_set(self, data: bytes, token: object = None) -> CasResult:
         self._before("compare_and_set")

@@ -10,7 +10,7 @@ import threading
 from dataclasses import dataclass, field
 
 from ..._errors import StorageError
-from ..._store import CasResult, Snapshot, StoreWrapper
+from ..._store import NOT_MODIFIED, CasResult, NotModified, Snapshot, StoreWrapper
 from ..._stores._memory import MemoryStore
 from ._models import StoreModel
 from ._scheduler import VirtualClock
@@ -52,7 +52,16 @@ class SimCounters:
     """Operations that reached the modelled storage, by kind, plus what the model refused."""
 
     ops: dict[str, int] = field(
-        default_factory=lambda: {"read": 0, "cas": 0, "put": 0, "get": 0, "list": 0, "list_pages": 0, "delete": 0}
+        default_factory=lambda: {
+            "read": 0,
+            "unchanged": 0,
+            "cas": 0,
+            "put": 0,
+            "get": 0,
+            "list": 0,
+            "list_pages": 0,
+            "delete": 0,
+        }
     )
     cas_won: int = 0
     cas_lost: int = 0
@@ -182,6 +191,15 @@ class SimStore(StoreWrapper):
         snap = self.inner.read()
         self.storage.clock.sleep(rest)
         return snap
+
+    def read_if_changed(self, token: object) -> Snapshot | NotModified | None:
+        # A conditional read costs a request like any read (a 304 counts against the object's rate too).
+        rest = self._before("read", self.storage.model.read_latency)
+        got = self.inner.read_if_changed(token)
+        if got is NOT_MODIFIED:
+            self._count("unchanged")
+        self.storage.clock.sleep(rest)
+        return got
 
     def compare_and_set(self, data: bytes, token: object = None) -> CasResult:
         storage, model = self.storage, self.storage.model
