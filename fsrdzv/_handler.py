@@ -43,6 +43,7 @@ from ._admin import RunAdmin
 from ._errors import RendezvousError
 from ._join import Joiner
 from ._keepalive import Heartbeat, Runtime, ThreadRuntime
+from ._peers import PeerWatch
 from ._policy import FAST_POLL, READ_CACHE, SLOW_POLL, outage_budget
 from ._retry import Retry
 from ._roster import expected_nodes as expected_nodes_of
@@ -172,6 +173,7 @@ class RendezvousHandler:
         self._cached: tuple[float, RendezvousState | None] | None = None
         self._gate = ScaleUpGate(scale_up or ScaleUpPolicy(), self._session, self.node_id, clock)
         self._finalizer = weakref.finalize(self, self._heartbeat.stopper())
+        self._peers = PeerWatch(self._admin, settings, self.node_id, clock)
 
     # -- identity ------------------------------------------------------------------------------------------
 
@@ -215,6 +217,7 @@ class RendezvousHandler:
         :raises RendezvousStateError: the document is unreadable or from a newer fsrdzv.
         """
         with self._lock:
+            self._peers.stop()  # this node leaves its round: nothing of it is watched any more
             try:
                 state = self._joiner.join()
             except BaseException:
@@ -222,6 +225,7 @@ class RendezvousHandler:
                 self._stop_keepalive()
                 raise
             self._keepalive_started()
+            self._peers.start(state)
             # Refresh the cache too: a read from before the round formed would still show this round's nodes as
             # waiting, and an agent polling num_nodes_waiting would restart for nothing.
             self._cached = (self._clock(), state)
@@ -241,7 +245,8 @@ class RendezvousHandler:
         """Nodes waiting to join the next round (not counting spares). Answers from a read at most 1 s old."""
         with self._lock:
             state = self._cached_state()
-            return self._gate.waiting(state)
+            # A lost participant (a hung or dead host) makes the agents re-rendezvous as a waiting node does.
+            return self._gate.waiting(state) or self._peers.lost(state)
 
     def is_closed(self) -> bool:
         """Whether the run is closed (from a read at most 1 s old)."""

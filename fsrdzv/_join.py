@@ -90,6 +90,9 @@ class Joiner:
         self._request_count = 0
         self._last_call_seen: dict[tuple[str, int, int], float] = {}
         self._verified = False
+        #: Epochs this node was handed a round of: a closed run of one of them is this job's end, never a finished
+        #: run to start afresh (a node thawed after the others finished must stop, not restart the run id).
+        self._epochs: set[str] = set()
         self.progress = ProgressReport(settings, node.node_id)
 
     @property
@@ -139,7 +142,7 @@ class Joiner:
     ) -> tuple[RendezvousState | None, Snapshot | None]:
         """A closed run whose nodes are all gone starts afresh; a live closed run stays closed."""
         start = self._clock()
-        while state is not None and policy.may_reuse(state, self.me):
+        while state is not None and policy.may_reuse(state, self.me) and state.epoch not in self._epochs:
             members = state.members()
             tags = self.beats.tags()
             now = self._clock()
@@ -210,6 +213,7 @@ class Joiner:
         state = run.state
         assert state is not None  # the policy asks for a document first
         if isinstance(action, policy.ReturnInfo):
+            self._epochs.add(state.epoch)
             return state
         if isinstance(action, policy.RaiseClosed):
             self.heartbeat.stop()
@@ -222,10 +226,7 @@ class Joiner:
             self.heartbeat.stop()
             if self.requests.own_name is not None:
                 self.session.discard("req", self.requests.own_name)
-            raise ConfigurationError(
-                f"run {self.settings.run_id!r} was started with other settings: {action.what}; give every node the "
-                "same --nnodes and last_call_timeout, or use another run id"
-            )
+            _raise_mismatch(self.settings, action.what)
         self._act(action, run, state, now)
         return None
 
@@ -317,6 +318,13 @@ def _raise_closed(settings: Settings, spare: bool) -> NoReturn:
         )
     raise RendezvousClosedError(
         f"rendezvous {run_id!r} is closed; start a new job (a finished run id is reused once all its nodes are gone)"
+    )
+
+
+def _raise_mismatch(settings: Settings, what: str) -> NoReturn:
+    raise ConfigurationError(
+        f"run {settings.run_id!r} was started with other settings: {what}; give every node the same --nnodes and "
+        "last_call_timeout, or use another run id"
     )
 
 

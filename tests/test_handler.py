@@ -371,3 +371,53 @@ def test_writes_per_formation_are_linear(tmp_path: Any) -> None:
         assert writes <= 4 * count, ranks
     finally:
         kill_all(nodes)
+
+
+def test_a_hung_participant_makes_the_others_report_a_waiting_node() -> None:
+    """Issue 15 §2: while a round is in use, num_nodes_waiting counts a participant whose heartbeat stopped (a
+    frozen host), the watcher removes it, and the frozen node learns it was removed once it thaws."""
+    endpoint = f"memory://hung-{uuid.uuid4().hex[:8]}"
+    rid = run_id()
+    settings = {**FAST, "last_call_timeout": 0.3}
+    handlers = [fsrdzv.create_handler(endpoint, rid, 2, 3, local_addr=f"10.0.0.{i}", **settings) for i in (1, 2, 3)]
+    infos: dict[int, fsrdzv.RendezvousInfo] = {}
+    threads = [
+        threading.Thread(target=lambda i=i, h=h: infos.__setitem__(i, h.next_rendezvous()))
+        for i, h in enumerate(handlers)
+    ]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(30)
+    assert len(infos) == 3 and {i.world_size for i in infos.values()} == {3}
+    survivors, frozen = handlers[:2], handlers[2]
+    frozen._stop_keepalive()  # as SIGSTOP would: no more heartbeats, no call into the handler
+    liveness = FAST["keep_alive_interval"] * FAST["keep_alive_max_attempt"]
+    start = time.monotonic()
+    waiting = [0, 0]
+    while time.monotonic() - start < liveness + 10 and not all(waiting):
+        waiting = [h.num_nodes_waiting() for h in survivors]
+        time.sleep(0.05)
+    took = time.monotonic() - start
+    assert all(waiting), f"the survivors never reported the hung node ({waiting})"
+    assert took < liveness + 5, took
+    state = decode_state(frozen.store.read().data, "test")  # type: ignore[union-attr]
+    assert frozen.node_id not in state.members()
+    # Thawed, it learns (at its next read of the document) that its round lost a participant, itself, and
+    # re-joins like any agent would.
+    deadline = time.monotonic() + 10
+    while frozen.num_nodes_waiting() == 0 and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert frozen.num_nodes_waiting() >= 1
+    later: dict[int, fsrdzv.RendezvousInfo] = {}
+    rejoin = [
+        threading.Thread(target=lambda i=i, h=h: later.__setitem__(i, h.next_rendezvous()))
+        for i, h in enumerate(survivors)
+    ]
+    for t in rejoin:
+        t.start()
+    for t in rejoin:
+        t.join(30)
+    assert {i.world_size for i in later.values()} == {2} and later[0].round > infos[0].round
+    for h in handlers:
+        h.shutdown()

@@ -295,7 +295,6 @@ def test_loopback_host_names_without_local_addr(make_network: Callable[..., Netw
 # -- a hung host ---------------------------------------------------------------------------------------------
 
 
-@pytest.mark.xfail(strict=True, reason="issue 15 §2: a hung host is detected under torchrun")
 def test_survivors_reform_without_a_frozen_host(make_network: Callable[..., Network]) -> None:
     """SIGSTOP of every process of a host (rank 2) for 3x the liveness timeout, then SIGCONT.
 
