@@ -421,7 +421,9 @@ class FakeGcsServer(Server):
         from google.cloud import storage
 
         return storage.Client(
-            project="test", credentials=AnonymousCredentials(), client_options={"api_endpoint": self.url}
+            project="test",
+            credentials=AnonymousCredentials(),  # type: ignore[no-untyped-call]
+            client_options={"api_endpoint": self.url},
         )
 
     def prepare(self) -> None:

@@ -34,7 +34,8 @@ def _rid() -> str:
 
 
 def _valid_doc(rid: str) -> dict[str, Any]:
-    return json.loads(encode_state(proto.new_state(rid, "0123456789abcdef")))
+    doc: dict[str, Any] = json.loads(encode_state(proto.new_state(rid, "0123456789abcdef")))
+    return doc
 
 
 def _document_bytes(run_dir: str) -> dict[str, bytes]:

@@ -466,7 +466,7 @@ def test_forged_heartbeats_do_not_keep_a_dead_node_alive() -> None:
     rid = _rid()
     name = f"hbforge-{uuid.uuid4().hex[:8]}"
     endpoint = f"memory://{name}"
-    settings = {"keep_alive_interval": 0.2, "keep_alive_max_attempt": 3, "last_call_timeout": 0.3}
+    settings: dict[str, Any] = {"keep_alive_interval": 0.2, "keep_alive_max_attempt": 3, "last_call_timeout": 0.3}
     a, b = _form(endpoint, rid, 2, secret=SECRET, **settings)
     c = fsrdzv.create_handler(endpoint, rid, 2, 2, local_addr="10.0.4.9", secret=SECRET, **settings)
     outcome: list[Any] = []

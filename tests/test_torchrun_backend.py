@@ -24,7 +24,7 @@ import fsrdzv.testing
 
 pytest.importorskip("torch")
 
-from torch.distributed import HashStore, TCPStore
+from torch.distributed import HashStore, TCPStore  # type: ignore[attr-defined]  # torch does not re-export them
 from torch.distributed.elastic.rendezvous import (
     RendezvousClosedError,
     RendezvousConnectionError,
@@ -265,8 +265,9 @@ class TestConfig:
         ],
     )
     def test_malformed_values_name_key_and_value(self, key: str, value: object) -> None:
+        conf: dict[str, Any] = {key: value}
         with pytest.raises(ValueError, match=f"{key}={value!r}") as info:
-            parse_config(_params(**{key: value}))
+            parse_config(_params(**conf))
         assert isinstance(info.value, fsrdzv.ConfigurationError)
         assert "\n" not in str(info.value)
 
