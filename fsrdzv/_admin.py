@@ -181,6 +181,19 @@ class RunAdmin:
         self.session.ops["delete"] += 1
         self.store.delete_run()
 
+    def forget_records(self, node_ids: Iterable[str]) -> None:
+        """Delete the heartbeat and join-request records of removed nodes, best effort: a crashed node's leftover
+        request must never be folded again, whatever the document's history of departed nodes still holds."""
+        doomed = set(node_ids)
+        if not doomed:
+            return
+        with contextlib.suppress(RendezvousError):
+            for name in self.session.list("req"):
+                if request_owner(name) in doomed:
+                    self.session.discard("req", name)
+        for node_id in doomed:
+            self.discard_record("hb", node_id)
+
     def discard_record(self, kind: str, name: str) -> None:
         """Delete one record, best effort (a node's own records at shutdown: a leftover is harmless)."""
         with contextlib.suppress(RendezvousError):
@@ -196,6 +209,16 @@ class RunAdmin:
         if new is state:
             return False, state, snap
         return self.session.cas(new, snap)
+
+    def remove_dead(
+        self, state: RendezvousState, snap: Snapshot | None, node_ids: Iterable[str]
+    ) -> tuple[bool, RendezvousState | None, Snapshot | None]:
+        """:meth:`remove_from` for nodes judged dead, and once removed their records deleted (``forget_records``)."""
+        dead = set(node_ids)
+        outcome = self.remove_from(state, snap, dead)
+        if outcome[0]:
+            self.forget_records(dead)
+        return outcome
 
     def roll_back(self, state: RendezvousState, snap: Snapshot | None, node_id: str, window: float) -> None:
         """Take ``node_id`` out of the document (its join timed out), trying for ``window`` seconds at most."""

@@ -257,7 +257,7 @@ class Joiner:
         dead = self.liveness.dead(members, now)
         if dead:
             log.info("removing node(s) without heartbeat for %.1fs: %s", self.settings.liveness_timeout, sorted(dead))
-            _, run.state, run.snap = self.admin.remove_from(state, run.snap, dead)
+            _, run.state, run.snap = self.admin.remove_dead(state, run.snap, dead)
 
     def _poll(self, run: _Progress, action: policy.Poll, state: RendezvousState) -> None:
         """Wait, then look: the folder lists and folds the requests, every other node reads the document."""

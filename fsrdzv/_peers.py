@@ -88,5 +88,6 @@ class PeerWatch:
                 self._dead |= dead
                 # Remove them now (already timed here), so that the next round needs no second wait for them.
                 self._admin.remove_nodes(dead)
+                self._admin.forget_records(dead)
         except RendezvousError:
             return  # the storage failed: look again next period (the agent keeps training meanwhile)

@@ -421,3 +421,40 @@ def test_a_hung_participant_makes_the_others_report_a_waiting_node() -> None:
     assert {i.world_size for i in later.values()} == {2} and later[0].round > infos[0].round
     for h in handlers:
         h.shutdown()
+
+
+def test_crashed_nodes_stay_gone_past_the_history_limit() -> None:
+    """Issue 15 §5: more nodes crash (no shutdown) than the document remembers departed nodes (applied_history,
+    lowered here through the settings): the sweep that removes them deletes their records, so none is ever folded
+    back into a later round."""
+    endpoint = f"memory://history-{uuid.uuid4().hex[:8]}"
+    rid = run_id()
+    settings = fsrdzv.Settings(rid, 1, 8, **{**FAST, "last_call_timeout": 0.3}, applied_history=2)
+    store = fsrdzv.open_store(endpoint, rid)
+    crashed: set[str] = set()
+    live = fsrdzv.RendezvousHandler(store, settings, local_addr="10.0.0.1")
+    for wave in range(3):
+        doomed = [
+            fsrdzv.RendezvousHandler(fsrdzv.open_store(endpoint, rid), settings, local_addr=f"10.0.{wave + 1}.{i}")
+            for i in range(3)
+        ]
+        infos: list[fsrdzv.RendezvousInfo] = []
+        threads = [
+            threading.Thread(target=lambda h=h, out=infos: out.append(h.next_rendezvous())) for h in [live, *doomed]
+        ]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(60)
+        assert len(infos) == 4
+        for h in doomed:
+            h._stop_keepalive()  # a crash: no shutdown, records left behind
+            crashed.add(h.node_id)
+    # The live node's next joins sweep the crashed ones out; none may ever come back.
+    for _ in range(3):
+        info = live.next_rendezvous()
+        state = decode_state(store.read().data, "test")  # type: ignore[union-attr]
+        assert not crashed & state.members(), f"crashed nodes folded back: {sorted(crashed & state.members())}"
+        assert info.world_size == 1
+    assert len([k for k in state.applied if k not in state.members()]) <= 2
+    live.shutdown()
