@@ -442,4 +442,4 @@ def test_a_missing_sdk_names_the_package_not_the_namespace(tmp_path: Path) -> No
         "    print(exc)\n"
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
-    assert "google-cloud-storage is missing" in out.stdout and "pip install 'fsrdzv[gcs]'" in out.stdout, out
+    assert "google-cloud-storage is missing" in out.stdout and "pip install '.[gcs]'" in out.stdout, out

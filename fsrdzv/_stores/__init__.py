@@ -70,7 +70,8 @@ def _store_class(scheme: str) -> Any:
         name = f"{exc.name}"
         missing = _PACKAGES.get(name, _PACKAGES.get(name.partition(".")[0], name))
         raise ConfigurationError(
-            f"{scheme}:// endpoints need extra packages ({missing} is missing): pip install 'fsrdzv[{extra}]'"
+            f"{scheme}:// endpoints need extra packages ({missing} is missing): pip install '.[{extra}]' "
+            "in a clone of fsrdzv"
         ) from exc
     return getattr(module, class_name)
 
