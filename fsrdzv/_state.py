@@ -1,7 +1,12 @@
-"""The rendezvous document: a frozen value, its versioned JSON form, and the per-node request/heartbeat records.
+"""The rendezvous document's versioned JSON form, and the per-node join request records.
 
 JSON, never pickle: anything on shared storage can be written by anyone with access, and parsing must not run
 code. Decoding validates every field's type; a newer ``schema`` raises :class:`SchemaVersionError`.
+
+Two schemas are read. Schema 1 keys every map by node id; schema 2 (``_compact``) keeps one member table and
+refers to members by index, about a quarter of the size. A document is written in schema 2 only when every node
+it names reads schema 2 (:func:`reads_schema`), so a node of an older fsrdzv that is a member keeps getting
+schema 1; see "Upgrading" in docs/concepts/protocol.md.
 
 No wall-clock time is stored. The last-call period is recorded as the generation at which it started; every
 observer times it on its own monotonic clock from the moment it first sees that mark (see ``_protocol``).
@@ -14,10 +19,11 @@ import binascii
 import hmac
 import json
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass, field, replace
 from typing import Any, Final
 
+from . import _compact
 from ._errors import SchemaVersionError, StateCorruptError, TamperedError
+from ._model import READS_SCHEMA, JoinRequest, NodeInfo, RendezvousState, new_node_nonce, reads_schema
 
 __all__ = [
     "SCHEMA_VERSION",
@@ -30,14 +36,16 @@ __all__ = [
     "encode_request",
     "encode_request_name",
     "encode_state",
+    "new_node_nonce",
     "nonce_order",
+    "reads_schema",
     "request_owner",
     "request_record_name",
 ]
 
-#: Version of the document schema this fsrdzv writes and the newest it reads.
-SCHEMA_VERSION: Final = 1
-_KIND: Final = "fsrdzv.rendezvous"
+#: The newest document schema this fsrdzv reads and writes (it writes schema 1 while a member reads no newer).
+SCHEMA_VERSION: Final = READS_SCHEMA
+_KIND: Final = _compact.KIND
 #: How many ``applied`` entries of nodes that left every list are kept (bounds the document).
 APPLIED_HISTORY: Final = 1024
 #: Prefix of a request record whose *name* carries the whole request (see :func:`encode_request_name`).
@@ -46,84 +54,6 @@ INLINE_PREFIX: Final = "i."
 BODY_PREFIX: Final = "n."
 #: Longest inline request name: file systems allow 255 bytes per name, and the stores may escape a few bytes.
 MAX_INLINE_NAME: Final = 200
-
-
-@dataclass(frozen=True, order=True)
-class NodeInfo:
-    """A node's identity. Ordering (addr, pid, local_id, nonce) decides ranks, as torch's ``_NodeDesc`` does."""
-
-    addr: str
-    pid: int
-    local_id: int
-    nonce: str
-    port: int = field(default=0, compare=False)
-    host: str = field(default="", compare=False)
-
-    @property
-    def node_id(self) -> str:
-        return f"{self.addr}_{self.pid}_{self.local_id}_{self.nonce}"
-
-    def to_json(self) -> dict[str, Any]:
-        return {
-            "addr": self.addr,
-            "pid": self.pid,
-            "local_id": self.local_id,
-            "nonce": self.nonce,
-            "port": self.port,
-            "host": self.host,
-        }
-
-
-@dataclass(frozen=True)
-class RendezvousState:
-    """The whole shared state of one run (immutable; the protocol returns modified copies)."""
-
-    run_id: str
-    epoch: str
-    generation: int = 0
-    round: int = 0
-    complete: bool = False
-    closed: bool = False
-    #: Generation at which the current last-call period started, or None.
-    last_call: int | None = None
-    #: node id -> rank (0 until the round completes).
-    participants: Mapping[str, int] = field(default_factory=dict)
-    wait_list: tuple[str, ...] = ()
-    redundancy_list: tuple[str, ...] = ()
-    #: node id -> identity, for every node in any list.
-    nodes: Mapping[str, NodeInfo] = field(default_factory=dict)
-    #: (addr, port) of rank 0 for the completed round.
-    master: tuple[str, int] | None = None
-    #: Addresses of the completed round's participants in rank order, fixed at completion (the round's world,
-    #: even after some of its participants have left to re-join).
-    roster: tuple[str, ...] = ()
-    #: node id -> nonce of its last folded join request (idempotent folding).
-    applied: Mapping[str, str] = field(default_factory=dict)
-    #: The run's settings as its first writer had them (node range, last call, timeouts; the expected roster):
-    #: a node with another node range or last call fails at once. None: written by an fsrdzv without it.
-    config: Mapping[str, Any] | None = None
-
-    def members(self) -> set[str]:
-        return set(self.participants) | set(self.wait_list) | set(self.redundancy_list)
-
-    def evolve(self, **changes: Any) -> RendezvousState:
-        """A copy with ``changes`` (``dataclasses.replace``); the generation changes only when given."""
-        return replace(self, **changes)
-
-
-@dataclass(frozen=True)
-class JoinRequest:
-    """A node's request to join the next round, written to its own record (see :func:`encode_request_name`).
-
-    ``leave_round`` is the round this node was a participant of when it asked again (torch's exit op).
-    ``nonce`` identifies the request; the handler writes ``"<n>.<random>"`` with ``n`` counting the node's
-    requests, so that an older request of the same node is never folded after a newer one (see
-    :func:`nonce_order`).
-    """
-
-    node: NodeInfo
-    nonce: str
-    leave_round: int | None = None
 
 
 # -- JSON ------------------------------------------------------------------------------------------------------
@@ -150,8 +80,11 @@ def _node_from_json(value: object, where: str) -> NodeInfo:
 
 
 def encode_state(state: RendezvousState) -> bytes:
+    """The document's bytes: schema 2 when every node ``state`` names reads it, else schema 1."""
+    if _compact.writable(state):
+        return json.dumps(_compact.encode(state), separators=(",", ":")).encode()
     doc: dict[str, Any] = {
-        "schema": SCHEMA_VERSION,
+        "schema": 1,
         "kind": _KIND,
         "run_id": state.run_id,
         "epoch": state.epoch,
@@ -215,6 +148,11 @@ def decode_state(data: bytes, where: str) -> RendezvousState:
             f"{where} uses schema {schema}, newer than the {SCHEMA_VERSION} this fsrdzv understands; "
             "upgrade fsrdzv on this node (all nodes of a job must run compatible versions)"
         )
+    if schema == _compact.SCHEMA:
+        try:
+            return _compact.decode(doc, where)
+        except StateCorruptError as exc:
+            raise StateCorruptError(f"{exc}; {hint}") from None
     try:
         participants = _expect(doc, "participants", dict, where)
         wait_list = _expect(doc, "wait_list", list, where)

@@ -204,7 +204,7 @@ def test_state_is_json_with_no_wall_clock() -> None:
     snap = fsrdzv.open_store(ep, "run").read()
     assert snap is not None
     doc = json.loads(snap.data)
-    assert doc["schema"] == 1 and doc["kind"] == "fsrdzv.rendezvous"
+    assert doc["schema"] == 2 and doc["kind"] == "fsrdzv.rendezvous"  # every member reads schema 2
     state = decode_state(snap.data, "test")
     assert state.complete and list(state.participants.values()) == [0]
     assert not re.search(rb"\d{4}-\d{2}-\d{2}", snap.data), "no wall-clock timestamps in the document"
