@@ -651,3 +651,16 @@ def test_an_old_node_meets_a_compact_document_with_a_clear_error(tmp_path: Path)
     out = _old_decoder(tmp_path, encode_state(modern(busy_state())))
     assert out.returncode != 0
     assert "SchemaVersionError" in out.stderr and "uses schema 2" in out.stderr and "upgrade fsrdzv" in out.stderr
+
+
+@pytest.mark.parametrize("schema", [1, 2])
+def test_documents_match_the_json_schemas_in_the_docs(schema: int) -> None:
+    jsonschema = pytest.importorskip("jsonschema")
+    page = (Path(__file__).resolve().parent.parent / "docs" / "concepts" / "protocol.md").read_text()
+    blocks = [json.loads(b) for b in re.findall(r"```json\n(.*?)```", page, re.S)]
+    schemas = {b["properties"]["schema"]["const"]: b for b in blocks if "$schema" in b}
+    for make in (busy_state, forming_state, lambda: close(busy_state())):
+        state = make() if schema == 1 else modern(make())
+        doc = doc_of(state)
+        assert doc["schema"] == schema
+        jsonschema.validate(doc, schemas[schema])
