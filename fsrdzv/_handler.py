@@ -36,15 +36,16 @@ import threading
 import time
 import weakref
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
+from ._address import AddressChoice, local_identity
 from ._admin import RunAdmin
-from ._errors import RendezvousError
+from ._errors import RendezvousError, RendezvousStateError
 from ._join import Joiner
 from ._keepalive import Heartbeat, Runtime, ThreadRuntime
 from ._peers import PeerWatch
-from ._policy import FAST_POLL, READ_CACHE, SLOW_POLL, outage_budget
+from ._policy import FAST_POLL, SLOW_POLL, outage_budget
 from ._retry import Retry
 from ._roster import expected_nodes as expected_nodes_of
 from ._scaleup import ScaleUpGate, ScaleUpPolicy
@@ -52,6 +53,7 @@ from ._secret import job_secret, read_secret_file
 from ._session import Session
 from ._settings import Settings
 from ._state import NodeInfo, RendezvousState
+from ._steady import SteadyReads
 from ._store import Store
 from ._stores import open_store
 
@@ -159,7 +161,12 @@ class RendezvousHandler:
         )
         self._retry = retry
         self._admin = RunAdmin(store, settings, clock=clock, sleep=sleep, rng=rng, session=self._session, retry=retry)
-        self._heartbeat = Heartbeat(self._session, self.node_id, settings.keep_alive_interval, runtime, clock)
+        identity = local_identity(local_addr)
+        self._address = AddressChoice(identity)
+        self._heartbeat = Heartbeat(
+            self._session, self.node_id, settings.keep_alive_interval, runtime, clock, fields=identity.beat_fields()
+        )
+        offer, bind = port_factory or _free_port, local_addr or ""  # without local_addr, on every interface
         self._joiner = Joiner(
             settings=settings,
             session=self._session,
@@ -168,9 +175,9 @@ class RendezvousHandler:
             node=node,
             rng=rng,
             retry=retry,
-            port_factory=port_factory or _free_port,
+            port_factory=lambda _addr: offer(bind),
         )
-        self._cached: tuple[float, RendezvousState | None] | None = None
+        self._steady = SteadyReads(self._session, rng)
         self._gate = ScaleUpGate(scale_up or ScaleUpPolicy(), self._session, self.node_id, clock)
         self._finalizer = weakref.finalize(self, self._heartbeat.stopper())
         self._peers = PeerWatch(self._admin, settings, self.node_id, clock)
@@ -220,6 +227,7 @@ class RendezvousHandler:
             self._peers.stop()  # this node leaves its round: nothing of it is watched any more
             try:
                 state = self._joiner.join()
+                master = self._address.choose(state, self.node_id, self._rank0_beat)
             except BaseException:
                 # Like torch: no heartbeats unless joined. Others then see this node go within the timeout.
                 self._stop_keepalive()
@@ -228,28 +236,39 @@ class RendezvousHandler:
             self._peers.start(state)
             # Refresh the cache too: a read from before the round formed would still show this round's nodes as
             # waiting, and an agent polling num_nodes_waiting would restart for nothing.
-            self._cached = (self._clock(), state)
-            return _info(state, self.node_id)
+            self._steady.hold(state)
+            return replace(_info(state, self.node_id), master_addr=master)
+
+    def _rank0_beat(self, node_id: str) -> bytes | None:
+        """Rank 0's heartbeat record (its address candidates), None if missing or untrusted."""
+        try:
+            raw: bytes | None = self._retry(
+                lambda: self._session.get("hb", node_id), self._clock() + self.settings.heartbeat_timeout
+            )
+        except RendezvousStateError:
+            return None
+        return raw
 
     def _keepalive_started(self) -> None:
         self._finalizer.detach()
         self._finalizer = weakref.finalize(self, self._heartbeat.stopper())
 
     def _cached_state(self) -> RendezvousState | None:
+        # A conditional read once per steady period (see _steady): an unchanged document costs no body.
         now = self._clock()
-        if self._cached is None or now - self._cached[0] > READ_CACHE:
-            self._cached = (now, self._retry(self._admin.read, now + self.settings.heartbeat_timeout))
-        return self._cached[1]
+        if self._steady.due(now):
+            self._retry(self._steady.refresh, now + self.settings.heartbeat_timeout)
+        return self._steady.state
 
     def num_nodes_waiting(self) -> int:
-        """Nodes waiting to join the next round (not counting spares). Answers from a read at most 1 s old."""
+        """Nodes waiting to join the next round (not counting spares), from a read at most ~5 s old (``_steady``)."""
         with self._lock:
             state = self._cached_state()
             # A lost participant (a hung or dead host) makes the agents re-rendezvous as a waiting node does.
             return self._gate.waiting(state) or self._peers.lost(state)
 
     def is_closed(self) -> bool:
-        """Whether the run is closed (from a read at most 1 s old)."""
+        """Whether the run is closed (from a read at most ~5 s old)."""
         with self._lock:
             state = self._cached_state()
             return state is not None and state.closed
@@ -263,7 +282,7 @@ class RendezvousHandler:
             try:
                 self._admin.close(self.settings.close_timeout)
             finally:
-                self._cached = None
+                self._steady.forget()
 
     def _stop_keepalive(self) -> None:
         """Stop heartbeating (as a node that died would); tests of other nodes' reactions use it too."""

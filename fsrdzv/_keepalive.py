@@ -7,11 +7,12 @@ keep-alive keeps the schedule of :func:`next_beat_in` on whatever clock the hand
 
 from __future__ import annotations
 
+import json
 import logging
 import random
 import threading
 import weakref
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from contextlib import AbstractContextManager
 from typing import Any, Protocol
 
@@ -95,10 +96,19 @@ class Heartbeat:
 
     The keep-alive holds only a weak reference to this object, and the handler stops it when it is collected, so
     a forgotten handler does not beat forever. Failures are logged and retried soon: a heartbeat is idempotent.
+    The record is ``{"n": count}`` plus ``fields`` (this node's address candidates, host and boot id, which peers
+    read once a round is complete; see ``_address``); readers accept a bare ``{"n": ..}`` from older nodes.
     """
 
     def __init__(
-        self, session: Session, node_id: str, interval: float, runtime: Runtime, clock: Callable[[], float]
+        self,
+        session: Session,
+        node_id: str,
+        interval: float,
+        runtime: Runtime,
+        clock: Callable[[], float],
+        *,
+        fields: Mapping[str, object] | None = None,
     ) -> None:
         self._session = session
         self.node_id = node_id
@@ -110,11 +120,13 @@ class Heartbeat:
         #: Heartbeats written so far (the record's content: every beat changes it).
         self.count = 0
         self._running: tuple[StopEvent, Background] | None = None
+        #: Everything but the count, encoded once (``{"n":`` is put in front at every beat).
+        self._rest = b"," + json.dumps(dict(fields), separators=(",", ":"))[1:].encode() if fields else b"}"
 
     def beat(self) -> None:
         with self._lock:
             self.count += 1
-            self._session.put("hb", self.node_id, b'{"n":%d}' % self.count)
+            self._session.put("hb", self.node_id, b'{"n":%d%s' % (self.count, self._rest))
 
     def start(self) -> None:
         """Beat now, and keep beating in the background (once: a running keep-alive goes on)."""

@@ -258,7 +258,6 @@ def test_survivors_reform_after_a_host_is_killed(make_network: Callable[..., Net
 # -- address negotiation -------------------------------------------------------------------------------------
 
 
-@pytest.mark.xfail(strict=True, reason="issue 15 §1: address negotiation")
 def test_loopback_host_names_without_local_addr(make_network: Callable[..., Network]) -> None:
     """Each host's name resolves to 127.0.1.1 on itself and not at all elsewhere, and no ``--local-addr`` is given.
 

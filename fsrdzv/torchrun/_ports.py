@@ -21,14 +21,18 @@ class PortReservation:
         self._socket: socket.socket | None = None
 
     def reserve(self, addr: str) -> int:
-        family = socket.AF_INET6 if ":" in addr else socket.AF_INET
-        sock = socket.socket(family, socket.SOCK_STREAM)
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        try:
-            sock.bind((addr, 0))
-        except OSError:
-            sock.bind(("", 0))  # local_addr may be a name other hosts resolve but this one cannot bind
-        sock.listen(128)
+        """Listen on a free port of ``addr``; ``""`` (no local_addr): on every interface, IPv6 too where the
+        host has it (peers probe rank 0's address candidates on this port, see ``fsrdzv._address``)."""
+        if not addr and socket.has_dualstack_ipv6():
+            sock = socket.create_server(("", 0), family=socket.AF_INET6, backlog=128, dualstack_ipv6=True)
+        else:
+            sock = socket.socket(socket.AF_INET6 if ":" in addr else socket.AF_INET, socket.SOCK_STREAM)
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            try:
+                sock.bind((addr, 0))
+            except OSError:
+                sock.bind(("", 0))  # local_addr may be a name other hosts resolve but this one cannot bind
+            sock.listen(128)
         with self._lock:
             old, self._socket = self._socket, sock
         if old is not None:
