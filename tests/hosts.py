@@ -184,12 +184,14 @@ def _die_with_parent() -> None:  # pragma: no cover - runs in the child between 
 class Proc:
     """One process started on a host, with its log (stdout and stderr)."""
 
-    def __init__(self, where: str, name: str, argv: list[str], env: Mapping[str, str], cwd: Path) -> None:
+    def __init__(self, host: Host | None, name: str, argv: list[str], env: Mapping[str, str], cwd: Path) -> None:
+        #: None for a process in the bridge namespace (the S3 server).
+        self.host = host
         #: The host name, or "bridge".
-        self.where = where
+        self.where = host.name if host is not None else "bridge"
         self.name = name
         self.argv = argv
-        self.log_path = cwd / f"{where}-{name}.log"
+        self.log_path = cwd / f"{self.where}-{name}.log"
         self._log = open(self.log_path, "wb")  # noqa: SIM115 - closed in close()
         self.popen = subprocess.Popen(
             argv,
@@ -241,6 +243,8 @@ class Host:
         self.addr = f"{SUBNET}.{10 + index}"
         self.procs: list[Proc] = []
         self.hosts_file: Path | None = None
+        #: Set by :meth:`kill`: its processes' deaths are expected.
+        self.killed = False
 
     def __repr__(self) -> str:
         return f"Host({self.name}, {self.addr})"
@@ -259,7 +263,7 @@ class Host:
         full = dict(os.environ)
         full.update(env or {})
         full.update({"MH_HOST": self.name, "MH_ADDR": self.addr})
-        proc = Proc(self.name, name, self.command(argv), full, self.network.workdir)
+        proc = Proc(self, name, self.command(argv), full, self.network.workdir)
         self.procs.append(proc)
         return proc
 
@@ -278,6 +282,7 @@ class Host:
 
     def kill(self) -> None:
         """The machine dies: freeze every process of the host (so none reacts), then SIGKILL them all."""
+        self.killed = True
         _kill_netns(self.netns)
 
     def freeze(self) -> None:
@@ -416,7 +421,7 @@ class Network:
         """Start moto on ``10.213.0.1`` in the bridge namespace, create a bucket, and check it honours conditions."""
         argv = ["ip", "netns", "exec", self.bridge_netns, sys.executable, "-m", "moto.server"]
         argv += ["-H", BRIDGE_ADDR, "-p", str(S3_PORT)]
-        proc = Proc("bridge", "s3", argv, os.environ, self.workdir)
+        proc = Proc(None, "s3", argv, os.environ, self.workdir)
         self.bridge_procs.append(proc)
         endpoint_url = f"http://{BRIDGE_ADDR}:{S3_PORT}"
         bucket = "fsrdzv-" + uuid.uuid4().hex[:10]
@@ -524,11 +529,18 @@ def network(
 
 
 def wait_until(what: str, predicate: Callable[[], bool], timeout: float, *, net: Network | None = None) -> float:
-    """Poll ``predicate`` every 0.1 s; return the seconds it took, or raise AssertionError (with logs) on timeout."""
+    """Poll ``predicate`` every 0.1 s; return the seconds it took, or raise AssertionError (with ``net``'s logs) on
+    timeout, or at once when a process of ``net`` exited with an error on a host that was not killed."""
     start = time.monotonic()
     while time.monotonic() - start < timeout:
         if predicate():
             return time.monotonic() - start
+        failed = [p for p in net.procs() if p.host and not p.host.killed and p.poll() not in (None, 0)] if net else []
+        if failed:
+            raise AssertionError(
+                f"{failed[0].where}'s {failed[0].name} exited with {failed[0].poll()} while waiting for {what}\n"
+                f"{net.logs() if net else ''}"
+            )
         time.sleep(0.1)
     logs = f"\n{net.logs()}" if net is not None else ""
     raise AssertionError(f"timed out after {timeout:.0f}s waiting for {what}{logs}")

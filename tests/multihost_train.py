@@ -9,8 +9,10 @@ round, rank, world, master address and port, participants) to ``$MH_OUT/agent-<h
 ``python multihost_train.py worker [--steps N] [--hold FILE] ...`` is a gloo worker: it all-reduces ``rank + 1``
 every ``--interval`` seconds and appends one JSON line per step (``kind: "step"``: host, round, rank, world,
 MASTER_ADDR/PORT and what that name resolves to here, sum correct or not) to ``$MH_OUT/worker-<host>-<pid>.jsonl``.
-It finishes after ``--steps`` steps once ``--hold`` exists (if given); a wrong sum exits 2, holding longer than
-``--max-wait`` exits 3. A peer that dies makes the next all-reduce fail (the agent then restarts the workers).
+It finishes after ``--steps`` steps once ``--hold`` exists (if given); with ``--idle`` it stops all-reducing
+after ``--steps`` steps while it waits for ``--hold`` (so that only its agent can notice that a peer is gone). A
+wrong sum exits 2, holding longer than ``--max-wait`` exits 3. A peer that dies makes the next all-reduce fail
+(the agent then restarts the workers).
 
 Both read ``MH_HOST``/``MH_ADDR`` (set by tests/hosts.py) and ``MH_OUT`` from the environment.
 """
@@ -86,6 +88,7 @@ def worker(argv: list[str]) -> int:
     parser = argparse.ArgumentParser()
     parser.add_argument("--steps", type=int, default=5)
     parser.add_argument("--hold", default="", help="keep stepping until this file exists")
+    parser.add_argument("--idle", action="store_true", help="after --steps, wait for --hold without all-reducing")
     parser.add_argument("--interval", type=float, default=0.2)
     parser.add_argument("--timeout", type=float, default=60.0, help="gloo's collective timeout")
     parser.add_argument("--max-wait", type=float, default=150.0)
@@ -110,13 +113,15 @@ def worker(argv: list[str]) -> int:
     start = time.monotonic()
     step = 0
     while True:
-        tensor = torch.tensor([float(rank + 1)])
-        dist.all_reduce(tensor)
-        ok = float(tensor.item()) == world * (world + 1) / 2
-        _append("worker", {**common, "step": step, "ok": ok, "sum": float(tensor.item())})
-        if not ok:
-            return 2
-        step += 1
+        # Idle: no collective, so nothing in the worker notices a dead or removed peer; only its agent can.
+        if not (args.idle and step >= args.steps):
+            tensor = torch.tensor([float(rank + 1)])
+            dist.all_reduce(tensor)
+            ok = float(tensor.item()) == world * (world + 1) / 2
+            _append("worker", {**common, "step": step, "ok": ok, "sum": float(tensor.item())})
+            if not ok:
+                return 2
+            step += 1
         if step >= args.steps and (not args.hold or os.path.exists(args.hold)):
             break
         if time.monotonic() - start > args.max_wait:
