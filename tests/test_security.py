@@ -486,7 +486,7 @@ def test_forged_heartbeats_do_not_keep_a_dead_node_alive() -> None:
         deadline = time.monotonic() + 10
         while time.monotonic() < deadline:
             snap = forger.read()
-            if snap is not None and c.node_id in json.loads(snap.data.split(b"\n", 1)[-1])["redundancy_list"]:
+            if snap is not None and c.node_id in decode_state(snap.data.split(b"\n", 1)[-1], "doc").redundancy_list:
                 break
             time.sleep(0.05)
         b._stop_keepalive()
@@ -496,7 +496,7 @@ def test_forged_heartbeats_do_not_keep_a_dead_node_alive() -> None:
         while time.monotonic() < deadline and not removed:
             snap = forger.read()
             assert snap is not None
-            removed = b.node_id not in json.loads(snap.data)["participants"]
+            removed = b.node_id not in decode_state(snap.data.split(b"\n", 1)[-1], "doc").participants
             time.sleep(0.05)
         assert removed, "a dead node was kept alive by unsigned heartbeats"
     finally:
