@@ -30,7 +30,6 @@ import itertools
 import logging
 import os
 import random
-import secrets
 import socket
 import threading
 import time
@@ -52,7 +51,7 @@ from ._scaleup import ScaleUpGate, ScaleUpPolicy
 from ._secret import job_secret, read_secret_file
 from ._session import Session
 from ._settings import Settings
-from ._state import NodeInfo, RendezvousState
+from ._state import NodeInfo, RendezvousState, new_node_nonce
 from ._steady import SteadyReads
 from ._store import Store
 from ._stores import open_store
@@ -141,7 +140,7 @@ class RendezvousHandler:
         with _local_ids_lock:
             local_id = next(_local_ids)
         addr = local_addr or socket.getfqdn()
-        node = NodeInfo(addr, os.getpid(), local_id, secrets.token_hex(3), 0, socket.gethostname())
+        node = NodeInfo(addr, os.getpid(), local_id, new_node_nonce(), 0, socket.gethostname())
         self.node_id = node.node_id
         self._lock = threading.RLock()
         # Watches only with the real sleep: an injected sleep (tests, simulation) keeps full control of time.
