@@ -87,6 +87,8 @@ class LaunchConfig:
     scale_up_max_delay: float = DEFAULT_MAX_DELAY
     #: Where the job secret came from (exported to the workers as a path, never as the secret).
     secret_file: str | None = None
+    #: Host names the job expects (``--expect``; empty: the environment's ``SLURM_JOB_NODELIST``, if any).
+    expected_nodes: Sequence[str] = ()
 
 
 class _Interrupted(Exception):
@@ -122,6 +124,7 @@ def handler_for(config: LaunchConfig) -> RendezvousHandler:
         secret=config.secret,
         scale_up_at=config.scale_up_at,
         scale_up_max_delay=config.scale_up_max_delay,
+        expected_nodes=config.expected_nodes or None,
     )
 
 

@@ -419,3 +419,16 @@ def test_one_failed_local_process_stops_the_others_and_restarts_the_node(tmp_pat
         proc.kill()
     assert proc.returncode == 0, err
     assert "a local process exited with 5" in err and "failed with 5: restart 1 of 1" in err
+
+
+def test_expect_names_the_nodes_that_never_joined(tmp_path: Path) -> None:
+    """``--expect NODES`` (issue 15 §3): the join-timeout message names each expected node that never joined."""
+    argv = fsrdzv("run", "--endpoint", str(tmp_path), "--run-id", "exp", "--nnodes", "2", "--join-timeout", "2")
+    result = subprocess.run(
+        [*argv, "--expect", "node[01-02],gpu7", "--", "true"], capture_output=True, text=True, timeout=60
+    )
+    assert result.returncode != 0
+    last = result.stderr.splitlines()[-1]
+    assert "missing 3 of 3 expected: node01 (never seen), node02 (never seen), gpu7 (never seen)" in last, last
+    bad = subprocess.run([*argv, "--expect", "node[01", "--", "true"], capture_output=True, text=True, timeout=60)
+    assert bad.returncode != 0 and "unbalanced brackets" in bad.stderr.splitlines()[-1], bad.stderr

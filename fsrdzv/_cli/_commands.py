@@ -198,6 +198,7 @@ def cmd_run(args: argparse.Namespace) -> int:
         scale_up_at=args.scale_up_at,
         scale_up_max_delay=args.scale_up_max_delay,
         secret_file=args.secret_file,
+        expected_nodes=(args.expect,) if args.expect else (),
     )
     return Launcher(config).run()
 

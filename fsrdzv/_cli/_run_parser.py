@@ -49,7 +49,14 @@ def add_run(add: Callable[..., argparse.ArgumentParser], common: Callable[[argpa
     p.add_argument(
         "--local-addr",
         metavar="ADDR",
-        help="address other nodes reach this one at; MASTER_ADDR when rank 0 (default: FQDN)",
+        help="address other nodes reach this one at; MASTER_ADDR when rank 0 (default: the first of this node's "
+        "host name and interface addresses that the others reach)",
+    )
+    p.add_argument(
+        "--expect",
+        metavar="NODES",
+        help="host names the job expects, comma-separated, Slurm's node[01-03] allowed (default: "
+        "$SLURM_JOB_NODELIST): progress lines, the join-timeout message and fsrdzv status name the missing ones",
     )
     p.add_argument(
         "--nproc-per-node", type=count(1), default=1, metavar="N", help="copies of CMD on this node (default: 1)"
