@@ -23,6 +23,7 @@ from typing import Any, Final
 
 from ._errors import RendezvousStateError, StorageError
 from ._liveness import LivenessTracker
+from ._roster import missing_nodes, short_name
 from ._scaleup import GATE_KIND, read_gate_records
 from ._state import NodeInfo, RendezvousState, decode_state, request_owner
 from ._store import Store
@@ -152,6 +153,24 @@ def deferral_json(store: Store, state: RendezvousState) -> dict[str, Any] | None
     }
 
 
+def expected_json(
+    state: RendezvousState, tags: Mapping[str, str], observer: LivenessTracker, now: float
+) -> dict[str, Any] | None:
+    """The ``expected`` object: the run's expected roster (``config.expected_nodes``) and the names no member of
+    the document runs on, each with the heartbeat of a record whose node id names that host, if any; or None."""
+    names = list((state.config or {}).get("expected_nodes") or [])
+    if not names:
+        return None
+    members = state.members()
+    present = {short_name(i.host or i.addr) for n, i in state.nodes.items() if n in members}
+    missing = []
+    for name in missing_nodes(names, present):
+        records = sorted(n for n in tags if short_name(n.rsplit("_", 3)[0]) == short_name(name))
+        beats = [heartbeat_json(observer, n, now) for n in records]
+        missing.append({"name": name, "heartbeat": min(beats, key=lambda b: b["age_seconds"] or 0.0, default=None)})
+    return {"nodes": names, "missing": missing}
+
+
 def collect_status(
     store: Store,
     endpoint: str,
@@ -188,8 +207,10 @@ def collect_status(
     }
     if state is None:
         doc.update({**_NO_DOCUMENT, "participants": [], "waiting": [], "spares": [], "unlisted": [], "scale_up": None})
+        doc["expected"] = None
         return doc
     doc["scale_up"] = deferral_json(store, state)
+    doc["expected"] = expected_json(state, tags, observer, now)
     unlisted = [
         {"node_id": n, "heartbeat": heartbeat_json(observer, n, now), "join_request": n in requests}
         for n in sorted((set(tags) | requests) - state.members())

@@ -443,3 +443,26 @@ def test_a_missing_sdk_names_the_package_not_the_namespace(tmp_path: Path) -> No
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
     assert "google-cloud-storage is missing" in out.stdout and "pip install '.[gcs]'" in out.stdout, out
+
+
+def test_status_names_the_expected_nodes_not_in_the_run(tmp_path: Path) -> None:
+    """Issue 15 §3: ``fsrdzv status`` names the expected nodes (the document's ``config.expected_nodes``) that
+    no member runs on, and whether a heartbeat record of that host was seen."""
+    from fsrdzv import create_handler
+
+    with create_handler(str(tmp_path), "exp", 1, 1, last_call_timeout=0.1, expected_nodes=["node[01-02]"]) as h:
+        h.next_rendezvous()
+        run = subprocess.run(
+            fsrdzv("status", str(tmp_path), "--run-id", "exp", "--json", "--observe", "0.2"),
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
+        doc = json.loads(run.stdout)
+        assert doc["expected"]["nodes"] == ["node01", "node02"], doc["expected"]
+        assert [m["name"] for m in doc["expected"]["missing"]] == ["node01", "node02"], doc["expected"]
+        assert all(m["heartbeat"] is None for m in doc["expected"]["missing"])
+        text = subprocess.run(
+            fsrdzv("status", str(tmp_path), "--run-id", "exp", "--observe", "0.2"), capture_output=True, text=True
+        ).stdout
+        assert "expected, not in the run (2 of 2): node01 (never seen), node02 (never seen)" in text, text

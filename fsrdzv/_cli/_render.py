@@ -54,6 +54,17 @@ def _deferral_lines(scale_up: Mapping[str, Any] | None) -> list[str]:
     ]
 
 
+def _expected_lines(expected: Mapping[str, Any] | None) -> list[str]:
+    """The expected nodes (``--expect``, Slurm's node list) that no member runs on, and when each was seen."""
+    if not expected or not expected["missing"]:
+        return []
+    named = [
+        f"{m['name']} ({'never seen' if m['heartbeat'] is None else 'heartbeat ' + heartbeat_text(m['heartbeat'])})"
+        for m in expected["missing"]
+    ]
+    return ["", f"expected, not in the run ({len(named)} of {len(expected['nodes'])}): {', '.join(named)}"]
+
+
 def render_status(doc: Mapping[str, Any]) -> str:
     """The human-readable form of an ``fsrdzv.status/1`` object."""
     head = f"run {doc['run_id']!r} at {doc['endpoint']}"
@@ -95,6 +106,7 @@ def render_status(doc: Mapping[str, Any]) -> str:
     section("participants", doc["participants"], ranked=True)
     section("waiting", doc["waiting"], ranked=False)
     lines.extend(_deferral_lines(doc.get("scale_up")))
+    lines.extend(_expected_lines(doc.get("expected")))
     section("spares", doc["spares"], ranked=False)
     if doc["unlisted"]:
         lines.append("")
