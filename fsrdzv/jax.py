@@ -34,12 +34,14 @@ try:
     from jax._src.clusters import ClusterEnv
 except ImportError as exc:  # no JAX, or one that moved its plug-in interface
     raise ImportError(
-        f"fsrdzv.jax needs JAX's cluster plug-in interface (jax {TESTED_JAX}; pip install '.[jax]' in a clone of fsrdzv): {exc}"
+        f"fsrdzv.jax needs JAX's cluster plug-in interface (jax {TESTED_JAX}; "
+        f"pip install '.[jax]' in a clone of fsrdzv): {exc}"
     ) from None
 
 if not hasattr(ClusterEnv, "opt_in_only_method"):
     raise ImportError(
-        f"this JAX has no opt-in cluster plug-ins; fsrdzv.jax supports jax {TESTED_JAX} (pip install '.[jax]' in a clone of fsrdzv)"
+        f"this JAX has no opt-in cluster plug-ins; fsrdzv.jax supports jax {TESTED_JAX} "
+        "(pip install '.[jax]' in a clone of fsrdzv)"
     )
 
 

@@ -1,6 +1,7 @@
 """torchrun integration: ``torchrun --rdzv-backend=fsrdzv --rdzv-endpoint=<dir or URL> ...``.
 
-This is the only fsrdzv module that imports torch (``pip install '.[torch]'`` in a clone of fsrdzv). It offers two things:
+This is the only fsrdzv package that imports torch (``pip install '.[torch]'`` in a clone of fsrdzv). It offers
+two things:
 
 * :func:`handler_creator`, the ``torchrun.handlers`` entry point. torch calls it with no arguments and registers the
   returned ``create(params)`` under the entry-point name ``fsrdzv``. The handler it builds runs fsrdzv's own
