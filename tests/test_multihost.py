@@ -325,12 +325,12 @@ def test_survivors_reform_without_a_frozen_host(make_network: Callable[..., Netw
     frozen, survivors = net.hosts[2], net.hosts[:2]
     frozen.freeze()
     try:
-        took = wait_until(
-            "the survivors training without the frozen host", job.training(2, hosts=survivors), 3 * LIVENESS
-        )
+        # The rendezvous is fsrdzv's part (the agents handed a round without h3); restarting workers is torch's.
+        took = wait_until("a round handed out without the frozen host", _handed(job, survivors), 3 * LIVENESS)
         time.sleep(max(0.0, 3 * LIVENESS - took))
     finally:
         frozen.thaw()
+    wait_until("the survivors training without the frozen host", job.training(2, hosts=survivors), FINISH)
     job.release.touch()
     assert job.wait(survivors) == [0, 0], net.logs()
     rounds = job.check_invariants()
@@ -395,6 +395,20 @@ def test_hosts_cut_off_from_s3_and_restored(make_network: Callable[..., Network]
     rounds = job.check_invariants()
     done = [r for r in job.records("worker") if r.get("done")]
     assert done and all(r["round"] == max(rounds) for r in done), (done, rounds)
+
+
+def _handed(job: Job, hosts: Sequence[Host]) -> Callable[[], bool]:
+    """A predicate: every one of ``hosts`` was handed one round whose members are exactly ``hosts``."""
+    names = {h.name for h in hosts}
+
+    def check() -> bool:
+        rounds: dict[int, set[str]] = defaultdict(set)
+        for r in job.records("agent"):
+            if len(r["participants"]) == len(names):
+                rounds[r["round"]].add(r["host"])
+        return any(got == names for got in rounds.values())
+
+    return check
 
 
 def _alive(pid: int) -> bool:
