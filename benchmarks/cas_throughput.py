@@ -63,7 +63,7 @@ def _directory(base: str | None, lock: bool) -> Callable[[ExitStack], StoreSpec]
             raise RuntimeError(f"{base} does not exist")
         path = tempfile.mkdtemp(prefix="fsrdzv-bench-", dir=base)
         stack.callback(shutil.rmtree, path, True)
-        return StoreSpec(endpoint=path, storage_options={} if lock else {"lock": False})
+        return StoreSpec.at(path, {} if lock else {"lock": False})
 
     return make
 
@@ -109,7 +109,7 @@ def backends() -> list[Backend]:
         Backend(
             "memory",
             "memory:// (threads)",
-            lambda stack: StoreSpec(endpoint=f"memory://bench-{uuid.uuid4().hex[:8]}"),
+            lambda stack: StoreSpec.at(f"memory://bench-{uuid.uuid4().hex[:8]}"),
             threads=True,
         ),
         Backend("s3", "S3 (moto_server)", _server("s3")),

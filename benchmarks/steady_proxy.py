@@ -215,7 +215,7 @@ def main() -> None:
     parser.add_argument("--seconds", type=float, default=120.0)
     parser.add_argument("--before", default=DEFAULT_BEFORE, help="git revision to compare with ('' for none)")
     parser.add_argument("--quick", action="store_true", help="skip the per-store probe table")
-    parser.add_argument("--out", default="steady_proxy")
+    parser.add_argument("--out", default="steady_proxy.md")
     parser.add_argument("--no-files", action="store_true")
     args = parser.parse_args()
 

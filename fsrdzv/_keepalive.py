@@ -18,6 +18,7 @@ from typing import Any, Protocol
 
 from ._errors import RendezvousError
 from ._policy import BEAT_RETRY
+from ._ratelog import log_limited
 from ._session import DocumentCache, Session
 
 __all__ = ["Background", "Heartbeat", "Runtime", "StopEvent", "ThreadRuntime", "next_beat_in"]
@@ -182,7 +183,8 @@ class _Loop:
                 heartbeat.beat()
                 landed = True
             except RendezvousError as exc:
-                log.warning("keep-alive of %s failed (retrying soon): %s", heartbeat.node_id, exc)
+                what = "keep-alive of %s failed (retrying soon): %s"
+                log_limited(log, logging.WARNING, what, heartbeat.node_id, exc, key=heartbeat.node_id)
             except Exception:  # a bug must not kill liveness silently; log it loudly and go on
                 log.exception("unexpected error in the keep-alive of %s", heartbeat.node_id)
             del heartbeat

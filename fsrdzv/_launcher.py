@@ -47,6 +47,7 @@ from ._errors import (
 )
 from ._handler import RendezvousHandler, RendezvousInfo, create_handler
 from ._liveness import LivenessTracker
+from ._ratelog import log_limited
 from ._scaleup import DEFAULT_MAX_DELAY
 from ._settings import LAUNCH_DEFAULTS, Settings
 from ._workers import WorkerGroup, WorkerSetup, worker_env
@@ -371,7 +372,7 @@ class Launcher:
         try:
             state, snap = admin.read_snapshot()
         except RendezvousStateError as exc:
-            log.error("the document became unreadable; the command keeps running: %s", exc)
+            log_limited(log, logging.ERROR, "the document became unreadable; the command keeps running: %s", exc)
             return None
         if state is None:
             return "the rendezvous document disappeared (fsrdzv reset or gc?)"

@@ -147,6 +147,10 @@ class Session:
     # -- the document --------------------------------------------------------------------------------------
 
     def read(self) -> tuple[RendezvousState | None, Snapshot | None]:
+        """The document: a conditional read against the newest one this session saw (:attr:`last`), if any (an
+        unchanged document costs no body on the object stores, no hash on a directory)."""
+        if self.last[1] is not None:
+            return self.read_if_changed()
         self._budget.take()
         self.ops["read"] += 1
         snap = self.store.read()

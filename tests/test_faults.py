@@ -907,3 +907,22 @@ def test_soak_6_handler_threads_random_joins_leaves_deaths_one_close() -> None:
         f"{counts['joins']} joins, {counts['leaves']} leaves, {counts['deaths']} deaths, {counts['closes']} close "
         f"(seen by {counts['saw_close']} threads)"
     )
+
+
+def test_an_outage_logs_the_keepalive_failure_once_per_period(caplog: pytest.LogCaptureFixture) -> None:
+    """The keep-alive retries a failed beat every ~0.1 s here; during a 2 s outage it warns once, not each time."""
+    rid = _rid("quiet")
+    store = FaultyStore(MemoryStore(f"quiet-{uuid.uuid4().hex[:8]}", rid))
+    settings = fsrdzv.Settings(run_id=rid, min_nodes=1, max_nodes=1, keep_alive_interval=0.1, last_call_timeout=0.1)
+    h = fsrdzv.RendezvousHandler(store, settings, local_addr="10.0.7.1")
+    h.next_rendezvous()
+    try:
+        with caplog.at_level("WARNING", logger="fsrdzv"):
+            store.fail_rate = 1.0
+            time.sleep(2.0)
+            store.fail_rate = 0.0
+    finally:
+        h.shutdown()
+    warnings = [r for r in caplog.records if "keep-alive of" in r.getMessage()]
+    assert store.injected >= 5
+    assert len(warnings) == 1, [r.getMessage() for r in warnings]

@@ -102,7 +102,9 @@ def _place_big_object(store: Any, key: str) -> None:
 @pytest.mark.parametrize("what", ["document", "record"])
 def test_a_200_mb_object_is_refused_unread_on_object_stores(object_endpoint: Endpoint, what: str) -> None:
     run_id = _run_id()
-    store: Any = open_store(object_endpoint.url, run_id, storage_options=object_endpoint.storage_options)
+    # Uploading 200 MB to an emulator takes longer than the default read timeout.
+    setup = {**object_endpoint.storage_options, "read_timeout": 120}
+    store: Any = open_store(object_endpoint.url, run_id, storage_options=setup)
     key = store.state_key if what == "document" else store._record_key("hb", encode_name("node-1"))
     _place_big_object(store, key)
     options = {**object_endpoint.storage_options, "skip_selftest": True}

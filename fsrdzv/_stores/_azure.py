@@ -11,7 +11,8 @@ on every write, even of identical bytes.
 adlfs is not used for the data path (it does not map the 412 and adds a listing cache); its configuration names
 are accepted for parity: ``connection_string``, ``account_name``, ``account_key``, ``sas_token``, ``credential``,
 ``anon``, ``tenant_id``/``client_id``/``client_secret``, ``account_host``, plus ``account_url``,
-``client_kwargs`` (passed to ``BlobServiceClient``) and fsrdzv's ``skip_selftest``. Without options, the
+``client_kwargs`` (passed to ``BlobServiceClient``), ``connect_timeout`` / ``read_timeout`` (seconds per request, as
+on S3 and GCS) and fsrdzv's ``skip_selftest``. Without options, the
 environment is used: ``AZURE_STORAGE_CONNECTION_STRING``, or ``AZURE_STORAGE_ACCOUNT_NAME`` with
 ``AZURE_STORAGE_ACCOUNT_KEY`` / ``AZURE_STORAGE_SAS_TOKEN`` / ``DefaultAzureCredential``. ``abfs://`` URLs of the
 form ``container@account.dfs.core.windows.net/prefix`` name the account themselves.
@@ -30,7 +31,7 @@ from azure.storage.blob import BlobPrefix, BlobServiceClient, LinearRetry
 
 from .._errors import ConfigurationError, RendezvousError, StorageError
 from .._text import one_line
-from ._object import ExpectedAnswerError, ObjectStore, batches, in_threads
+from ._object import TIMEOUT_OPTIONS, ExpectedAnswerError, ObjectStore, batches, in_threads
 
 __all__ = ["AzureStore"]
 
@@ -52,6 +53,7 @@ _KNOWN_OPTIONS: Final = frozenset(
         "client_kwargs",
         "skip_selftest",
     }
+    | TIMEOUT_OPTIONS
 )
 #: Bytes the first request of a download fetches (documents are smaller; the SDK default is 32 MiB).
 FIRST_GET_BYTES: Final = 4 * 1024 * 1024
@@ -131,19 +133,23 @@ def _credential(options: dict[str, Any], account_name: str) -> Any:
     return identity.DefaultAzureCredential()
 
 
-def _service_client(options: dict[str, Any], url_account: str | None) -> tuple[Any, str]:
+def _service_client(options: dict[str, Any], url_account: str | None, timeouts: tuple[float, float]) -> tuple[Any, str]:
     """A BlobServiceClient and the account URL it talks to, from options first, then the environment."""
     client_kwargs = dict(options.get("client_kwargs") or {})
+    # fsrdzv's connect_timeout/read_timeout (or their defaults) unless client_kwargs names the SDK's own.
+    client_kwargs.setdefault("connection_timeout", timeouts[0])
+    client_kwargs.setdefault("read_timeout", timeouts[1])
     if not _RETRY_KWARGS & set(client_kwargs):
         # The SDK default backs off 15 s and more per attempt: 80 s before an unreachable endpoint is reported.
         # The rendezvous has its own retry policy, so the store fails fast and lets it decide.
         # (Fractions of a second work at run time; the annotation says int.)
+        # A read that timed out is retried once: a silent endpoint fails within two read timeouts.
         client_kwargs["retry_policy"] = LinearRetry(
             backoff=0.5,  # type: ignore[arg-type]
             random_jitter_range=0.25,  # type: ignore[arg-type]
             retry_total=3,
+            retry_read=1,
         )
-    client_kwargs.setdefault("connection_timeout", 10)
     # A download's first request fetches at most this much: the size of an oversized blob is known before more.
     client_kwargs.setdefault("max_single_get_size", FIRST_GET_BYTES)
     connection_string = options.get("connection_string")
@@ -190,7 +196,8 @@ class AzureStore(ObjectStore):
         self.container_name = bucket
         self.account_url = self._url_account or "the configured account"
         try:
-            self._service, self.account_url = _service_client(options, self._url_account)
+            timeouts = (self.connect_timeout, self.read_timeout)
+            self._service, self.account_url = _service_client(options, self._url_account, timeouts)
         except RendezvousError:
             raise
         except (ValueError, TypeError) as exc:

@@ -10,8 +10,9 @@ ordered; the envelope's own generation is what orders documents.
 gcsfs is not used: it has no generation-match update. Options: ``project``, ``token`` (gcsfs's values: ``"anon"``
 for emulators, ``"google_default"``, ``"cloud"``, a path to a JSON key file, a dict, or a Credentials object),
 ``credentials``, ``endpoint_url`` (else ``STORAGE_EMULATOR_HOST`` is honoured, with anonymous credentials, by the
-client library itself), ``timeout`` (seconds per request), ``retry_timeout`` (seconds of retries of a transient
-failure, default 10) and fsrdzv's ``skip_selftest``.
+client library itself), ``connect_timeout`` / ``read_timeout`` (seconds per request, as on S3 and Azure; ``timeout``
+sets both), ``retry_timeout`` (seconds of retries of a transient failure, default 10) and fsrdzv's
+``skip_selftest``.
 
 GCS allows about one write per second to the same object name; contention on the document beyond that is
 answered with 429 and retried within ``retry_timeout`` by the client library.
@@ -26,30 +27,30 @@ from typing import Any, Final
 
 import google.auth
 import requests
+import urllib3
 from google.api_core import exceptions as api_exc
 from google.api_core.retry import Retry
 from google.auth import exceptions as auth_exc
 from google.auth.credentials import AnonymousCredentials
 from google.cloud import storage
 from google.cloud.storage.retry import DEFAULT_RETRY
+from google.cloud.storage.retry import _should_retry as _library_retries
 
 from .._errors import ConfigurationError, StorageError
 from .._text import one_line
-from ._object import ExpectedAnswerError, ObjectStore, in_threads
+from ._object import TIMEOUT_OPTIONS, ExpectedAnswerError, ObjectStore, in_threads
 
 __all__ = ["GcsStore"]
 
 log = logging.getLogger("fsrdzv.store.gcs")
 
 _KNOWN_OPTIONS: Final = frozenset(
-    {"project", "token", "credentials", "endpoint_url", "timeout", "retry_timeout", "skip_selftest"}
+    {"project", "token", "credentials", "endpoint_url", "timeout", "retry_timeout", "skip_selftest"} | TIMEOUT_OPTIONS
 )
 #: Default seconds of retries of transient failures per operation (the library default is 120).
 DEFAULT_RETRY_TIMEOUT: Final = 10.0
 #: Bytes the first request of a download fetches (documents are smaller).
 FIRST_GET_BYTES: Final = 4 * 1024 * 1024
-#: Default seconds per HTTP request.
-DEFAULT_TIMEOUT: Final = 60.0
 _SCOPES: Final = ["https://www.googleapis.com/auth/devstorage.read_write"]
 _CONDITIONS: Final = "ifGenerationMatch"
 _CONTENT_TYPE: Final = "application/octet-stream"
@@ -81,6 +82,23 @@ class _Answer(ExpectedAnswerError):
     @property
     def summary(self) -> str:
         return f"{self.status}: {self.message}"
+
+
+def _timed_out(exc: BaseException) -> bool:
+    # requests raises a timeout itself, or a ConnectionError around urllib3's, or google-auth wraps it.
+    seen: BaseException | None = exc
+    while seen is not None:
+        if isinstance(seen, (requests.Timeout, urllib3.exceptions.TimeoutError, TimeoutError)):
+            return True
+        inner = seen.args[0] if seen.args and isinstance(seen.args[0], BaseException) else None
+        seen = inner if inner is not seen else None
+    return False
+
+
+def _retried(exc: BaseException) -> bool:
+    """The library's transient failures, except timeouts: a silent endpoint fails a request after one
+    ``read_timeout`` (the rendezvous retries on its own terms) instead of for the whole retry budget."""
+    return not _timed_out(exc) and bool(_library_retries(exc))
 
 
 def _credentials(token: Any, credentials: Any) -> Any:
@@ -129,8 +147,14 @@ class GcsStore(ObjectStore):
     def _connect(self, bucket: str, options: dict[str, Any]) -> str | None:
         self.bucket_name = bucket
         self.endpoint_url = str(options.get("endpoint_url") or "")
-        self._timeout = float(options.get("timeout", DEFAULT_TIMEOUT))
-        self._retry: Retry = DEFAULT_RETRY.with_timeout(float(options.get("retry_timeout", DEFAULT_RETRY_TIMEOUT)))
+        # (connect, read) seconds per request; ``timeout`` (one number for both) is the older spelling.
+        legacy = options.get("timeout")
+        self._timeout: float | tuple[float, float] = (
+            float(legacy) if legacy is not None else (self.connect_timeout, self.read_timeout)
+        )
+        self._retry: Retry = DEFAULT_RETRY.with_timeout(
+            float(options.get("retry_timeout", DEFAULT_RETRY_TIMEOUT))
+        ).with_predicate(_retried)
         self._client = self._call("client set-up", lambda: self._make_client(options))
         if not self.endpoint_url:
             self.endpoint_url = str(getattr(self._client, "api_endpoint", None) or "Google Cloud Storage")

@@ -28,10 +28,11 @@ import errno
 from abc import abstractmethod
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
-from typing import Any, ClassVar, TypeVar
+from typing import Any, ClassVar, Final, TypeVar
 
 from .._envelope import ENVELOPE_SLACK, decode_name, oversized, parse_token
 from .._errors import ConfigurationError, RendezvousError, StorageError
+from .._settings import parse_seconds
 from .._store import (
     MAX_DOCUMENT_BYTES,
     MAX_RECORD_BYTES,
@@ -45,13 +46,30 @@ from .._storetypes import StoreCapabilities
 from ._keys import check_kind, join_key, split_rest
 from ._selftest import PROBE_DIR, verify_conditional_writes
 
-__all__ = ["ExpectedAnswerError", "ObjectRequests", "ObjectStore", "batches", "check_options", "in_threads"]
+__all__ = [
+    "DEFAULT_CONNECT_TIMEOUT",
+    "DEFAULT_READ_TIMEOUT",
+    "TIMEOUT_OPTIONS",
+    "ExpectedAnswerError",
+    "ObjectRequests",
+    "ObjectStore",
+    "batches",
+    "check_options",
+    "in_threads",
+]
 
 _T = TypeVar("_T")
 _I = TypeVar("_I")
 
 #: Threads of the stores that check or delete objects one request each.
 _THREADS = 8
+#: Seconds to establish a connection and to wait for the next bytes of an answer (the storage options
+#: ``connect_timeout`` and ``read_timeout``, the same on every object store): well below the keep-alive interval,
+#: so that a silently dropped connection fails a request within seconds, as a refused one does, instead of
+#: holding the keep-alive or the launcher's loop for a minute.
+DEFAULT_CONNECT_TIMEOUT: Final = 2.0
+DEFAULT_READ_TIMEOUT: Final = 2.0
+TIMEOUT_OPTIONS: Final = frozenset({"connect_timeout", "read_timeout"})
 
 
 class ExpectedAnswerError(Exception):
@@ -249,6 +267,14 @@ class ObjectStore(SealedStore, ObjectRequests):
         if self.known_options is not None:
             check_options(options, self.known_options, self.location)
         skip_selftest = bool(options.pop("skip_selftest", False))
+        source = f"storage option of {self.location}"
+        #: Seconds to connect, and to wait for the next bytes of an answer, per request.
+        self.connect_timeout = parse_seconds(
+            "connect_timeout", options.pop("connect_timeout", DEFAULT_CONNECT_TIMEOUT), source=source
+        )
+        self.read_timeout = parse_seconds(
+            "read_timeout", options.pop("read_timeout", DEFAULT_READ_TIMEOUT), source=source
+        )
         endpoint = self._connect(bucket, options)
         if not skip_selftest:
             verify_conditional_writes(

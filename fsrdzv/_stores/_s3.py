@@ -16,7 +16,8 @@ translated.
 
 Configuration: ``storage_options`` go to ``s3fs.S3FileSystem`` (``endpoint_url``, ``key``, ``secret``, ``anon``,
 ``client_kwargs``, ``config_kwargs``, ...), and everything s3fs and botocore read from the environment works too
-(``AWS_ENDPOINT_URL``, ``AWS_PROFILE``, ``FSSPEC_S3_*``). fsrdzv adds one option of its own, ``skip_selftest``.
+(``AWS_ENDPOINT_URL``, ``AWS_PROFILE``, ``FSSPEC_S3_*``). fsrdzv adds options of its own: ``skip_selftest``, and
+``connect_timeout`` / ``read_timeout`` (seconds; botocore's own, given in ``config_kwargs``, take precedence).
 """
 
 from __future__ import annotations
@@ -117,17 +118,24 @@ def _merged_options(options: dict[str, Any]) -> dict[str, Any]:
     return merged
 
 
-def _filesystem(opts: dict[str, Any]) -> Any:
+def _filesystem(opts: dict[str, Any], timeouts: tuple[float, float]) -> Any:
     """An S3FileSystem for merged options, with fsrdzv's defaults where the user configured nothing."""
     opts = dict(opts)
     # Listings must be fresh: nodes appear and leave between two listings of the records.
     opts["use_listings_cache"] = False
     config = dict(opts.get("config_kwargs") or {})
+    # fsrdzv's connect_timeout/read_timeout (or their defaults) unless config_kwargs names botocore's own.
+    config.setdefault("connect_timeout", timeouts[0])
+    config.setdefault("read_timeout", timeouts[1])
     if "retries" not in config and not os.environ.get("AWS_MAX_ATTEMPTS") and not os.environ.get("AWS_RETRY_MODE"):
         # botocore's legacy mode spends ~8 s on an unreachable endpoint; the rendezvous retries on its own terms.
         config["retries"] = {"mode": "standard", "max_attempts": 3}
     opts["config_kwargs"] = config
-    return s3fs.S3FileSystem(**opts)
+    fs = s3fs.S3FileSystem(**opts)
+    # botocore retries (above); s3fs would retry each of its attempts again (5 times: 15 attempts of a read that
+    # times out), so one request of a silent endpoint would hold the caller for a minute.
+    fs.retries = 1
+    return fs
 
 
 def _configured_endpoint(options: dict[str, Any]) -> str | None:
@@ -160,7 +168,7 @@ class S3Store(ObjectStore):
 
     def _open_filesystem(self, options: dict[str, Any]) -> Any:
         try:
-            return _filesystem(options)
+            return _filesystem(options, (self.connect_timeout, self.read_timeout))
         except (TypeError, ValueError) as exc:
             raise ConfigurationError(f"invalid storage_options for {self.location}: {one_line(exc)}") from None
 
@@ -179,8 +187,10 @@ class S3Store(ObjectStore):
     # -- the boundary ----------------------------------------------------------------------------------------
 
     async def _send(self, method: str, **kwargs: Any) -> Any:
-        """One S3 API call through s3fs (which adds ``s3_additional_kwargs`` and throttling retries)."""
-        return await self._fs._call_s3(method, **kwargs)  # noqa: SLF001 - s3fs's one call path, with its retries
+        """One S3 API call through s3fs (which adds ``s3_additional_kwargs``), with botocore's retries, bounded as a
+        whole: a PUT waiting for an answer of a silent endpoint is not covered by botocore's read timeout."""
+        call = self._fs._call_s3(method, **kwargs)  # noqa: SLF001 - s3fs's one call path
+        return await asyncio.wait_for(call, 2 * (self.connect_timeout + self.read_timeout))
 
     def _run(self, op: Callable[[], Coroutine[Any, Any, _T]]) -> _T:
         """Run ``op`` on s3fs's event loop (inside :meth:`_call`, which translates what it raises)."""
