@@ -768,7 +768,8 @@ def test_permission_denied_for_another_user() -> None:
             kind, code, message = out[op]
             assert kind == "StorageError" and code == errno.EACCES, out[op]
             assert "\n" not in message and run_dir in message
-            assert "permission denied; check the directory's owner and mode" in message
+            assert "Permission denied; check the directory's owner and mode" in message
+            assert message.lower().count("permission denied") == 1, message
         assert _document_bytes(run_dir) == before
         print(f"\npermission denied: {out['join'][2]}")
     finally:

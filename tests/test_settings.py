@@ -213,6 +213,8 @@ def test_defaults_are_the_dataclass_defaults() -> None:
         "heartbeat_timeout": 5.0,
         "keep_alive_interval": 5.0,
         "keep_alive_max_attempt": 3,
+        "expected_nodes": (),
+        "applied_history": 1024,
     }
 
 
