@@ -45,7 +45,7 @@ from fsrdzv.testing import StoreSpec  # noqa: E402
 
 RESULTS = REPO / "benchmarks" / "results" / "cas_throughput.md"
 #: Target of the directory store on tmpfs with 8 writers (CAS/s).
-TMPFS_TARGET = 1000.0
+TMPFS_TARGET = 2500.0
 
 
 @dataclass

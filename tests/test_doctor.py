@@ -54,7 +54,7 @@ def test_text_output_has_one_verdict_per_check(tmp_path: Path) -> None:
     result = doctor(str(tmp_path), "--rounds", "2", "--samples", "3")
     assert result.returncode == 0, result.stderr
     lines = result.stdout.splitlines()
-    for name in ("reach", "cas", "lock", "mount", "clock", "latency"):
+    for name in ("reach", "cas", "lock", "mount", "space", "clock", "latency"):
         assert any(line.split()[1:2] == [name] for line in lines[1:-1]), result.stdout
     assert lines[-1].startswith("verdict: OK")
 
@@ -161,3 +161,24 @@ def test_usage_errors_are_one_line(args: list[str], code: int) -> None:
     result = doctor(*args, env=env)
     assert result.returncode == code
     assert len(result.stderr.splitlines()) == 1 and result.stderr.startswith("fsrdzv"), result.stderr
+
+
+def test_space_fails_on_a_64_kib_tmpfs_and_passes_on_a_roomy_one(tmp_path: Path) -> None:
+    """A 64 KiB tmpfs holds three or four generations of a 4-node run: the doctor says so before a job fills it."""
+    if os.geteuid() != 0:
+        pytest.skip("mounting a tmpfs needs root")
+    small, large = tmp_path / "small", tmp_path / "large"
+    mounted = []
+    try:
+        for path, size in ((small, "64k"), (large, "256m")):
+            path.mkdir()
+            if subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(path)]).returncode:
+                pytest.skip("cannot mount a tmpfs here")
+            mounted.append(path)
+        got = {c.name: c for c in run_doctor(str(small), checks=("space",))}
+        assert got["space"].verdict == "fail" and "ENOSPC" in got["space"].summary
+        assert got["space"].details["log_entries_kept"] == 64
+        assert run_doctor(str(large), checks=("space",))[0].verdict == "pass"
+    finally:
+        for path in mounted:
+            subprocess.run(["umount", "-l", str(path)], check=False)

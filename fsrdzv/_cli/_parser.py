@@ -211,6 +211,7 @@ def _add_doctor(add: _Add) -> None:
         "  lock     (directories) a lock held by another process excludes this one\n"
         "  mount    (directories) mount options that break locking or caching (NFS nolock/local_lock/nocto,\n"
         "           actimeo/noac/lookupcache, Lustre localflock/noflock, FUSE), from /proc/self/mountinfo\n"
+        "  space    (directories) free space and inodes against what a run needs (64 log entries, records)\n"
         "  clock    offset between this host's clock and the storage's (file mtime / object LastModified)\n"
         "  latency  median and p90 of read, CAS and listing\n"
         "A failed check makes the exit status 1; warnings do not.",

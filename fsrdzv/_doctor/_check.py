@@ -10,7 +10,7 @@ __all__ = ["CHECKS", "DOCTOR_SCHEMA", "Check"]
 #: Schema identifier of ``fsrdzv doctor --json``.
 DOCTOR_SCHEMA: Final = "fsrdzv.doctor/1"
 #: Every check, in the order it runs.
-CHECKS: Final = ("reach", "cas", "lock", "mount", "clock", "latency")
+CHECKS: Final = ("reach", "cas", "lock", "mount", "space", "clock", "latency")
 #: Clock offsets up to this many seconds pass (object stores report whole seconds).
 CLOCK_TOLERANCE: Final = 2.0
 #: Medians above these (s) warn: every join polls the document and folds with a CAS.

@@ -17,6 +17,7 @@ from ._clock import check_clock_directory, check_clock_store
 from ._latency import check_latency
 from ._lock import check_lock
 from ._mount import check_mount
+from ._space import check_space
 
 __all__ = ["run_doctor"]
 
@@ -47,7 +48,7 @@ def run_doctor(
         raise ConfigurationError("memory:// lives inside one process; doctor checks shared storage")
     results: list[Check] = []
     run_id = f"fsrdzv-doctor-{secrets.token_hex(6)}"
-    needs_store = any(c in checks for c in ("reach", "cas", "lock", "clock", "latency"))
+    needs_store = any(c in checks for c in ("reach", "cas", "lock", "space", "clock", "latency"))
     # Read before any I/O: it needs no store, so ``--check mount`` works on a path this host cannot write.
     mount = _mount_check(scheme, rest, mountinfo) if "mount" in checks else None
     if not needs_store:
@@ -67,6 +68,7 @@ def run_doctor(
             "cas": lambda: check_cas(open_one, run_id, writers, rounds),
             "lock": lambda: check_lock(store),
             "mount": lambda: mount,
+            "space": lambda: _space_check(store),
             "clock": lambda: _clock_check(store),
             "latency": lambda: check_latency(store, samples),
         }
@@ -89,6 +91,14 @@ def _mount_check(scheme: str, rest: str, mountinfo: str | None) -> Check:
     if scheme == "file":
         return check_mount(rest, mountinfo)
     return Check("mount", "skip", f"{scheme}:// is not a mounted file system")
+
+
+def _space_check(store: Store) -> Check:
+    directory = store.capabilities.directory
+    if directory is None:
+        return Check("space", "skip", "object stores have no space limit to check")
+    os.makedirs(directory, exist_ok=True)
+    return check_space(directory)
 
 
 def _clock_check(store: Store) -> Check:

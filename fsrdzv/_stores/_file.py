@@ -25,6 +25,7 @@ import errno
 import logging
 import os
 import shutil
+import time
 from collections.abc import Callable, Iterator
 from typing import Final
 
@@ -52,10 +53,48 @@ __all__ = ["KEEP_LOG_ENTRIES", "FileStore"]
 
 log = logging.getLogger("fsrdzv.store.file")
 
-#: Seconds between attempts to take a contended lock. A commit holds the lock for far less than filelock's
-#: default poll (50 ms), so a waiter retries soon after a release and a lost CAS learns it quickly (formation
-#: latency). Each attempt is an open(2) + flock(2) (RPCs on NFS), hence not 0; docs/performance.md has the trade-off.
-_LOCK_POLL_INTERVAL: Final = 0.002
+#: After finding the lock held, a writer commits without trying it for this long (s): under contention a try
+#: costs more than the lost link(2) it would save on a local file system.
+_CONTENDED_SKIP: Final = 0.05
+
+
+class _WriterLock:
+    """The store's one filelock object, taken with one try (see :meth:`held`)."""
+
+    def __init__(self, path: str, use: bool, timeout: float, mode: int) -> None:
+        self.path, self.use, self.timeout, self.mode = path, use, timeout, mode
+        self._lock: filelock.BaseFileLock | None = None
+        self._warned = False
+        self._skip_until = 0.0
+
+    @contextlib.contextmanager
+    def held(self) -> Iterator[bool]:
+        """Hold the writer lock, yielding whether it is held (it is only an optimisation)."""
+        if not self.use or time.monotonic() < self._skip_until:
+            yield False
+            return
+        if self._lock is None:
+            self._lock = filelock.FileLock(self.path, timeout=self.timeout, mode=self.mode)
+        try:
+            # One try, no queue: a writer that finds the lock held commits through link(2) alone (filelock
+            # polls, so a queue of writers would wait a poll interval at every hand-over), and skips the lock
+            # while writers contend.
+            self._lock.acquire(blocking=False)
+        except filelock.Timeout:
+            self._skip_until = time.monotonic() + _CONTENDED_SKIP
+            yield False
+            return
+        except (OSError, NotImplementedError) as exc:
+            # The lock is an optimisation: the exclusive link keeps CAS correct without it.
+            if not self._warned:
+                log.warning("lock %s unavailable (%s); continuing with link-based commits only", self.path, exc)
+                self._warned = True
+            yield False
+            return
+        try:
+            yield True
+        finally:
+            self._lock.release()
 
 
 class FileStore(SealedStore):
@@ -64,7 +103,8 @@ class FileStore(SealedStore):
     :param root: the endpoint directory (created if its parent exists: a missing parent usually means the
         shared file system is not mounted, and silently using local disk would split the job).
     :param lock: use filelock to serialise writers (an optimisation; correctness does not depend on it).
-    :param lock_timeout: seconds to wait for the lock before proceeding without it.
+    :param lock_timeout: accepted for compatibility: a writer no longer waits for a held lock (it commits through
+        link(2) at once).
     :param permissions: ``"owner"`` (0600/0700, the default), ``"group"`` (0660/0770) or ``"world"`` (0644/0755).
     :param fsync: fsync each committed generation before it becomes visible.
     """
@@ -104,8 +144,7 @@ class FileStore(SealedStore):
         self.use_lock = lock
         self.lock_timeout = lock_timeout
         self.fsync = fsync
-        self._lock: filelock.BaseFileLock | None = None
-        self._lock_warned = False
+        self._writer_lock = _WriterLock(self.lock_path, lock, lock_timeout, self.file_mode)
         self._dirs_ready = False
         #: Record kinds whose directory this store made (or found) already.
         self._kinds: set[str] = set()
@@ -137,27 +176,8 @@ class FileStore(SealedStore):
             raise map_os_error(exc, f"creating the run directory {self.dir}") from exc
         self._dirs_ready = True
 
-    @contextlib.contextmanager
-    def _locked(self) -> Iterator[None]:
-        if not self.use_lock:
-            yield
-            return
-        if self._lock is None:
-            self._lock = filelock.FileLock(self.lock_path, timeout=self.lock_timeout, mode=self.file_mode)
-        try:
-            # Given to acquire(), which takes it in every filelock this package allows (>= 3.12).
-            self._lock.acquire(poll_interval=_LOCK_POLL_INTERVAL)
-        except (filelock.Timeout, OSError, NotImplementedError) as exc:
-            # The lock is an optimisation: the exclusive link below keeps CAS correct without it.
-            if not self._lock_warned:
-                log.warning("lock %s unavailable (%s); continuing with link-based commits only", self.lock_path, exc)
-                self._lock_warned = True
-            yield
-            return
-        try:
-            yield
-        finally:
-            self._lock.release()
+    def _locked(self) -> contextlib.AbstractContextManager[bool]:
+        return self._writer_lock.held()
 
     # -- document --------------------------------------------------------------------------------------------
 

@@ -68,8 +68,21 @@ def read_file(path: str, limit: int = MAX_DOCUMENT_BYTES) -> bytes:
     """Read at most a little more than ``limit`` bytes: an oversized file is reported, never loaded whole."""
 
     def once() -> bytes:
-        with open(path, "rb") as f:
-            return f.read(limit + 4096)
+        # os-level calls: open, fstat, read, close all succeed (a buffered open would also ask isatty(), a failed
+        # ioctl on every read); the size bounds the read, so nothing past the limit is ever loaded.
+        fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+        try:
+            remaining = min(os.fstat(fd).st_size, limit + 4096)
+            parts = []
+            while remaining > 0:
+                chunk = os.read(fd, remaining)
+                if not chunk:
+                    break
+                parts.append(chunk)
+                remaining -= len(chunk)
+            return b"".join(parts)
+        finally:
+            os.close(fd)
 
     return retry_stale(once)
 

@@ -28,10 +28,19 @@ KEEP_LOG_ENTRIES: Final = 64
 #: Retries for the transient errors of shared file systems (ESTALE after a rename on NFS, ENOENT races).
 _READ_RETRIES: Final = 20
 _GEN_WIDTH: Final = 20
-#: While ``state`` stays the same, a reader looks for a newer log entry than it (the commit of a writer that died
-#: before publishing ``state``, or a ``state`` moved back by an unlocked writer) at most this often (s); a lookup
-#: that finds nothing is a failed syscall (an RPC on NFS), so it is not made on every read of a steady document.
-PROBE_PERIOD: Final = 10.0
+#: A reader looks for a log entry newer than every one it knows (the commit of a writer that died before publishing
+#: ``state``, or a ``state`` moved back by an unlocked writer) when ``state`` changed since its previous read, and
+#: otherwise at most this often (s): a lookup that finds nothing is a failed syscall (an RPC on NFS), so it is not
+#: made on every read of a steady document. Writers never need it: their link(2) fails on an existing entry.
+PROBE_PERIOD: Final = 30.0
+
+
+def _umask() -> int:
+    """This process's umask, read without changing it (Linux), else assumed to filter everything."""
+    with contextlib.suppress(OSError, StopIteration, ValueError), open("/proc/self/status") as f:
+        return int(next(line for line in f if line.startswith("Umask:")).split()[1], 8)
+    return 0o777
+
 
 #: The newest document as ``(raw, version, generation)``; generation None: damaged or foreign.
 Current = tuple[bytes, str, "int | None"]
@@ -47,6 +56,8 @@ class CommitLog:
         self.file_mode = file_mode
         self.fsync = fsync
         self._host = socket.gethostname().replace(os.sep, "_")
+        #: Bits of a new file's mode that the umask removes (then fchmod restores the mode asked for).
+        self._umask = _umask()
         #: The highest generation this process saw in the log (entries up to it exist: reading them never fails).
         self._known = 0
         #: The header of ``state`` at the previous read, and when a reader last looked past the known entries.
@@ -61,7 +72,8 @@ class CommitLog:
         path = os.path.join(directory, f".tmp.{self._host}.{os.getpid()}.{secrets.token_hex(6)}")
         fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, self.file_mode)
         try:
-            os.fchmod(fd, self.file_mode)  # the umask filtered the mode given to open
+            if self.file_mode & self._umask:
+                os.fchmod(fd, self.file_mode)  # the umask filtered the mode given to open
             view = memoryview(raw)
             while view:
                 view = view[os.write(fd, view) :]
@@ -77,14 +89,14 @@ class CommitLog:
 
     # -- reading -------------------------------------------------------------------------------------------
 
-    def read_current(self, verify: bool, probe: bool = False) -> Current | None:
+    def read_current(self, verify: bool, probe: bool | None = None) -> Current | None:
         """The newest document as ``(raw, version, generation)``; generation None: damaged or foreign.
 
         With ``verify`` the returned document's checksum was checked here. Without it, a ``state`` that is the
         newest generation is returned unchecked, for the caller's ``unseal`` (one hash per read, not two); every
-        log entry read and any ``state`` rolled forward from are still checked here, as before. ``probe``: look
-        for a log entry newer than every one known now (writers do); readers do so when ``state`` changed, and
-        otherwise once per PROBE_PERIOD.
+        log entry read and any ``state`` rolled forward from are still checked here, as before. ``probe``: whether
+        to look for a log entry newer than every one known now (None: when ``state`` changed, and otherwise once
+        per PROBE_PERIOD).
         """
         for _ in range(_READ_RETRIES):
             try:
@@ -99,7 +111,7 @@ class CommitLog:
                 if parsed is None:
                     # Not ours or damaged: report it as it is (the base class raises StateCorruptError).
                     return raw, version_of(raw), None
-            look = probe or self._probe_due(raw)
+            look = self._probe_due(raw) if probe is None else probe
             rolled = self._roll_forward(raw, parsed, verify, look)
             if rolled is None:
                 # A pruned (truncated) entry: ``state`` is far behind; fall back to the newest entry.
@@ -116,12 +128,11 @@ class CommitLog:
         return None
 
     def _probe_due(self, raw: bytes | None) -> bool:
+        """A reader looks past the known entries when ``state`` changed since its previous read (a writer may
+        have died between its commit and publishing), else at most once per PROBE_PERIOD."""
         head = None if raw is None else raw[: raw.find(b"\n")]
-        now = time.monotonic()
-        if head != self._state_head or now - self._probed_at >= PROBE_PERIOD:
-            self._state_head = head
-            return True
-        return False
+        changed, self._state_head = head != self._state_head, head
+        return changed or time.monotonic() - self._probed_at >= PROBE_PERIOD
 
     def _roll_forward(
         self, raw: bytes | None, parsed: tuple[int, str] | None, checked: bool, probe: bool
@@ -180,45 +191,67 @@ class CommitLog:
         raw: bytes,
         generation: int,
         expected: tuple[int, str] | None,
-        locked: Callable[[], AbstractContextManager[None]],
+        locked: Callable[[], AbstractContextManager[bool]],
     ) -> str | None:
         """Write ``raw`` as ``generation`` iff the document is ``expected`` (see ``SealedStore._commit``).
 
-        ``locked`` is the store's writer lock (an optimisation: ``link(2)`` is the commit point). OSErrors
-        propagate for the store to translate.
+        ``locked`` is the store's writer lock, yielding whether it is held (an optimisation: ``link(2)`` is the
+        commit point). A token that is already stale loses before the lock is taken, and the log entry is written
+        before it too, so the lock covers only the check, the link and publishing. OSErrors propagate for the
+        store to translate.
         """
-        with locked():
-            current = self.read_current(verify=True, probe=True)
-            if expected is None:
-                if current is not None:
+        if self._stale(expected):
+            return None
+        entry = self.write_temp(self.log_dir, raw, self.fsync)
+        try:
+            with locked() as held:
+                # No lookup past the known entries: the link below fails on any newer one.
+                current = self.read_current(verify=True, probe=False)
+                if expected is None:
+                    if current is not None:
+                        return None
+                elif current is None or current[2] != expected[0] or current[1] != expected[1]:
+                    return None  # stale token, or a damaged document (generation None: never overwritten)
+                try:
+                    # The commit point: exclusive across processes and NFS clients, lock or no lock.
+                    os.link(entry, self.entry_path(generation))
+                except FileExistsError:
+                    self._known = max(self._known, generation)  # the next read rolls forward to it
                     return None
-            elif current is None or current[2] != expected[0] or current[1] != expected[1]:
-                return None  # stale token, or a damaged document (generation None: never overwritten)
-            entry = self.write_temp(self.log_dir, raw, self.fsync)
-            try:
-                # The commit point: exclusive across processes and NFS clients, lock or no lock.
-                os.link(entry, self.entry_path(generation))
-            except FileExistsError:
-                self._known = max(self._known, generation)  # the next read rolls forward to it
-                return None
-            finally:
+                self._known = max(self._known, generation)
+                # Committed. Publishing ``state`` is only a shortcut for readers (they roll forward through the
+                # log), so a failure from here on must not turn a win into an error.
+                try:
+                    self._publish(raw, generation, held)
+                except OSError as exc:
+                    log.warning("generation %d of %s committed; 'state' not updated: %s", generation, self.dir, exc)
+                self._prune(generation - KEEP_LOG_ENTRIES)
+                return version_of(raw[: raw.index(b"\n")])  # what _envelope gives readers of this entry
+        finally:
+            with contextlib.suppress(FileNotFoundError):
                 os.unlink(entry)
-            self._known = max(self._known, generation)
-            # Committed. Publishing ``state`` is only a shortcut for readers (they roll forward through the
-            # log), so a failure from here on must not turn a win into an error.
-            try:
-                self._publish(raw, generation)
-            except OSError as exc:
-                log.warning("generation %d of %s committed; 'state' not updated: %s", generation, self.dir, exc)
-            self._prune(generation - KEEP_LOG_ENTRIES)
-            return version_of(raw[: raw.index(b"\n")])  # what _envelope gives readers of this entry
 
-    def _publish(self, raw: bytes, generation: int) -> None:
+    def _stale(self, expected: tuple[int, str] | None) -> bool:
+        """Whether ``state`` alone shows that ``expected`` lost: it exists for a create, or it is at or past the
+        expected generation and another document. (A ``state`` behind it says nothing: the log decides.)"""
+        try:
+            seen = self.read_current(verify=False, probe=False)
+        except OSError:
+            return False  # the locked check reports it
+        if seen is None:
+            return False
+        if expected is None:
+            return True
+        return seen[2] is not None and seen[2] >= expected[0] and (seen[2], seen[1]) != expected
+
+    def _publish(self, raw: bytes, generation: int, held: bool) -> None:
         # A separate copy as ``state``, not a hard link: log entries are truncated later.
         published = self.write_temp(self.dir, raw, False)
         try:
-            if os.path.exists(self.entry_path(generation + 1)):
-                return  # someone already built on our entry; never move ``state`` back
+            # Under a lock that excludes, nobody can have built on our entry yet; without one, never move
+            # ``state`` back over a newer entry.
+            if not held and os.path.exists(self.entry_path(generation + 1)):
+                return
             os.replace(published, self.state_path)
         finally:
             with contextlib.suppress(FileNotFoundError):

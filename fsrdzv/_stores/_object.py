@@ -26,8 +26,7 @@ from __future__ import annotations
 
 import errno
 from abc import abstractmethod
-from collections.abc import Callable, Iterator
-from concurrent.futures import ThreadPoolExecutor
+from collections.abc import Callable
 from typing import Any, ClassVar, Final, TypeVar
 
 from .._envelope import ENVELOPE_SLACK, decode_name, oversized, parse_token
@@ -43,6 +42,7 @@ from .._store import (
     validate_run_id,
 )
 from .._storetypes import StoreCapabilities
+from ._helpers import batches, check_options, in_threads
 from ._keys import check_kind, join_key, split_rest
 from ._selftest import PROBE_DIR, verify_conditional_writes
 
@@ -61,8 +61,6 @@ __all__ = [
 _T = TypeVar("_T")
 _I = TypeVar("_I")
 
-#: Threads of the stores that check or delete objects one request each.
-_THREADS = 8
 #: Seconds to establish a connection and to wait for the next bytes of an answer (the storage options
 #: ``connect_timeout`` and ``read_timeout``, the same on every object store): well below the keep-alive interval,
 #: so that a silently dropped connection fails a request within seconds, as a refused one does, instead of
@@ -106,25 +104,6 @@ class ExpectedAnswerError(Exception):
     def summary(self) -> str:
         """The answer in an error message: ``412 ConditionNotMet``."""
         return f"{self.status} {self.code}"
-
-
-def check_options(options: dict[str, Any], known: frozenset[str], location: str) -> None:
-    """Refuse storage options that the store does not know (a typo would otherwise be ignored)."""
-    unknown = set(options) - known
-    if unknown:
-        raise ConfigurationError(f"unknown storage option(s) {sorted(unknown)} for {location}; known: {sorted(known)}")
-
-
-def batches(items: list[_I], size: int) -> Iterator[list[_I]]:
-    """``items`` in consecutive lists of at most ``size``."""
-    for start in range(0, len(items), size):
-        yield items[start : start + size]
-
-
-def in_threads(fn: Callable[[_I], _T], items: list[_I]) -> list[_T]:
-    """``[fn(item) for item in items]`` on a few threads (for services that take one request per object)."""
-    with ThreadPoolExecutor(max_workers=_THREADS) as pool:
-        return list(pool.map(fn, items))
 
 
 class ObjectRequests:
