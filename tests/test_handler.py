@@ -174,6 +174,7 @@ def test_close_reaches_everyone_and_spares_exit_gracefully(
     a = Node(endpoint, rid, 2, 2, addr="127.0.0.1", hold=60, shutdown=True, options=options, stop_file=stop)
     b = Node(endpoint, rid, 2, 2, addr="127.0.0.2", rounds=2, hold=60, options=options)
     spare: Node | None = None
+    late: Node | None = None
     try:
         check_round([a.wait_for("rank", 60), b.wait_for("rank", 60)], 2)
         spare = Node(endpoint, rid, 2, 2, addr="127.0.0.3", options=options)
@@ -186,12 +187,15 @@ def test_close_reaches_everyone_and_spares_exit_gracefully(
         assert spare.wait(30) == 0
         # b is still alive (heartbeating): a new node must not reuse the run, it is really closed.
         late = Node(endpoint, rid, 2, 2, addr="127.0.0.4", options=options)
-        assert late.wait_for("closed", 60)
+        try:
+            late.wait_for("closed", 60)
+        except AssertionError as exc:
+            raise AssertionError(f"{exc}; document={read_state(endpoint, rid, options)}; b={b.events[-3:]}") from None
         assert late.wait(30) == 10
         state = read_state(endpoint, rid, options)
         assert state.closed
     finally:
-        kill_all([a, b, *([spare] if spare else [])])
+        kill_all([a, b, *([spare] if spare else []), *([late] if late else [])])
 
 
 def test_join_timeout_rolls_back(store_endpoint: tuple[str, dict[str, Any]]) -> None:
