@@ -675,3 +675,31 @@ def test_bad_scale_up_values_are_one_line(conf: dict[str, Any], message: str) ->
     with pytest.raises(ValueError) as err:
         parse_config(_params(**conf))
     assert str(err.value).startswith(message) and "\n" not in str(err.value)
+
+
+@pytest.mark.parametrize(
+    ("loglevel", "shown"),
+    [
+        ("", ["progress line", "a warning"]),
+        ("ERROR", []),
+        ("DEBUG", ["progress line", "debug", "store info", "a warning"]),
+    ],
+    ids=["default", "loglevel-error", "loglevel-debug"],
+)
+def test_fsrdzv_log_lines_show_under_torchrun(loglevel: str, shown: list[str]) -> None:
+    """torchrun configures only torch's loggers: the handler gives fsrdzv's a stderr handler (progress at INFO)."""
+    code = (
+        "import logging\n"
+        "from fsrdzv.torchrun._logs import show_logs\n"
+        "show_logs()\n"
+        "logging.getLogger('fsrdzv.progress').info('progress line')\n"
+        "logging.getLogger('fsrdzv').debug('debug')\n"
+        "logging.getLogger('fsrdzv.store').info('store info')\n"
+        "logging.getLogger('fsrdzv').warning('a warning')\n"
+    )
+    env = {k: v for k, v in os.environ.items() if k != "LOGLEVEL"}
+    if loglevel:
+        env["LOGLEVEL"] = loglevel
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=60, check=True)
+    lines = [line.split("] ", 1)[1] for line in done.stderr.splitlines() if line.startswith("[fsrdzv ")]
+    assert lines == shown, done.stderr

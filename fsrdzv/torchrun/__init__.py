@@ -57,6 +57,7 @@ from ._errors import GracefulExit, to_torch, torch_errors
 from ._handler import WARN_INTERVAL as WARN_INTERVAL
 from ._handler import CoreHandler as CoreHandler
 from ._handler import FsRendezvousHandler
+from ._logs import show_logs
 from ._ports import PortReservation as PortReservation
 
 __all__ = [
@@ -81,6 +82,7 @@ def create_handler(params: RendezvousParameters, *, graceful_exit: str = "exit")
     :raises ValueError: (``fsrdzv.ConfigurationError``) an unknown ``--rdzv-conf`` key, a malformed value, or an
         invalid endpoint or run id; the message names the key and the value.
     """
+    show_logs()
     ports = PortReservation()
     try:
         config = parse_config(params)
