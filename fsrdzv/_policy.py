@@ -313,10 +313,11 @@ def may_reuse(state: RendezvousState | None, me: str) -> bool:
 
 
 def reuse_verdict(gone: set[str], members: set[str], waited: float, settings: Settings) -> str:
-    """``"restart"``: every node of the closed run is gone; ``"closed"``: one is still alive after a full
-    liveness timeout (the run is really closed); ``"wait"``: look again."""
+    """``"restart"``: every node of the closed run is gone, in every look for a keep-alive interval (a live node
+    rewrites its heartbeat within that; one listing alone may miss a record being rewritten); ``"closed"``: one is
+    still alive after a full liveness timeout (the run is really closed); ``"wait"``: look again."""
     if gone >= members:
-        return "restart"
+        return "restart" if waited >= settings.keep_alive_interval else "wait"
     if waited > settings.liveness_timeout + settings.keep_alive_interval:
         return "closed"
     return "wait"

@@ -136,8 +136,13 @@ def test_poll_period(changed: bool, idle: bool, expected: str) -> None:
 
 @pytest.mark.parametrize(
     ("gone", "waited", "verdict"),
-    [({"a", "b"}, 0.0, "restart"), ({"a"}, 1.0, "wait"), ({"a"}, 100.0, "closed")],
-    ids=["all-gone", "look-again", "still-alive"],
+    [
+        ({"a", "b"}, 0.0, "wait"),
+        ({"a", "b"}, SETTINGS.keep_alive_interval, "restart"),
+        ({"a"}, 1.0, "wait"),
+        ({"a"}, 100.0, "closed"),
+    ],
+    ids=["all-gone-at-first-look", "all-gone-for-an-interval", "look-again", "still-alive"],
 )
 def test_reuse_verdict(gone: set[str], waited: float, verdict: str) -> None:
     assert policy.reuse_verdict(gone, {"a", "b"}, waited, SETTINGS) == verdict
