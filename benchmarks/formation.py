@@ -32,6 +32,7 @@ import multiprocessing
 import multiprocessing.synchronize
 import os
 import shutil
+import statistics
 import sys
 import tempfile
 import time
@@ -158,6 +159,10 @@ def _torch_handler(t: Target, index: int) -> tuple[Any, Any]:
     counter = _TorchCounter(backend)
     handler = create_handler(store, backend, params)
     return handler, counter
+
+
+#: Samples of the 4-request floor of an S3 formation (each measured at the start and the end of the run).
+FLOOR_SAMPLES = 20
 
 
 def _system(name: str) -> str:
@@ -365,6 +370,36 @@ def _prepare(systems: list[str], stack: contextlib.ExitStack, unavailable: dict[
     return env
 
 
+def _floor_child(endpoint: str, options: dict[str, Any], out: Any) -> None:
+    """The floor of a formation on this S3 endpoint: 4 sequential requests (a record PUT, a LIST, a CAS, a GET)."""
+    from fsrdzv._stores import open_store
+
+    store = open_store(endpoint, f"floor-{uuid.uuid4().hex[:8]}", storage_options=options)
+    snap = store.compare_and_set(b"0", None).snapshot
+    times = []
+    for i in range(FLOOR_SAMPLES + 2):
+        started = time.perf_counter()
+        store.put_record("req", f"floor-{i}", b"x")
+        store.list_records("req")
+        assert snap is not None
+        snap = store.compare_and_set(str(i).encode(), snap.token).snapshot
+        store.read()
+        if i >= 2:  # the first two warm the connections
+            times.append(time.perf_counter() - started)
+    store.delete_run()
+    out.put(statistics.median(times))
+
+
+def _floor(env: dict[str, Any]) -> float:
+    endpoint, options = env["s3"]
+    out: multiprocessing.Queue = CTX.Queue()  # type: ignore[type-arg]
+    child = CTX.Process(target=_floor_child, args=(endpoint, options, out))
+    child.start()
+    value: float = out.get(timeout=120)
+    child.join(timeout=60)
+    return value
+
+
 def _probe(endpoint: str, options: dict[str, Any]) -> None:
     from fsrdzv._stores import open_store
 
@@ -529,6 +564,7 @@ def main(argv: list[str] | None = None) -> int:
             if s.split("+")[0] in unavailable:
                 unavailable[s] = unavailable[s.split("+")[0]]
         runnable = [s for s in args.systems if s not in unavailable]
+        floors = [_floor(env)] if "fsrdzv-s3" in runnable else []
         for reason in unavailable.items():
             print("unavailable:", *reason, flush=True)
         for n in args.nodes:
@@ -574,6 +610,8 @@ def main(argv: list[str] | None = None) -> int:
                         f"  complete +{o.to_complete:.3f} s, seen +{o.notice:.3f} s, cpu {o.cpu:.2f} s  {o.by_kind}",
                         flush=True,
                     )
+        if floors:
+            floors.append(_floor(env))
         if profile_dir:
             _combine_profiles(profile_dir, args.profile)
         if args.timeline:
@@ -582,6 +620,21 @@ def main(argv: list[str] | None = None) -> int:
             print(f"timelines of {len(timelines)} formations written to {args.timeline}", flush=True)
     table = report(cells, args.systems, args.nodes, unavailable)
     verdicts = targets(cells)
+    if floors:
+        floor = statistics.median(floors)
+        verdicts.append(
+            f"S3 floor (moto, this run): 4 sequential requests (record PUT, LIST, CAS, GET) take "
+            f"{floor * 1000:.1f} ms (median of {FLOOR_SAMPLES}, measured before and after: "
+            f"{', '.join(f'{f * 1000:.1f}' for f in floors)} ms)"
+        )
+        for n in args.nodes:
+            cell = cells.get(("fsrdzv-s3", n))
+            if cell is not None and cell.seconds.values:
+                ratio = cell.seconds.median / floor
+                verdicts.append(
+                    f"fsrdzv-s3 N={n}: formation {cell.seconds.median * 1000:.0f} ms = {ratio:.1f}x the floor "
+                    f"(goal <= 3x: {'met' if ratio <= 3 else 'missed'})"
+                )
     note = machine_note()
     command = "python benchmarks/formation.py " + " ".join(sys.argv[1:] if argv is None else argv)
     main_table, _, breakdown = table.partition("\n\nWhere the time goes:\n\n")

@@ -26,7 +26,6 @@ from ._errors import (
     StorageError,
 )
 from ._keepalive import Heartbeat
-from ._liveness import LivenessTracker
 from ._progress import ProgressReport
 from ._retry import Attempts, Retry
 from ._session import BeatFilter, RequestBook, Session
@@ -82,7 +81,7 @@ class Joiner:
         self.periods = policy.Periods.of(settings)
         self.requests = RequestBook(session)
         self.beats = BeatFilter(session)
-        self.liveness = LivenessTracker(settings.liveness_timeout, self.periods.liveness_max_gap(settings))
+        self.liveness = self.periods.tracker(settings)
         self._rng = rng
         self._retry = retry
         self._port_factory = port_factory
@@ -109,28 +108,41 @@ class Joiner:
         if not self._verified:
             self._retry(self.session.store.verify_conditions, deadline)
             self._verified = True
-        self._retry(self.heartbeat.start, deadline)
-        state, snap = self._retry(self.session.read, deadline)
-        state, snap = self._retry(lambda: self._reuse_if_finished(state, snap), deadline)
-        leave_round = state.round if state is not None and self.me in state.participants else None
-        self.node = replace(self.node, port=self._port_factory(self.node.addr))
-        request = self._new_request(leave_round)
+        # The first beat goes out from the keep-alive while this node reads and asks to join (one round trip
+        # less before its request is visible); a rejoin beats at once, as before.
+        self._retry(lambda: self.heartbeat.start(now=False), deadline)
         # Watch before asking to join: a completion announced while this node folds or reads must still wake it.
         self.session.watch("waiter")
-        self._retry(lambda: self.requests.put(request), deadline)
+        request: JoinRequest | None = None
+        if self._request_count == 0:
+            # This node (a fresh identity) was never a participant: it asks before it reads, so that the folder
+            # can see the request one round trip sooner.
+            request = self._ask(None, deadline)
+        state, snap = self._retry(self.session.read, deadline)
+        state, snap = self._retry(lambda: self._reuse_if_finished(state, snap), deadline)
+        if request is None:
+            leave_round = state.round if state is not None and self.me in state.participants else None
+            request = self._ask(leave_round, deadline)
         run = _Progress(
             request=request,
             state=state,
             snap=snap,
             deadline=deadline,
             attempts=replace(self._retry, label=f"during join of {self.me}").attempts(),
-            poll=self.periods.fast,
+            poll=self.periods.quick(self.session.read_latency),
             next_own=start,
-            next_sweep=start + self.periods.sweep,
+            next_sweep=start + self.periods.first_sweep(self.settings, request.leave_round, self._rng.random()),
             progress_at=start,
             looked_at=start,
         )
         return self._loop(run)
+
+    def _ask(self, leave_round: int | None, deadline: float) -> JoinRequest:
+        """Write this node's join request record (with the master port it offers for this round)."""
+        self.node = replace(self.node, port=self._port_factory(self.node.addr))
+        request = self._new_request(leave_round)
+        self._retry(lambda: self.requests.put(request), deadline)
+        return request
 
     def _new_request(self, leave_round: int | None) -> JoinRequest:
         # Ordered nonces: a stale listing that still shows this node's previous request can never refold it.
@@ -255,6 +267,10 @@ class Joiner:
         self.liveness.observe(tags, now, members)
         self.liveness.forget(members)
         dead = self.liveness.dead(members, now)
+        # Look again when a silent member would be due, not up to a sweep period later.
+        due = self.liveness.next_death(members - dead)
+        if due is not None:
+            run.next_sweep = min(run.next_sweep, max(due, now + self.periods.fast))
         if dead:
             log.info("removing node(s) without heartbeat for %.1fs: %s", self.settings.liveness_timeout, sorted(dead))
             _, run.state, run.snap = self.admin.remove_dead(state, run.snap, dead)
@@ -270,7 +286,7 @@ class Joiner:
         run.was_folder = action.folder
         before = state.generation
         if action.folder:
-            self._fold_pending(run)
+            _fold_pending(run, book=self.requests, session=self.session, periods=self.periods, settings=self.settings)
         else:
             run.state, run.snap = self.session.read()
             run.looked_at = self._clock()
@@ -280,34 +296,38 @@ class Joiner:
             run.poll,
             changed=got is not None and got.generation != before,
             idle=got is not None and (got.complete or self.me in state.redundancy_list),
+            latency=self.session.read_latency,
         )
 
-    def _fold_pending(self, run: _Progress) -> None:
-        """The folder folds every pending request into the document as it last saw it.
 
-        While a round forms it is the only writer, so the write wins without a read first; it reads the document
-        only when it has not seen it for a few polls (a read at every wake-up would spend its read budget while
-        nodes arrive in a burst). A lost write brings the current document: the fold is made again on it at once
-        (a few times at most; the next poll tries again).
-        """
-        requests = self.requests.pending_looking()
-        if self.periods.folder_read_due(run.looked_at, self._clock()):
-            run.state, run.snap = self.session.read()
-            run.looked_at = self._clock()
-        state, snap = run.state, run.snap
-        if state is None or snap is None:
-            return
-        for _ in range(policy.FOLD_ATTEMPTS):
-            new = policy.fold_pending(state, requests, self.settings)
-            if new is state:
-                break
-            won, got, got_snap = self.session.cas(new, snap)
-            run.looked_at = self._clock()  # a write, won or lost, brought the current document
-            if won or got is None or got_snap is None:
-                state, snap = got, got_snap
-                break
+def _fold_pending(
+    run: _Progress, *, book: RequestBook, session: Session, periods: policy.Periods, settings: Settings
+) -> None:
+    """The folder folds every pending request into the document as it last saw it.
+
+    While a round forms it is the only writer, so the write wins without a read first; it reads the document
+    only when it has not seen it for a few polls (a read at every wake-up would spend its read budget while
+    nodes arrive in a burst). A lost write brings the current document: the fold is made again on it at once
+    (a few times at most; the next poll tries again).
+    """
+    requests = book.pending_looking()
+    if periods.folder_read_due(run.looked_at, session.clock()):
+        run.state, run.snap = session.read()
+        run.looked_at = session.clock()
+    state, snap = run.state, run.snap
+    if state is None or snap is None:
+        return
+    for _ in range(policy.FOLD_ATTEMPTS):
+        new = policy.fold_pending(state, requests, settings)
+        if new is state:
+            break
+        won, got, got_snap = session.cas(new, snap)
+        run.looked_at = session.clock()  # a write, won or lost, brought the current document
+        if won or got is None or got_snap is None:
             state, snap = got, got_snap
-        run.state, run.snap = state, snap
+            break
+        state, snap = got, got_snap
+    run.state, run.snap = state, snap
 
 
 def _raise_closed(settings: Settings, spare: bool) -> NoReturn:

@@ -129,13 +129,17 @@ class Heartbeat:
             self.count += 1
             self._session.put("hb", self.node_id, b'{"n":%d%s' % (self.count, self._rest))
 
-    def start(self) -> None:
-        """Beat now, and keep beating in the background (once: a running keep-alive goes on)."""
-        self.beat()
-        if self._running is not None and self._running[1].is_alive():
+    def start(self, now: bool = True) -> None:
+        """Beat now, and keep beating in the background (once: a running keep-alive goes on). ``now=False``: a
+        keep-alive that is not running yet makes the first beat itself, at once, while the caller goes on."""
+        running = self._running is not None and self._running[1].is_alive()
+        if now or running:
+            self.beat()
+        if running:
             return
         stop = self._runtime.event()
-        loop = _Loop(weakref.ref(self), stop, self._interval, self._clock, random.Random(self.node_id))
+        first = self._interval if now else 0.0
+        loop = _Loop(weakref.ref(self), stop, self._interval, self._clock, random.Random(self.node_id), first=first)
         self._running = (stop, self._runtime.start(loop.run, f"fsrdzv-keepalive-{self.node_id}"))
 
     def stop(self) -> None:
@@ -169,11 +173,14 @@ class _Loop:
         interval: float,
         clock: Callable[[], float],
         rng: random.Random,
+        *,
+        first: float,
     ) -> None:
         self._ref, self._stop, self._interval, self._clock, self._rng = ref, stop, interval, clock, rng
+        self._first = first
 
     def run(self) -> None:
-        wait = self._interval
+        wait = self._first
         while not self._stop.wait(wait):
             heartbeat = self._ref()
             if heartbeat is None:

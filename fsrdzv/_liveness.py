@@ -27,9 +27,14 @@ class LivenessTracker:
         still detects dead nodes, a little later.
     """
 
-    def __init__(self, timeout: float, max_gap: float | None = None) -> None:
+    def __init__(self, timeout: float, max_gap: float | None = None, fresh_credit: float = 0.0) -> None:
         self.timeout = timeout
         self.max_gap = timeout / 2 if max_gap is None else max_gap
+        #: A record seen for the first time counts as this old already, and a changed one as written in the middle
+        #: of the gap since this observer's previous look, at most this long ago: the middle of the window the
+        #: write must lie in (the keep-alive gives fresh_credit = interval / 2), so that on average an observer
+        #: calls a node dead when torch's timestamps would, not a full timeout after it started to look.
+        self.fresh_credit = fresh_credit
         self._seen: dict[str, tuple[str | None, float]] = {}
         self._last: float | None = None
         #: Nodes whose tag this observer has seen change (or appear after its first look): their age is exact.
@@ -45,6 +50,8 @@ class LivenessTracker:
 
     def observe(self, tags: Mapping[str, str], now: float, members: Iterable[str]) -> None:
         """Record one listing of heartbeat tags, taken at local time ``now``, for the given members."""
+        # A change seen now happened after this observer's previous look: count it from the middle of that gap.
+        credit = self.fresh_credit if self._last is None else min(self.fresh_credit, max(0.0, now - self._last) / 2)
         if self._last is not None and now - self._last > self.max_gap:
             blind = now - self._last - self.max_gap
             self._seen = {k: (tag, since + blind) for k, (tag, since) in self._seen.items()}
@@ -55,7 +62,7 @@ class LivenessTracker:
             tag = tags.get(node_id)
             previous = self._seen.get(node_id)
             if previous is None or previous[0] != tag:
-                self._seen[node_id] = (tag, now)
+                self._seen[node_id] = (tag, now - credit)
                 # A node that first shows up after our first look was written while we watched: a real change.
                 if previous is not None or self.observations > 0:
                     self._changed.add(node_id)
@@ -69,6 +76,11 @@ class LivenessTracker:
             if seen is not None and now - seen[1] >= self.timeout:
                 out.add(node_id)
         return out
+
+    def next_death(self, members: Iterable[str]) -> float | None:
+        """The earliest local time at which a member could be dead, if its record does not change before."""
+        times = [seen[1] + self.timeout for m in members if (seen := self._seen.get(m)) is not None]
+        return min(times, default=None)
 
     def missing(self, tags: Mapping[str, str], members: Iterable[str]) -> set[str]:
         """Members with no heartbeat record at all (they left cleanly, or never wrote one)."""

@@ -140,6 +140,8 @@ class Session:
         self.ops: dict[str, int] = {"read": 0, "cas": 0, "put": 0, "list": 0, "get": 0, "delete": 0, "unchanged": 0}
         #: The newest document this session read or wrote, and its snapshot (the token of a conditional read).
         self.last: tuple[RendezvousState | None, Snapshot | None] = (None, None)
+        #: A moving average of the document reads' round trips (s; None before the first).
+        self.read_latency: float | None = None
 
     def where(self) -> str:
         return self.store.describe("document")
@@ -153,7 +155,9 @@ class Session:
             return self.read_if_changed()
         self._budget.take()
         self.ops["read"] += 1
+        started = self.clock()
         snap = self.store.read()
+        self._timed(self.clock() - started)
         if snap is None:
             self.last = (None, None)
             return None, None
@@ -169,7 +173,9 @@ class Session:
             return self.read()
         self._budget.take()
         self.ops["read"] += 1
+        started = self.clock()
         got = self.store.read_if_changed(known.token)
+        self._timed(self.clock() - started)
         if got is NOT_MODIFIED:
             self.ops["unchanged"] += 1
             return self.last
@@ -180,6 +186,10 @@ class Session:
         self._saw(state)
         self.last = (state, got)
         return self.last
+
+    def _timed(self, seconds: float) -> None:
+        previous = self.read_latency
+        self.read_latency = seconds if previous is None else 0.8 * previous + 0.2 * seconds
 
     def cas(self, new: RendezvousState, snap: Snapshot | None) -> CasOutcome:
         """Write ``new`` if the document is still ``snap`` (None: create it), announcing a completed round."""

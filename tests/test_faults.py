@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import errno
 import json
-import math
 import os
 import random
 import shutil
@@ -349,24 +348,38 @@ def test_lost_reply_of_own_join_is_recognised_as_own() -> None:
 
 class SwitchableStore(FaultyStore):
     """FaultyStore whose ``fail_rate`` the test flips to 1.0 for an outage; ``listed`` is set by the first heartbeat
-    listing after :meth:`back` (the observer's first look after its own blind spell)."""
+    listing after :meth:`back` (the observer's first look after its own blind spell). :meth:`hide` is an outage
+    the observer cannot notice: every request fails except heartbeat listings, which keep answering the last
+    listing (so the observer keeps looking, and sees nothing change)."""
 
     def __init__(self, inner: fsrdzv.Store) -> None:
         super().__init__(inner)
         self._armed = False
+        self._hidden = False
         self.listed = threading.Event()
+        #: The heartbeat tags of the last listing this store answered.
+        self.last_beats: dict[str, str] = {}
 
     def down(self) -> None:
         self.fail_rate = 1.0
 
+    def hide(self) -> None:
+        self._hidden = True
+        self.fail_rate = 1.0
+
     def back(self) -> None:
         self._armed = True
+        self._hidden = False
         self.fail_rate = 0.0
 
-    def _list_records(self, kind: str) -> dict[str, str]:
-        out = super()._list_records(kind)
-        if kind == "hb" and self._armed:
-            self.listed.set()
+    def list_records(self, kind: str) -> dict[str, str]:
+        if kind == "hb" and self._hidden:
+            return dict(self.last_beats)
+        out = super().list_records(kind)
+        if kind == "hb":
+            self.last_beats = dict(out)
+            if self._armed:
+                self.listed.set()
         return out
 
 
@@ -397,8 +410,9 @@ def test_storage_outage_longer_than_keepalive_timeout_then_back(reset: bool) -> 
     A's and B's only 0.1 s after C has looked again, so their heartbeat records are still unchanged when C looks.
 
     ``liveness-reset``: C's liveness tracker must restart every clock after its own blind spell, so for the next
-    2.4 s nobody is removed and C stays a spare. The ``control-without-reset`` run
-    disables the reset (``max_gap = inf``) and must see the false deaths, proving the scenario exercises it.
+    2.4 s nobody is removed and C stays a spare. The ``control-without-reset`` run hides C's outage from it (its
+    heartbeat listings keep answering the last one, so C sees no blind spell to discount) and must see the false
+    deaths, proving the scenario exercises the reset.
     """
     rid = _rid("outage")
     name = f"outage-{uuid.uuid4().hex[:8]}"
@@ -433,20 +447,21 @@ def test_storage_outage_longer_than_keepalive_timeout_then_back(reset: bool) -> 
     removed = False
     try:
         _wait_for(lambda: c.node_id in (_read_state(name, rid) or RendezvousState("", "")).redundancy_list, 10, "spare")
-        if not reset:
-            c._liveness.max_gap = math.inf
         stores[0].down()
         stores[1].down()
         silent = time.monotonic()
         time.sleep(0.05)  # a heartbeat write already past the fault check lands now
         last = plain.list_records("hb")
-        # C has seen A's and B's last heartbeats (white-box read of its tracker), then goes blind too.
+        # C has seen A's and B's last heartbeats (its store answered a listing with them), then goes blind too.
         _wait_for(
-            lambda: all(c._liveness._seen.get(h.node_id, ("",))[0] == last[h.node_id] for h in (a, b)),
+            lambda: all(stores[2].last_beats.get(h.node_id) == last[h.node_id] for h in (a, b)),
             timeout / 2,
             "C seeing the last heartbeats",
         )
-        stores[2].down()
+        if reset:
+            stores[2].down()
+        else:
+            stores[2].hide()
         time.sleep(blind)
         stores[2].back()
         assert stores[2].listed.wait(10), "C never looked at the heartbeats again"
@@ -558,7 +573,6 @@ def test_waiting_node_with_default_settings_survives_an_outage_longer_than_the_k
     rid = _rid("longout")
     store = _OutageUntil(MemoryStore(f"longout-{uuid.uuid4().hex[:8]}", rid), clock)
     settings = fsrdzv.Settings(run_id=rid, min_nodes=2, max_nodes=2, join_timeout=120)
-    h = fsrdzv.RendezvousHandler(store, settings, local_addr="10.0.5.1", clock=clock, sleep=clock.sleep)
     original = clock.sleep
 
     def sleep(seconds: float) -> None:
@@ -566,7 +580,7 @@ def test_waiting_node_with_default_settings_survives_an_outage_longer_than_the_k
             store.until = clock() + 20.0  # the outage starts 10 s into the join
         original(seconds)
 
-    h._sleep = sleep
+    h = fsrdzv.RendezvousHandler(store, settings, local_addr="10.0.5.1", clock=clock, sleep=sleep)
     try:
         with pytest.raises(fsrdzv.RendezvousError) as info:
             h.next_rendezvous()
