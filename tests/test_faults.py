@@ -27,7 +27,7 @@ import pytest
 
 import fsrdzv
 from fsrdzv._state import RendezvousState, decode_request_name, decode_state, nonce_order
-from fsrdzv._store import unseal
+from fsrdzv._store import SealedStore, unseal
 from fsrdzv._stores._file import FileStore
 from fsrdzv._stores._memory import MemoryStore
 from fsrdzv.testing import FakeClock, FaultyStore, LostReplyError, TransientFault
@@ -56,13 +56,13 @@ class Versions:
         return [(generation, decode_state(payload, f"version {generation}")) for generation, payload in out]
 
 
-class _Recording(fsrdzv.Store):
+class _Recording(SealedStore):
     """Mixin: record every committed document version into ``self.versions``."""
 
     versions: Versions
 
     def _commit(self, raw: bytes, generation: int, expected: tuple[int, str] | None) -> str | None:
-        version = super()._commit(raw, generation, expected)  # type: ignore[safe-super]
+        version = super()._commit(raw, generation, expected)  # type: ignore[safe-super]  # a mixin over a store
         if version is not None:
             self.versions.raw.append(raw)
         return version
@@ -264,10 +264,12 @@ def test_formations_under_20_percent_injected_faults(tmp_path: Any, backend: str
     requests = [decode_request_name(name, plain.name_mac) for name in plain.list_records("req")]
     # A request record whose deletion failed may linger beside the newer one: harmless, since the newest wins.
     latest: dict[str, str] = {}
-    for r in requests:
-        assert r is not None
-        if nonce_order(r.nonce) > nonce_order(latest.get(r.node.node_id, "0.")):  # type: ignore[operator]
-            latest[r.node.node_id] = r.nonce
+    for req in requests:
+        assert req is not None
+        order = nonce_order(req.nonce)
+        assert order is not None
+        if order > (nonce_order(latest.get(req.node.node_id, "0.")) or 0):
+            latest[req.node.node_id] = req.nonce
     for h in handlers:
         assert final.applied[h.node_id] == latest[h.node_id]
     counts = check_versions(versions.states(), count)

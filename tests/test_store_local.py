@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import pathlib
 import uuid
 from typing import Any
 
@@ -20,13 +21,13 @@ class TestDirectoryStore(StoreConformance):
     increments = 50
 
     @pytest.fixture
-    def spec(self, tmp_path: os.PathLike[str]) -> StoreSpec:
+    def spec(self, tmp_path: pathlib.Path) -> StoreSpec:
         return StoreSpec.at(str(tmp_path / "rdzv"))
 
 
 class TestTmpfsStore(TestDirectoryStore):
     @pytest.fixture
-    def spec(self) -> StoreSpec:  # type: ignore[override]
+    def spec(self) -> StoreSpec:
         base = "/dev/shm" if os.path.isdir("/dev/shm") else "/tmp"
         return StoreSpec.at(f"file://{base}/fsrdzv-test-{uuid.uuid4().hex[:8]}")
 
@@ -38,7 +39,7 @@ class TestDirectoryStoreWithoutLock(TestDirectoryStore):
     increments = 200
 
     @pytest.fixture
-    def spec(self, tmp_path: os.PathLike[str]) -> StoreSpec:  # type: ignore[override]
+    def spec(self, tmp_path: pathlib.Path) -> StoreSpec:
         return StoreSpec.at(str(tmp_path / "nolock"), storage_options={"lock": False})
 
 
