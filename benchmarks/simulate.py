@@ -133,11 +133,17 @@ def simulate(
     steady: float = 60.0,
     time_limit: float = 600.0,
     real_limit: float = 600.0,
+    kill: bool = False,
+    monitor: float = 1.0,
 ) -> SimResult:
+    """One simulation. ``kill``: the last node dies when the steady window starts (min_nodes = N - 1, so the
+    survivors form a round without it; each re-rendezvouses once ``num_nodes_waiting()`` is positive, as
+    torchrun's agent does). ``monitor``: seconds between two ``num_nodes_waiting()`` calls of a node."""
     clock = VirtualClock()
     storage = SimStorage(model, clock, seed=seed)
     space = f"sim-{secrets.token_hex(4)}"
-    settings = Settings(RUN_ID, n, n)
+    settings = Settings(RUN_ID, n - 1 if kill else n, n)
+    dying: set[int] = set()
     rng = random.Random(seed)
     arrivals = sorted(rng.uniform(0.0, spread) for _ in range(n)) if spread > 0 else [0.0] * n
     arrived: dict[int, float] = {}
@@ -164,9 +170,13 @@ def simulate(
         )
         handler.next_rendezvous()
         done[i] = clock()
-        while not stop_steady.is_set():  # torchrun's monitor loop, at the rate its 1 s cache lets through
-            clock.sleep(1.0)
-            handler.num_nodes_waiting()
+        while not stop_steady.is_set():  # torchrun's monitor loop (calls between two refreshes cost nothing)
+            clock.sleep(monitor)
+            if i in dying:
+                handler._stop_keepalive()
+                return
+            if handler.num_nodes_waiting() > 0:
+                handler.next_rendezvous()
 
     # Check the limits often enough: on NFS one virtual second of 4,096 nodes is millions of operations.
     step = min(1.0, 20 * model.read_latency)
@@ -193,6 +203,8 @@ def simulate(
                 clock.run(until=clock() + 10.0)  # let the last polls and sweeps of the join settle
                 before = storage.total.snapshot()
                 t0 = clock()
+                if kill:
+                    dying.add(n - 1)
                 clock.run(until=t0 + steady)
                 steady_ops = storage.total.snapshot().minus(before)
                 steady_doc_writes = steady_ops.cas_won

@@ -7,6 +7,7 @@ import hashlib
 import math
 import random
 import threading
+from collections import Counter
 from dataclasses import dataclass, field
 
 from ..._errors import StorageError
@@ -16,6 +17,12 @@ from ._models import StoreModel
 from ._scheduler import VirtualClock
 
 __all__ = ["SimCounters", "SimStorage", "SimStore", "Throttled"]
+
+#: Bytes of the envelope's header line around a payload, and of a listing's answer: per page and per entry (S3's
+#: ListObjectsV2 XML with key, ETag, size and date; measured through benchmarks/steady_proxy.py).
+_ENVELOPE = 100
+_LIST_BASE = 340
+_LIST_ENTRY = 270
 
 
 class Throttled(StorageError):
@@ -69,6 +76,10 @@ class SimCounters:
     object_throttled: int = 0
     #: Requests refused for the prefix rate (each SDK attempt counts).
     prefix_throttled: int = 0
+    #: Bytes of the response bodies the model's service sent (a conditional read answered 304 sends none).
+    body_bytes: int = 0
+    #: Requests per object (the document, each record, each listed prefix).
+    by_object: Counter[str] = field(default_factory=Counter)
 
     @property
     def reads(self) -> int:
@@ -79,7 +90,15 @@ class SimCounters:
         return self.ops["cas"] + self.ops["put"] + self.ops["delete"]
 
     def snapshot(self) -> SimCounters:
-        return SimCounters(dict(self.ops), self.cas_won, self.cas_lost, self.object_throttled, self.prefix_throttled)
+        return SimCounters(
+            dict(self.ops),
+            self.cas_won,
+            self.cas_lost,
+            self.object_throttled,
+            self.prefix_throttled,
+            self.body_bytes,
+            Counter(self.by_object),
+        )
 
     def minus(self, before: SimCounters) -> SimCounters:
         return SimCounters(
@@ -88,6 +107,8 @@ class SimCounters:
             self.cas_lost - before.cas_lost,
             self.object_throttled - before.object_throttled,
             self.prefix_throttled - before.prefix_throttled,
+            self.body_bytes - before.body_bytes,
+            self.by_object - before.by_object,
         )
 
 
@@ -142,6 +163,12 @@ class SimStore(StoreWrapper):
 
     # -- the model -----------------------------------------------------------------------------------------
 
+    def _sent(self, obj: str, body: int) -> None:
+        """One request to ``obj`` whose answer carried ``body`` bytes (S3's list and error answers are XML)."""
+        total = self.storage.total
+        total.by_object[obj] += 1
+        total.body_bytes += body
+
     def _count(self, kind: str, n: int = 1) -> None:
         self.ops[kind] += n
         self.storage.total.ops[kind] += n
@@ -189,6 +216,7 @@ class SimStore(StoreWrapper):
     def read(self) -> Snapshot | None:
         rest = self._before("read", self.storage.model.read_latency)
         snap = self.inner.read()
+        self._sent("document", 0 if snap is None else len(snap.data) + _ENVELOPE)
         self.storage.clock.sleep(rest)
         return snap
 
@@ -196,6 +224,7 @@ class SimStore(StoreWrapper):
         # A conditional read costs a request like any read (a 304 counts against the object's rate too).
         rest = self._before("read", self.storage.model.read_latency)
         got = self.inner.read_if_changed(token)
+        self._sent("document", len(got.data) + _ENVELOPE if isinstance(got, Snapshot) else 0)
         if got is NOT_MODIFIED:
             self._count("unchanged")
         self.storage.clock.sleep(rest)
@@ -204,6 +233,7 @@ class SimStore(StoreWrapper):
     def compare_and_set(self, data: bytes, token: object = None) -> CasResult:
         storage, model = self.storage, self.storage.model
         rest = self._before("cas", model.write_latency)
+        self._sent("document", model.write_answer_bytes)
         bucket = storage.bucket(("object", self.run_id, "document"), model.object_write_rate, model.object_write_burst)
         attempt = 0
         while True:
@@ -239,6 +269,7 @@ class SimStore(StoreWrapper):
     def put_record(self, kind: str, name: str, data: bytes) -> None:
         rest = self._before("put", self.storage.model.write_latency)
         self.inner.put_record(kind, name, data)
+        self._sent(f"{kind}/{name}", self.storage.model.write_answer_bytes)
         listing = self._listing(kind)
         if listing is not None:
             # Any tag that changes with the content will do: observers only compare tags.
@@ -248,6 +279,7 @@ class SimStore(StoreWrapper):
     def read_record(self, kind: str, name: str) -> bytes | None:
         rest = self._before("get", self.storage.model.read_latency)
         got = self.inner.read_record(kind, name)
+        self._sent(f"{kind}/{name}", 0 if got is None else len(got) + _ENVELOPE)
         self.storage.clock.sleep(rest)
         return got
 
@@ -258,6 +290,7 @@ class SimStore(StoreWrapper):
             key = (self.inner.location, self.run_id, kind)
             listing = storage.listings[key] = self.inner.list_records(kind)
         pages = max(1, math.ceil(len(listing) / model.list_page_size))
+        self._sent(f"{kind}/ (listing)", _LIST_BASE * pages + _LIST_ENTRY * len(listing))
         self._count("list")
         self._count("list_pages", pages)
         self._admit("list")
@@ -270,6 +303,7 @@ class SimStore(StoreWrapper):
     def delete_record(self, kind: str, name: str) -> None:
         rest = self._before("delete", self.storage.model.write_latency)
         self.inner.delete_record(kind, name)
+        self._sent(f"{kind}/{name}", 0)
         listing = self._listing(kind)
         if listing is not None:
             listing.pop(name, None)

@@ -1,0 +1,187 @@
+"""Steady state in the scale simulation: N nodes hold a formed round for minutes on modelled S3, GCS and NFS.
+
+    .venv/bin/python benchmarks/simulate_steady.py                      # 1,024 and 4,096 nodes, 10 minutes
+    .venv/bin/python benchmarks/simulate_steady.py --nodes 256 --seconds 120 --models nfs   # a quick look
+
+Every node runs fsrdzv's real handler in virtual time (see ``simulate.py``), forms the round, then calls
+``num_nodes_waiting()`` once a second (torchrun's monitor loop; the calls between two refreshes cost nothing)
+while its keep-alive runs, for ``--seconds`` of virtual time. Reported per node-hour: requests (by kind) and
+response-body bytes as the model's service would send them (a conditional read answered 304 sends none; S3
+listings are XML), and the hottest object's requests per second over the window, against the model's limits.
+``--kill`` rows: the last node dies as the window starts (min_nodes = N - 1); the survivors re-rendezvous once
+``num_nodes_waiting()`` says so, and the window includes that recovery.
+
+Results go to benchmarks/results/simulation_steady.md (table) and simulation_steady.png (plot); ``--raw FILE``
+appends every cell as a JSON line, ``--merge FILE`` reports saved cells (long runs can be split).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE))
+
+from _common import RESULTS, machine_note, markdown_table, section, write_result  # noqa: E402
+from simulate import simulate  # noqa: E402
+
+from fsrdzv.testing._sim import PRESETS  # noqa: E402
+
+#: Requests per second one object (or prefix) of the model takes: S3's per-prefix GET rate, GCS's initial
+#: per-bucket read rate; NFS has no such limit.
+LIMITS = {"s3-throttled": 5500.0, "gcs-throttled": 5000.0, "nfs": math.inf}
+
+
+def cell(model: str, nodes: int, seconds: float, kill: bool) -> dict[str, Any]:
+    started = time.monotonic()
+    r = simulate(PRESETS[model], "fsrdzv", nodes, steady=seconds, kill=kill, real_limit=7200.0, time_limit=1200.0)
+    out: dict[str, Any] = {
+        "model": model,
+        "nodes": nodes,
+        "seconds": seconds,
+        "kill": kill,
+        "formed": r.formed,
+        "note": r.note,
+        "errors": r.errors,
+        "real_seconds": time.monotonic() - started,
+        "document_bytes": r.document_bytes,
+    }
+    if r.steady is not None:
+        s = r.steady
+        hours = nodes * seconds / 3600
+        requests = sum(v for k, v in s.ops.items() if k not in ("unchanged", "list_pages"))
+        hottest, count = s.by_object.most_common(1)[0] if s.by_object else ("-", 0)
+        out.update(
+            requests_per_node_hour=requests / hours,
+            ops_per_node_hour={k: v / hours for k, v in s.ops.items()},
+            bytes_per_node_hour=s.body_bytes / hours,
+            hottest=hottest,
+            hottest_per_second=count / seconds,
+            document_writes=s.cas_won,
+            throttled=s.prefix_throttled + s.object_throttled,
+        )
+    return out
+
+
+def report(cells: list[dict[str, Any]]) -> str:
+    rows = []
+    for c in sorted(cells, key=lambda c: (c["model"], c["nodes"], c["kill"])):
+        if "requests_per_node_hour" not in c:
+            rows.append([c["model"], c["nodes"], "dies" if c["kill"] else "-", f"failed: {c['note']} {c['errors']}"])
+            continue
+        ops = c["ops_per_node_hour"]
+        limit = LIMITS.get(c["model"], math.inf)
+        rows.append(
+            [
+                c["model"],
+                f"{c['nodes']:,}",
+                "one dies" if c["kill"] else "-",
+                f"{c['requests_per_node_hour']:,.0f}",
+                f"{ops.get('read', 0):,.0f} ({ops.get('unchanged', 0):,.0f} unchanged)",
+                f"{ops.get('put', 0):,.0f}",
+                f"{ops.get('get', 0):,.0f}",
+                f"{ops.get('list', 0):,.0f}",
+                f"{c['bytes_per_node_hour'] / 1e3:,.0f} KB",
+                f"{c['hottest_per_second']:,.1f} ({c['hottest'].split('/')[0]})",
+                f"{c['nodes'] / 4:,.0f}",
+                "none" if math.isinf(limit) else f"{limit:,.0f}",
+                c["throttled"],
+                f"{c['real_seconds']:.0f} s",
+            ]
+        )
+    headers = [
+        "model",
+        "N",
+        "death",
+        "requests / node-h",
+        "document reads / node-h",
+        "record PUTs",
+        "record GETs",
+        "LISTs",
+        "response bodies / node-h",
+        "hottest object req/s",
+        "bound N/4",
+        "model's limit req/s",
+        "throttled",
+        "real time",
+    ]
+    return markdown_table(headers, rows)
+
+
+def plot(cells: list[dict[str, Any]], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, (left, right) = plt.subplots(1, 2, figsize=(11, 4))
+    for model in sorted({c["model"] for c in cells}):
+        for kill in (False, True):
+            got = sorted(
+                (c for c in cells if c["model"] == model and c["kill"] == kill and "bytes_per_node_hour" in c),
+                key=lambda c: c["nodes"],
+            )
+            if not got:
+                continue
+            label = f"{model}{' (one dies)' if kill else ''}"
+            ns = [c["nodes"] for c in got]
+            left.plot(ns, [c["bytes_per_node_hour"] / 1e3 for c in got], marker="o", label=label)
+            right.plot(ns, [c["hottest_per_second"] for c in got], marker="o", label=label)
+    ns = sorted({c["nodes"] for c in cells})
+    right.plot(ns, [n / 4 for n in ns], linestyle="--", color="grey", label="N/4")
+    left.set(xscale="log", xlabel="nodes", ylabel="KB of response bodies per node-hour", title="Bytes per node")
+    right.set(xscale="log", yscale="log", xlabel="nodes", ylabel="requests/s", title="Hottest object")
+    left.axhline(100, linestyle="--", color="grey")
+    for ax in (left, right):
+        ax.legend(fontsize=7)
+        ax.grid(True, alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--nodes", type=int, nargs="+", default=[1024, 4096])
+    parser.add_argument("--models", nargs="+", default=["s3-throttled", "gcs-throttled", "nfs"])
+    parser.add_argument("--seconds", type=float, default=600.0)
+    parser.add_argument("--deaths", nargs="+", choices=["none", "one"], default=["none", "one"])
+    parser.add_argument("--raw", help="append every cell to this file as a JSON line")
+    parser.add_argument("--merge", nargs="+", help="report the cells saved in these files (no simulation)")
+    parser.add_argument("--out", default="simulation_steady")
+    parser.add_argument("--no-files", action="store_true")
+    args = parser.parse_args()
+    cells: list[dict[str, Any]] = []
+    if args.merge:
+        for name in args.merge:
+            cells += [json.loads(line) for line in Path(name).read_text().splitlines() if line.strip()]
+    else:
+        for n in args.nodes:
+            for model in args.models:
+                for death in args.deaths:
+                    got = cell(model, n, args.seconds, death == "one")
+                    cells.append(got)
+                    print(json.dumps(got), flush=True)
+                    if args.raw:
+                        with open(args.raw, "a") as f:
+                            f.write(json.dumps(got) + "\n")
+    seconds = max((c["seconds"] for c in cells), default=args.seconds)
+    text = section(
+        f"Steady state in the simulation: {seconds:g} s of virtual time after formation",
+        report(cells),
+    )
+    text += machine_note()
+    print(text)
+    if not args.no_files:
+        write_result(f"{args.out}.md", text)
+        plot(cells, RESULTS / f"{args.out}.png")
+        print(f"wrote {RESULTS / args.out}.md and .png")
+
+
+if __name__ == "__main__":
+    main()
