@@ -52,6 +52,9 @@ _NODE = textwrap.dedent(
     url, run_id, n, index = sys.argv[1], sys.argv[2], int(sys.argv[3]), int(sys.argv[4])
     options = json.loads(sys.argv[5])
     h = fsrdzv.create_handler(url, run_id, n, n, storage_options=options, local_addr=f"10.9.0.{index + 1}")
+    peer_period = float(sys.argv[6])
+    if peer_period >= 0 and hasattr(h, "_peers"):
+        h._peers.period = peer_period if peer_period > 0 else float("inf")  # an experiment, not fsrdzv as shipped
     h.next_rendezvous()
     print("formed", flush=True)
     stop = threading.Event()
@@ -88,14 +91,16 @@ def _tree(rev: str) -> Path:
     return target
 
 
-def _steady(nodes: int, seconds: float, tree: Path, server: Server, proxy: CountingProxy) -> tuple[Tally, float]:
+def _steady(
+    nodes: int, seconds: float, tree: Path, server: Server, proxy: CountingProxy, peer_period: float = -1.0
+) -> tuple[Tally, float]:
     url, options, env = _proxied_options(server, "s3", proxy.url)
     options = {**options, "skip_selftest": True}
     run_id = f"steady-{uuid.uuid4().hex[:8]}"
     child_env = {**os.environ, **env, "PYTHONPATH": str(tree)}
     procs = [
         subprocess.Popen(
-            [sys.executable, "-c", _NODE, url, run_id, str(nodes), str(i), json.dumps(options)],
+            [sys.executable, "-c", _NODE, url, run_id, str(nodes), str(i), json.dumps(options), str(peer_period)],
             stdin=subprocess.PIPE,
             stdout=subprocess.PIPE,
             env=child_env,
@@ -215,19 +220,30 @@ def main() -> None:
     parser.add_argument("--seconds", type=float, default=120.0)
     parser.add_argument("--before", default=DEFAULT_BEFORE, help="git revision to compare with ('' for none)")
     parser.add_argument("--quick", action="store_true", help="skip the per-store probe table")
+    parser.add_argument(
+        "--peer-period",
+        type=float,
+        nargs="*",
+        default=[],
+        help="extra rows with the handler's peer watch (num_nodes_waiting's ring of heartbeat reads) every S "
+        "seconds instead (0: off): an experiment, to attribute the costs",
+    )
     parser.add_argument("--out", default="steady_proxy.md")
     parser.add_argument("--no-files", action="store_true")
     args = parser.parse_args()
 
-    trees = [("fsrdzv (this tree)", REPO)]
+    trees: list[tuple[str, Path, float]] = [("fsrdzv (this tree)", REPO, -1.0)]
+    for period in args.peer_period:
+        what = "off" if period == 0 else f"every {period:g} s"
+        trees.append((f"fsrdzv (this tree), peer watch {what} (experiment)", REPO, period))
     if args.before:
-        trees.append((f"fsrdzv {args.before} (before)", _tree(args.before)))
+        trees.append((f"fsrdzv {args.before} (before)", _tree(args.before), -1.0))
     server = start_server("s3")
     rows = []
     try:
         with CountingProxy(_upstream(server, "s3")) as proxy:
-            for label, tree in trees:
-                tally, window = _steady(args.nodes, args.seconds, tree, server, proxy)
+            for label, tree, period in trees:
+                tally, window = _steady(args.nodes, args.seconds, tree, server, proxy, period)
                 rows.append(_row(label, tally, args.nodes, window))
                 print(label, json.dumps({"requests": tally.requests, "body": tally.body_bytes, "window": window}))
     finally:
