@@ -135,7 +135,9 @@ def plot(cells: list[dict[str, Any]], path: Path) -> None:
             right.plot(ns, [c["hottest_per_second"] for c in got], marker="o", label=label)
     ns = sorted({c["nodes"] for c in cells})
     right.plot(ns, [n / 4 for n in ns], linestyle="--", color="grey", label="N/4")
-    left.set(xscale="log", yscale="log", xlabel="nodes", ylabel="KB of response bodies per node-hour", title="Bytes per node")
+    left.set(
+        xscale="log", yscale="log", xlabel="nodes", ylabel="KB of response bodies per node-hour", title="Bytes per node"
+    )
     right.set(xscale="log", yscale="log", xlabel="nodes", ylabel="requests/s", title="Hottest object")
     left.axhline(100, linestyle="--", color="grey")
     for ax in (left, right):
