@@ -67,17 +67,8 @@ class PeerWatch:
         self._round = None
 
     def lost(self, state: RendezvousState | None) -> int:
-        """How many participants this node's round has lost (0 when no round is watched).
-
-        A round that is over while this node still runs in it (the others re-formed while it was frozen or cut off)
-        counts as this node lost: its agent must re-rendezvous, to join a later round, or to learn that the run
-        closed without it. A run closed with this node still a participant is the normal end: nothing is lost.
-        """
-        if self._round is None or state is None:
-            return 0
-        if (state.epoch, state.round) != self._round:
-            return 0 if state.closed and self._me in state.participants else 1
-        if state.closed:
+        """How many participants this node's round has lost (0 when no round is watched or it is over)."""
+        if self._round is None or state is None or (state.epoch, state.round) != self._round or state.closed:
             return 0
         gone = self._members - set(state.participants)
         now = self._clock()

