@@ -47,6 +47,7 @@ from ._errors import (
 )
 from ._handler import RendezvousHandler, RendezvousInfo, create_handler
 from ._liveness import LivenessTracker
+from ._peers import ring_peers
 from ._ratelog import log_limited
 from ._scaleup import DEFAULT_MAX_DELAY
 from ._settings import LAUNCH_DEFAULTS, Settings
@@ -139,15 +140,6 @@ def round_members(handler: RendezvousHandler, info: RendezvousInfo) -> tuple[lis
     if state is None or state.round != info.round:
         return [], None if state is None else state.epoch
     return sorted(state.participants, key=lambda n: state.participants[n]), state.epoch
-
-
-def ring_peers(ids: Sequence[str], me: str, watch_peers: int) -> list[str]:
-    """The peers whose heartbeats ``me`` watches: the next ``watch_peers`` ranks (0: all); all, if not a member."""
-    if me not in ids:
-        return [n for n in ids if n != me]
-    count = len(ids) - 1 if watch_peers <= 0 else min(watch_peers, len(ids) - 1)
-    i = ids.index(me)
-    return [ids[(i + k) % len(ids)] for k in range(1, count + 1)]
 
 
 class Launcher:
