@@ -68,26 +68,43 @@ class PeerWatch:
 
     def lost(self, state: RendezvousState | None) -> int:
         """How many participants this node's round has lost (0 when no round is watched or it is over)."""
-        if self._round is None or state is None or (state.epoch, state.round) != self._round or state.closed:
+        if not self._watching(state):
             return 0
-        gone = self._members - set(state.participants)
+        assert state is not None
         now = self._clock()
         if now >= self._next:
             self._next = now + self.period
-            self._look(state, now)
+            fresh = self._look(state, now)
+            if fresh is not None:
+                state = fresh
+                if not self._watching(state):
+                    # The document as it is now (read to remove the peers) says the round is over: a peer whose
+                    # heartbeat stopped had shut down cleanly, closing the run. Nothing is lost: stop watching.
+                    self.stop()
+                    return 0
+        gone = self._members - set(state.participants)
         return len(gone | self._dead)
 
-    def _look(self, state: RendezvousState, now: float) -> None:
+    def _watching(self, state: RendezvousState | None) -> bool:
+        return not (self._round is None or state is None or (state.epoch, state.round) != self._round or state.closed)
+
+    def _look(self, state: RendezvousState, now: float) -> RendezvousState | None:
+        """Read the peers' heartbeats; remove those found dead and return the document after that (None: no
+        one died, or the storage failed)."""
         peers = [p for p in self._peers if p in state.participants and p not in self._dead]
         if not peers:
-            return
+            return None
         try:
             self._tracker.observe(self._admin.heartbeat_tags(peers), now, peers)
             dead = self._tracker.dead(peers, now)
-            if dead:
-                self._dead |= dead
-                # Remove them now (already timed here), so that the next round needs no second wait for them.
-                self._admin.remove_nodes(dead)
-                self._admin.forget_records(dead)
+            if not dead:
+                return None
+            # Remove them now (already timed here), so that the next round needs no second wait for them.
+            fresh = self._admin.remove_nodes(dead)
+            if fresh is not None and fresh.closed:
+                return fresh  # a closed run is left as it is: its nodes leave, nobody is removed
+            self._dead |= dead
+            self._admin.forget_records(dead)
+            return fresh
         except RendezvousError:
-            return  # the storage failed: look again next period (the agent keeps training meanwhile)
+            return None  # the storage failed: look again next period (the agent keeps training meanwhile)
