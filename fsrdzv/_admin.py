@@ -22,7 +22,7 @@ from ._policy import FAST_POLL, SLOW_POLL, outage_budget
 from ._retry import Retry
 from ._session import Session
 from ._settings import Settings
-from ._state import RendezvousState, request_owner
+from ._state import RendezvousState, decode_request, decode_request_name, request_owner
 from ._store import Snapshot, Store
 
 __all__ = ["CloseResult", "ResetResult", "RunAdmin"]
@@ -193,6 +193,25 @@ class RunAdmin:
                     self.session.discard("req", name)
         for node_id in doomed:
             self.discard_record("hb", node_id)
+
+    def folded_requests(self, state: RendezvousState | None, names: Iterable[str]) -> list[str]:
+        """The join-request records among ``names`` that ``state`` already folded, or older ones of the same node
+        (ordered nonces): leftovers of nodes that left, never a pending request (``fsrdzv gc``). A record that does
+        not decode, or cannot be trusted, is not judged."""
+        if state is None:
+            return []
+        out = []
+        for name in names:
+            try:
+                request = decode_request_name(name, lambda _: None)
+                if request is None:
+                    raw = self.session.get_unbudgeted("req", name)
+                    request = None if raw is None else decode_request(raw, f"join request {name!r}")
+            except RendezvousError:
+                continue
+            if request is not None and not proto.pending(state, [request]):
+                out.append(name)
+        return out
 
     def discard_record(self, kind: str, name: str) -> None:
         """Delete one record, best effort (a node's own records at shutdown: a leftover is harmless)."""

@@ -22,8 +22,20 @@ from typing import Any
 import pytest
 
 from fsrdzv import open_store
-from fsrdzv._state import NodeInfo, RendezvousState, encode_state
+from fsrdzv._admin import RunAdmin
+from fsrdzv._settings import Settings
+from fsrdzv._state import (
+    JoinRequest,
+    NodeInfo,
+    RendezvousState,
+    encode_request,
+    encode_state,
+    request_owner,
+    request_record_name,
+)
+from fsrdzv._status import read_state
 from fsrdzv.testing import corrupt
+from tests.nodes import Node
 from tests.servers import Endpoint
 from tests.test_launcher import Job, fsrdzv, wait_until
 
@@ -273,6 +285,107 @@ def test_gc_removes_finished_and_dead_runs_and_never_a_live_one(tmp_path: Path) 
     finally:
         live_job.cleanup()
         done_job.cleanup()
+
+
+def _crash_leftovers(url: str, options: dict[str, Any], tmp: Path) -> tuple[list[Node], dict[str, list[str]]]:
+    """A live run with crash leftovers: two live nodes (rdzv_node.py) in a complete round, three spares SIGKILLed
+    and removed from the document without their records (as an older fsrdzv, or a removal whose deletes failed),
+    past a one-entry history of departed nodes: two of them have requests the document no longer remembers folding.
+    The one whose folded request it still remembers also lost its heartbeat record (a partial clean-up). A joining
+    node's request (no heartbeat yet, never folded) sits beside them."""
+    stop = str(tmp / "stop")
+    live = [Node(url, "job", 2, 2, hold=300, stop_file=stop, options=options) for _ in range(2)]
+    for node in live:
+        node.wait_for("rank", 90)
+    crashed = [Node(url, "job", 2, 2, options=options) for _ in range(3)]
+    ids = [n.wait_for("start")["node"] for n in crashed]
+    store = open_store(url, "job", storage_options=options)
+    wait_until("three spares heartbeating", lambda: _spares(store, ids), timeout=90)
+    for node in crashed:
+        node.kill()
+    settings = Settings(run_id="job", min_nodes=2, max_nodes=2, applied_history=1)
+    after = RunAdmin(store, settings).remove_nodes(ids)
+    assert after is not None and not set(ids) & after.members(), after
+    [remembered] = [n for n in ids if n in after.applied]
+    store.delete_record("hb", remembered)
+    joining = JoinRequest(NodeInfo("10.9.9.9", 77, 0, "j0", 29400, "joiner"), "1.abc", None)
+    store.put_record("req", request_record_name(joining, store.name_mac), encode_request(joining))
+    kinds = {"dead": [n for n in ids if n != remembered], "removed": [remembered], "joining": [joining.node.node_id]}
+    kinds["live"] = [n.events[0]["node"] for n in live]
+    return live, kinds
+
+
+def _spares(store: Any, ids: list[str]) -> bool:
+    state = read_state(store)
+    return state is not None and set(state.redundancy_list) == set(ids) and set(ids) <= set(store.list_records("hb"))
+
+
+def _owners(store: Any) -> tuple[set[str], set[str]]:
+    return set(store.list_records("hb")), {request_owner(n) for n in store.list_records("req")}
+
+
+@pytest.mark.parametrize("where", ["directory", "s3"])
+def test_gc_deletes_what_crashed_nodes_left_in_a_live_run(
+    where: str, tmp_path: Path, request: pytest.FixtureRequest
+) -> None:
+    """Issue 15 §5: in a live run, gc deletes the records of SIGKILLed nodes that are no longer members (dead
+    heartbeat: all their records; no heartbeat: a request the document folded) and never a live node's records or
+    a joining node's request."""
+    if where == "s3":
+        s3: Endpoint = request.getfixturevalue("s3_endpoint")
+        url, options, flags = s3.url, s3.storage_options, s3_option_args(s3)
+    else:
+        (tmp_path / "rdzv").mkdir()
+        url, options, flags = str(tmp_path / "rdzv"), {}, []
+    live, kinds = _crash_leftovers(url, options, tmp_path)
+    store = open_store(url, "job", storage_options=options)
+    try:
+        beats, asks = _owners(store)
+        assert set(kinds["dead"]) | set(kinds["live"]) <= beats and set(kinds["removed"]).isdisjoint(beats)
+        assert set(kinds["dead"]) | set(kinds["removed"]) | set(kinds["joining"]) <= asks
+
+        dry = cli("gc", url, *flags, "--window", "1.5", "--dry-run", "--json")
+        assert dry.returncode == 0, dry.stderr
+        doc = json.loads(dry.stdout)
+        assert doc["schema"] == "fsrdzv.gc/1" and doc["dry_run"] is True and doc["endpoint"] == url
+        [run] = doc["runs"]
+        assert run["run_id"] == "job" and run["verdict"] == "keep" and run["observed_seconds"] >= 1.5, run
+        gone = {g["node_id"]: g for g in run["gone_nodes"]}
+        assert set(gone) == set(kinds["dead"]) | set(kinds["removed"]), run
+        for node_id in kinds["dead"]:
+            assert gone[node_id] == {"node_id": node_id, "why": "dead", "heartbeat_record": True, "join_requests": 1}
+        [removed] = kinds["removed"]
+        assert gone[removed] == {"node_id": removed, "why": "removed", "heartbeat_record": False, "join_requests": 1}
+        assert doc["removed_records"] == 5 and doc["removed_runs"] == 0 and doc["kept_runs"] == 1
+        assert _owners(store) == (beats, asks), "a dry run deletes nothing"
+
+        real = cli("gc", url, *flags, "--window", "1.5", "--run-id", "job")
+        assert real.returncode == 0, real.stderr
+        assert "removed 5 record(s) of 3 gone node(s) in run job" in real.stdout, real.stdout
+        summary = "gc: removed 0 run(s), kept 1; removed 5 record(s) of 3 gone node(s) in kept runs\n"
+        assert real.stdout.endswith(summary), real.stdout
+        beats_after, asks_after = _owners(store)
+        assert beats_after == set(kinds["live"]), beats_after
+        gone_ids = set(kinds["dead"]) | set(kinds["removed"])
+        assert asks_after.isdisjoint(gone_ids) and set(kinds["joining"]) <= asks_after, asks_after
+        state = read_state(store)
+        assert state is not None and state.complete and set(state.participants) == set(kinds["live"])
+        again = json.loads(cli("gc", url, *flags, "--window", "1.5", "--json").stdout)
+        assert again["runs"][0]["gone_nodes"] == [] and again["removed_records"] == 0, again
+        (tmp_path / "stop").write_text("")
+        assert [n.wait(60) for n in live] == [0, 0], "the live nodes were not disturbed"
+    finally:
+        (tmp_path / "stop").write_text("")
+        for node in live:
+            node.kill()
+
+
+def test_gc_of_one_run_that_does_not_exist_is_one_line(tmp_path: Path) -> None:
+    _dead_run(str(tmp_path), "there")
+    line = one_line_error(cli("gc", str(tmp_path), "--run-id", "nope", "--window", "0.1"), 5)
+    assert "no run 'nope'" in line and "runs there: there" in line
+    assert "invalid run id" in one_line_error(cli("gc", str(tmp_path), "--run-id", "a b"), 2)
+    assert "--window" in one_line_error(cli("gc", str(tmp_path), "--window", "0"), 2)
 
 
 def test_reset_is_the_way_out_of_a_corrupt_document(tmp_path: Path) -> None:

@@ -7,7 +7,8 @@ through :class:`fsrdzv._admin.RunAdmin` (``close``, ``reset``, ``gc``), and judg
 :class:`fsrdzv._liveness.LivenessTracker` (a record that changes, timed on this host's monotonic clock).
 
 Modules: :mod:`._parser` (options and help), :mod:`._values` (option values), :mod:`._context` (endpoint, run id,
-secret), :mod:`._commands` and :mod:`._admin_cmds` (the commands), :mod:`._render` (tables), :mod:`._exits`.
+secret), :mod:`._commands`, :mod:`._admin_cmds` and :mod:`._gc` (the commands), :mod:`._render` (tables),
+:mod:`._exits`.
 """
 
 from __future__ import annotations

@@ -8,9 +8,10 @@ import textwrap
 from typing import NoReturn, Protocol
 
 from .._settings import DEFAULTS
-from ._admin_cmds import cmd_close, cmd_gc, cmd_reset
+from ._admin_cmds import cmd_close, cmd_reset
 from ._commands import cmd_demo, cmd_doctor, cmd_list, cmd_status
 from ._exits import EXIT_CODES, EXIT_USAGE, CliError
+from ._gc import cmd_gc
 from ._run_parser import add_run
 from ._values import count, parse_duration, positive_duration
 
@@ -157,29 +158,37 @@ def _add_close(add: _Add) -> None:
 def _add_gc(add: _Add) -> None:
     p = add(
         "gc",
-        "remove runs that are closed or whose nodes are all gone; never a live run",
-        "Remove runs that are closed or whose nodes are all gone. A run is live, and kept, if any of its heartbeat "
-        "records changes during the observation --window (timed on this host's monotonic clock) or its document "
-        "changes; the window must exceed the runs' keep_alive_interval (default 5s). Runs with an unreadable "
-        "document are kept (use 'fsrdzv reset --force').",
-        "examples:\n  fsrdzv gc /shared/rdzv --dry-run\n  fsrdzv gc s3://bucket/rdzv --older-than 7d",
+        "remove finished runs, and the records crashed nodes left in live ones; never a live node's",
+        "Remove runs that are closed or whose nodes are all gone, and in every run kept (live ones too) delete the "
+        "records of gone nodes: the heartbeat and join requests of a node in no list of the document whose "
+        "heartbeat is dead, and a join request the document already folded of a node in no list without a "
+        "heartbeat record (a leftover of a removed node). A heartbeat is dead, and a run shows no life, when no "
+        "record changes for the run's liveness timeout (keep_alive_interval x keep_alive_max_attempt as its "
+        "document records them) and at least --window, timed on this host's monotonic clock. Never touched: the "
+        "records of members, of nodes whose heartbeat changes, and a request newer than what the document folded "
+        "for its node. Runs with an unreadable document are kept (use 'fsrdzv reset --force').",
+        "examples:\n  fsrdzv gc /shared/rdzv --dry-run\n  fsrdzv gc s3://bucket/rdzv --older-than 7d\n"
+        "  fsrdzv gc /shared/rdzv --run-id job-42 --json\n\nJSON schema: fsrdzv.gc/1 (docs/cli-json-schema.md)",
     )
     _endpoint_arg(p)
+    p.add_argument("--run-id", metavar="ID", help="only this run (default: every run at the endpoint)")
     p.add_argument(
         "--older-than",
         type=parse_duration,
         default=86400.0,
         metavar="DURATION",
-        help="only runs idle at least this long by storage time (default: 24h; 0: any age)",
+        help="remove whole only runs idle at least this long by storage time (default: 24h; 0: any age)",
     )
     p.add_argument(
         "--window",
         type=positive_duration,
         default=15.0,
         metavar="DURATION",
-        help="liveness observation window (default: 15s)",
+        help="shortest liveness observation (default: 15s; a run whose document records a longer liveness "
+        "timeout is watched for that long)",
     )
     p.add_argument("--dry-run", action="store_true", help="report what would be removed, remove nothing")
+    p.add_argument("--json", action="store_true", help="print the fsrdzv.gc/1 JSON object")
     _common(p)
     p.set_defaults(func=cmd_gc)
 
