@@ -7,11 +7,8 @@ One launcher runs on every node. It loops:
 2. **Run** ``nproc_per_node`` copies of the command, each in a new process group with torchrun's worker
    environment (``RANK``, ``WORLD_SIZE``, ``LOCAL_RANK``, ``MASTER_ADDR``, ``MASTER_PORT``, ``TORCHELASTIC_*``...;
    see :mod:`fsrdzv._workers`) and fsrdzv's ``FSRDZV_*``. One failed copy stops the others, as in torchrun.
-3. **Monitor**, every ``monitor_interval``: one read of the document (nodes waiting, as
-   ``num_nodes_waiting()`` counts them, so ``scale_up_at=safe_point`` defers them; a new round or epoch; this
-   node dropped; the run closed) and the
-   heartbeat records of a few peers (a participant dies when its record stops changing for
-   ``keep_alive_interval x keep_alive_max_attempt`` seconds of *this* host's monotonic clock, the handler's rule).
+3. **Monitor**, every ``monitor_interval``: one read of the document and the heartbeats of a few peers in a
+   ring (:class:`fsrdzv._roundcheck.RoundCheck`); a dead peer is removed with its records.
 4. On a **membership change** it stops the command (SIGTERM to the whole group, SIGKILL after ``stop_timeout``)
    and goes back to 1. This is free, as in torch. A **failed** command also goes back to 1 and uses one of the
    ``max_restarts``. A command that **succeeds** closes the run, so the other nodes stop when their own command
@@ -38,17 +35,9 @@ from dataclasses import dataclass, field
 from types import FrameType
 from typing import Any, Final
 
-from ._errors import (
-    RendezvousClosedError,
-    RendezvousError,
-    RendezvousGracefulExitError,
-    RendezvousStateError,
-    StorageError,
-)
+from ._errors import RendezvousClosedError, RendezvousGracefulExitError, StorageError
 from ._handler import RendezvousHandler, RendezvousInfo, create_handler
-from ._liveness import LivenessTracker
-from ._peers import ring_peers
-from ._ratelog import log_limited
+from ._roundcheck import RoundCheck
 from ._scaleup import DEFAULT_MAX_DELAY
 from ._settings import LAUNCH_DEFAULTS, Settings
 from ._workers import WorkerGroup, WorkerSetup, worker_env
@@ -128,18 +117,6 @@ def handler_for(config: LaunchConfig) -> RendezvousHandler:
         scale_up_max_delay=config.scale_up_max_delay,
         expected_nodes=config.expected_nodes or None,
     )
-
-
-def round_members(handler: RendezvousHandler, info: RendezvousInfo) -> tuple[list[str], str | None]:
-    """Node ids of the round's participants in rank order, and the document's epoch."""
-    try:
-        state = handler.admin.read()
-    except RendezvousError as exc:
-        log.warning("could not read the round's members (peers are not watched this round): %s", exc)
-        return [], None
-    if state is None or state.round != info.round:
-        return [], None if state is None else state.epoch
-    return sorted(state.participants, key=lambda n: state.participants[n]), state.epoch
 
 
 class Launcher:
@@ -243,7 +220,7 @@ class Launcher:
                 # Closed before or between rounds of this node: the CLI reports it as one line, status 1.
                 raise
             self.rounds.append(info)
-            ids, epoch = round_members(self.handler, info)
+            check = RoundCheck(self.handler, info, config.watch_peers)
             log.info(
                 "round %d complete: rank %d of %d, master %s:%d; starting the command%s",
                 info.round,
@@ -254,7 +231,8 @@ class Launcher:
                 f" (restart {self.restarts} of {config.max_restarts})" if self.restarts else "",
             )
             self._start_child(info)
-            outcome = self._monitor(info, ids, epoch)
+            outcome = self._monitor(check)
+            self._closed_seen = self._closed_seen or check.closed_seen
             if outcome.kind == "membership":
                 log.info("re-forming: %s", outcome.reason)
                 self._stop_child(outcome.reason)
@@ -312,12 +290,10 @@ class Launcher:
             self._child.stop(self.config.stop_timeout, why)
             self._child = None
 
-    def _monitor(self, info: RendezvousInfo, ids: list[str], epoch: str | None) -> _Outcome:
+    def _monitor(self, check: RoundCheck) -> _Outcome:
         child = self._child
         assert child is not None
         config = self.config
-        tracker = LivenessTracker(self.handler.settings.liveness_timeout)
-        peers = ring_peers(ids, self.handler.node_id, config.watch_peers)
         next_check = self._clock() + config.monitor_interval
         storage_warned = False
         while True:
@@ -340,11 +316,11 @@ class Launcher:
                     self._kill_group(signal.SIGKILL)
                     self._killed = True
                 continue
-            if self._closed_seen or now < next_check:
+            if check.closed_seen or now < next_check:
                 continue
             next_check = now + config.monitor_interval
             try:
-                reason = self._membership_change(info, epoch, peers, tracker, now)
+                reason = check.change(now)
                 storage_warned = False
             except StorageError as exc:
                 # The command may well be fine; keep it running and look again next time.
@@ -354,39 +330,3 @@ class Launcher:
                 continue
             if reason:
                 return _Outcome("membership", reason=reason)
-
-    def _membership_change(
-        self, info: RendezvousInfo, epoch: str | None, peers: list[str], tracker: LivenessTracker, now: float
-    ) -> str | None:
-        """Why the current round is over, or None while it still stands."""
-        me = self.handler.node_id
-        admin = self.handler.admin
-        try:
-            state, snap = admin.read_snapshot()
-        except RendezvousStateError as exc:
-            log_limited(log, logging.ERROR, "the document became unreadable; the command keeps running: %s", exc)
-            return None
-        if state is None:
-            return "the rendezvous document disappeared (fsrdzv reset or gc?)"
-        if state.closed:
-            self._closed_seen = True
-            log.info("run %r was closed by another node: waiting for the command to finish", self.config.run_id)
-            return None
-        if (epoch is not None and state.epoch != epoch) or state.round != info.round or me not in state.participants:
-            return f"round {info.round} is over (the document is at round {state.round})"
-        waiting = self.handler.scale_up.waiting(state)
-        if waiting:
-            return f"{waiting} node(s) waiting to join"
-        if not peers:
-            return None
-        tracker.observe(admin.heartbeat_tags(peers), now, peers)
-        dead = tracker.dead(peers, now)
-        if not dead:
-            return None
-        # Remove them at once (the handler's own rule, already timed here), so the next round needs no second wait.
-        with contextlib.suppress(RendezvousError):
-            admin.remove_from(state, snap, dead)
-        return (
-            f"participant(s) {', '.join(sorted(dead))} stopped heartbeating for "
-            f"{self.handler.settings.liveness_timeout:g}s"
-        )

@@ -22,7 +22,7 @@ from typing import Any
 import pytest
 
 from fsrdzv import open_store
-from fsrdzv._state import RendezvousState
+from fsrdzv._state import RendezvousState, request_owner
 from fsrdzv._status import read_state
 
 #: Small timeouts for every launcher in the tests.
@@ -202,6 +202,11 @@ def test_survivors_reform_after_sigkill_of_one_node(job: Job) -> None:
     assert len({r["FSRDZV_ROUND"] for r in second}) == 1
     assert int(second[0]["FSRDZV_ROUND"]) > int(first_round.pop())
     assert {r["FSRDZV_RESTART_COUNT"] for r in second} == {"0"}, "membership changes do not use restarts"
+    # Removed with its records (RunAdmin.remove_dead): the crashed node's request can never be folded again.
+    dead_id = job.starts(victim)[0]["FSRDZV_NODE_ID"]
+    store = open_store(job.endpoint, job.run_id)
+    assert dead_id not in store.list_records("hb")
+    assert dead_id not in {request_owner(name) for name in store.list_records("req")}
     job.finish()
     assert [job.wait(i) for i in survivors] == [0, 0]
     assert "stopped heartbeating" in job.stderr(survivors[0]) + job.stderr(survivors[1])
