@@ -25,6 +25,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import os
 import random
 import secrets
 import sys
@@ -103,6 +104,42 @@ class NaiveNode:
 # -- one simulation ----------------------------------------------------------------------------------------------
 
 
+def run_on_one_cpu() -> None:
+    """Keep the simulation's threads on one CPU as batch work (call before the first simulated thread starts).
+
+    Exactly one simulated thread runs at a time and every virtual-time step hands the GIL from one thread to
+    another: within one CPU and without wake-up preemption that hand-off costs a fraction of one across CPUs.
+    """
+    threading.stack_size(512 * 1024)
+    sys.setswitchinterval(0.001)
+    if hasattr(os, "sched_setaffinity"):
+        cpus = sorted(os.sched_getaffinity(0))
+        os.sched_setaffinity(0, {cpus[-1]})
+    if hasattr(os, "SCHED_BATCH"):
+        # No wake-up preemption: the woken thread waits for the GIL anyway, so the waker should run on to park.
+        os.sched_setscheduler(0, os.SCHED_BATCH, os.sched_param(0))
+
+
+def _idle_calls(handler: RendezvousHandler, now: float, monitor: float) -> int:
+    """How many of a node's next ``num_nodes_waiting()`` calls, one every ``monitor`` s, to make as one sleep.
+
+    Between the steady read coming due and the peer watch's next look, a call reads nothing and answers what
+    the previous one did (the default scale-up policy answers from the document as last read), so the loop may
+    sleep until the first call at or after the earlier of the two: the same calls reach the storage at the same
+    virtual times, with a thread switch per refresh instead of one per second. Without those attributes (another
+    handler version), every call is made.
+    """
+    steady = getattr(getattr(handler, "_steady", None), "_due", None)
+    peers = getattr(getattr(handler, "_peers", None), "_next", None)
+    if not isinstance(steady, float) or not isinstance(peers, float) or handler.scale_up.policy.deferred:
+        return 1
+    ahead = min(steady, peers) - now
+    return max(1, math.ceil(ahead / monitor - 1e-9)) if math.isfinite(ahead) else 1
+
+
+# -- one simulation ----------------------------------------------------------------------------------------------
+
+
 @dataclass
 class SimResult:
     model: str
@@ -171,7 +208,7 @@ def simulate(
         handler.next_rendezvous()
         done[i] = clock()
         while not stop_steady.is_set():  # torchrun's monitor loop (calls between two refreshes cost nothing)
-            clock.sleep(monitor)
+            clock.sleep(monitor * (1 if i == n - 1 else _idle_calls(handler, clock(), monitor)))
             if i in dying:
                 handler._stop_keepalive()
                 return
@@ -369,8 +406,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", default="simulation", help="base name of the files under benchmarks/results/")
     parser.add_argument("--no-files", action="store_true")
     args = parser.parse_args(argv)
-    threading.stack_size(512 * 1024)
-    sys.setswitchinterval(0.001)
+    run_on_one_cpu()
 
     results: list[SimResult] = []
     real_limits: dict[int, float] = {}

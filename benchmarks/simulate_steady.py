@@ -29,7 +29,7 @@ HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 
 from _common import RESULTS, machine_note, markdown_table, section, write_result  # noqa: E402
-from simulate import simulate  # noqa: E402
+from simulate import run_on_one_cpu, simulate  # noqa: E402
 
 from fsrdzv.testing._sim import PRESETS  # noqa: E402
 
@@ -86,6 +86,7 @@ def report(cells: list[dict[str, Any]]) -> str:
                 f"{ops.get('read', 0):,.0f} ({ops.get('unchanged', 0):,.0f} unchanged)",
                 f"{ops.get('put', 0):,.0f}",
                 f"{ops.get('get', 0):,.0f}",
+                f"{ops.get('tag', 0):,.0f}",
                 f"{ops.get('list', 0):,.0f}",
                 f"{c['bytes_per_node_hour'] / 1e3:,.0f} KB",
                 f"{c['hottest_per_second']:,.1f} ({c['hottest'].split('/')[0]})",
@@ -103,6 +104,7 @@ def report(cells: list[dict[str, Any]]) -> str:
         "document reads / node-h",
         "record PUTs",
         "record GETs",
+        "record tag reads (HEAD)",
         "LISTs",
         "response bodies / node-h",
         "hottest object req/s",
@@ -159,6 +161,7 @@ def main() -> None:
     parser.add_argument("--no-files", action="store_true")
     args = parser.parse_args()
     cells: list[dict[str, Any]] = []
+    run_on_one_cpu()
     if args.merge:
         for name in args.merge:
             cells += [json.loads(line) for line in Path(name).read_text().splitlines() if line.strip()]
