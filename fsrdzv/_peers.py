@@ -12,6 +12,7 @@ agent re-rendezvous, after which the joins' own sweeps remove the rest.
 
 from __future__ import annotations
 
+import random
 from collections.abc import Callable, Sequence
 from typing import Final
 
@@ -50,8 +51,22 @@ class PeerWatch:
         self._tracker = LivenessTracker(settings.liveness_timeout)
         self._next = 0.0
         self._dead: set[str] = set()
-        #: Reads between two looks at the peers' records (s): the liveness timeout is met within this.
-        self.period = min(1.0, settings.keep_alive_interval / 2)
+        #: This node's round went on without it (it was frozen or cut off): lost until it re-joins.
+        self._left_behind = False
+        self._rng = random.Random()
+        self._period = settings.keep_alive_interval
+
+    @property
+    def period(self) -> float:
+        """Seconds from one look at the peers' records to the next, drawn afresh at each look: one keep-alive
+        interval (a peer's record changes about that often), jittered down by up to a fifth so that the watchers'
+        looks spread out and never lag a beat. A dead peer is so found within the liveness timeout plus one
+        interval (set: the interval that is jittered)."""
+        return self._period * self._rng.uniform(0.8, 1.0)
+
+    @period.setter
+    def period(self, seconds: float) -> None:
+        self._period = seconds
 
     def start(self, state: RendezvousState) -> None:
         """Watch the round of ``state`` (complete, with this node as a participant)."""
@@ -61,36 +76,51 @@ class PeerWatch:
         self._peers = ring_peers(ids, self._me, self._watch_peers)
         self._tracker = LivenessTracker(self._settings.liveness_timeout)
         self._dead = set()
+        self._left_behind = False
         self._next = self._clock()
 
     def stop(self) -> None:
         self._round = None
+        self._left_behind = False
 
     def lost(self, state: RendezvousState | None) -> int:
-        """How many participants this node's round has lost (0 when no round is watched or it is over)."""
-        if not self._watching(state):
+        """How many participants this node's round has lost (0 when no round is watched).
+
+        A round that is over while this node still runs in it (the others re-formed while it was frozen or cut
+        off) counts this node as lost: its agent must re-rendezvous, to join a later round or to learn that the run
+        closed without it. A run closed in this node's round is the normal end of a job: nothing is lost.
+        """
+        if self._round is None or state is None:
             return 0
-        assert state is not None
+        if self._left_behind:
+            return 1
+        if (state.epoch, state.round) != self._round:
+            return self._over(state)
+        if state.closed:
+            return 0
         now = self._clock()
         if now >= self._next:
             self._next = now + self.period
             fresh = self._look(state, now)
-            if fresh is not None:
-                state = fresh
-                if not self._watching(state):
-                    # The document as it is now (read to remove the peers) says the round is over: a peer whose
-                    # heartbeat stopped had shut down cleanly, closing the run. Nothing is lost: stop watching.
-                    self.stop()
-                    return 0
+            if fresh is not None and (fresh.closed or (fresh.epoch, fresh.round) != self._round):
+                # The document as it is now (read to remove the peers) says the round is over: a peer whose
+                # heartbeat stopped had shut down cleanly and closed the run, or the round re-formed.
+                return self._over(fresh)
+            state = fresh or state
         gone = self._members - set(state.participants)
         return len(gone | self._dead)
 
-    def _watching(self, state: RendezvousState | None) -> bool:
-        return not (self._round is None or state is None or (state.epoch, state.round) != self._round or state.closed)
+    def _over(self, state: RendezvousState) -> int:
+        """This node's round is over in ``state``; the node is lost to it unless the run closed with it inside."""
+        if state.closed and self._me in state.participants:
+            self.stop()
+            return 0
+        self._left_behind = True  # until this node re-joins (start/stop), whatever older read it is asked about
+        return 1
 
     def _look(self, state: RendezvousState, now: float) -> RendezvousState | None:
-        """Read the peers' heartbeats; remove those found dead and return the document after that (None: no
-        one died, or the storage failed)."""
+        """Look at the peers' heartbeat tags (no bodies but on a signed store); remove those found dead and return
+        the document after that (None: no one died, or the storage failed)."""
         peers = [p for p in self._peers if p in state.participants and p not in self._dead]
         if not peers:
             return None

@@ -18,24 +18,25 @@ ATTEMPTS = 3
 TIMEOUT = INTERVAL * ATTEMPTS
 
 
-def pair(tmp_path: Path) -> tuple[RendezvousHandler, RendezvousHandler]:
-    """Two handlers (min = max = 2) that formed round 0 together."""
+def pair(tmp_path: Path, min_nodes: int = 2) -> tuple[RendezvousHandler, RendezvousHandler]:
+    """Two handlers (max 2) that formed round 0 together."""
     handlers = [
         fsrdzv.create_handler(
             str(tmp_path),
             "run",
-            2,
+            min_nodes,
             2,
             local_addr=f"127.0.0.{i + 1}",
             keep_alive_interval=INTERVAL,
             keep_alive_max_attempt=ATTEMPTS,
-            last_call_timeout=0.2,
+            last_call_timeout=1.0,
             join_timeout=30,
         )
         for i in range(2)
     ]
     infos: list[RendezvousInfo] = []
     threads = [threading.Thread(target=lambda h=h: infos.append(h.next_rendezvous())) for h in handlers]
+
     for t in threads:
         t.start()
     for t in threads:
@@ -76,6 +77,21 @@ def test_a_peer_that_shuts_down_and_closes_the_run_is_not_lost(tmp_path: Path) -
         assert a.is_closed()
     finally:
         a.shutdown()
+
+
+def test_a_thawed_node_learns_its_round_is_over(tmp_path: Path) -> None:
+    """b hangs; a removes it and forms round 1 alone (min 1); b, thawed, must be told to re-rendezvous (its idle
+    workers fail nothing), then it joins the next round, which a's agent learns of as a waiting node."""
+    a, b = pair(tmp_path, min_nodes=1)
+    try:
+        b._stop_keepalive()
+        assert waiting_within(a, TIMEOUT + 5) == 1
+        assert a.next_rendezvous().participants == ("127.0.0.1",)
+        assert waiting_within(b, 10) == 1  # within one steady read of the document
+        assert b.num_nodes_waiting() == 1  # and so until it re-joins
+    finally:
+        a.shutdown()
+        b.shutdown()
 
 
 def test_ring_peers_are_the_next_ranks() -> None:
