@@ -17,13 +17,13 @@ the ``fsrdzv[jax]`` extra and refuses, in one line, a JAX whose interface it doe
 from __future__ import annotations
 
 import atexit
-import socket
 import threading
 from typing import Any, Final
 
 from ._environ import launched_round, run_environment
 from ._errors import ConfigurationError
 from ._handler import RendezvousHandler, RendezvousInfo, create_handler
+from ._ports import PortReservation
 
 __all__ = ["TESTED_JAX", "FsrdzvCluster"]
 
@@ -45,36 +45,6 @@ if not hasattr(ClusterEnv, "opt_in_only_method"):
     )
 
 
-class _Reservation:
-    """Holds rank 0's coordinator port from the join until JAX binds it, so no other process takes it meanwhile.
-
-    The socket is bound (not listening) with SO_REUSEPORT, which JAX's gRPC server also sets: the server can bind
-    the port while it is held, and the hold ends when the process exits.
-    """
-
-    def __init__(self) -> None:
-        self._sockets: list[socket.socket] = []
-
-    def reserve(self, addr: str) -> int:
-        family = socket.AF_INET6 if ":" in addr else socket.AF_INET
-        sock = socket.socket(family, socket.SOCK_STREAM)
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        if hasattr(socket, "SO_REUSEPORT"):
-            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
-        try:
-            sock.bind((addr, 0))
-        except OSError:
-            sock.bind(("", 0))  # an address other hosts resolve but this one cannot bind
-        self.release()
-        self._sockets.append(sock)
-        port: int = sock.getsockname()[1]
-        return port
-
-    def release(self) -> None:
-        while self._sockets:
-            self._sockets.pop().close()
-
-
 class _Joined:
     """The one rendezvous of this process: JAX asks for its parts in separate calls."""
 
@@ -82,7 +52,8 @@ class _Joined:
         self.lock = threading.Lock()
         self.info: RendezvousInfo | None = None
         self.handler: RendezvousHandler | None = None
-        self.reservation = _Reservation()
+        #: Bound, not listening: JAX's gRPC server binds the port itself (SO_REUSEPORT) while it is held.
+        self.reservation = PortReservation(listen=False)
 
     def get(self) -> tuple[int, int, str, int]:
         """(rank, world size, coordinator address, coordinator port), joining on first use."""

@@ -86,3 +86,30 @@ def test_missing_or_bad_environment_is_one_clear_error(
     assert not fsrdzv_jax.FsrdzvCluster.is_env_present()
     with pytest.raises(ConfigurationError, match=message):
         fsrdzv_jax.FsrdzvCluster.get_process_count()
+
+
+def test_one_port_reservation_for_jax_and_torchrun_without_torch() -> None:
+    """``fsrdzv._ports`` serves both faces and imports no torch; JAX's reservation is bound, not listening, so that
+    its gRPC server can bind the held port itself (SO_REUSEPORT), while nobody else can."""
+    code = (
+        "import sys, socket\n"
+        "from fsrdzv._ports import PortReservation\n"
+        "held = PortReservation(listen=False)\n"
+        "port = held.reserve('127.0.0.1')\n"
+        "server = socket.socket()\n"
+        "server.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)\n"
+        "server.bind(('127.0.0.1', port))\n"
+        "server.listen()\n"
+        "other = socket.socket()\n"
+        "try:\n"
+        "    other.bind(('127.0.0.1', port))\n"
+        "    print('taken')\n"
+        "except OSError:\n"
+        "    print('held', 'torch' in sys.modules)\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60, env=CLEAN)
+    assert out.stdout.split() == ["held", "False"], out
+    from fsrdzv import torchrun
+    from fsrdzv._ports import PortReservation
+
+    assert torchrun.PortReservation is PortReservation

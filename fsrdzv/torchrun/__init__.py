@@ -50,6 +50,7 @@ from torch.distributed.elastic.rendezvous import RendezvousHandler, RendezvousPa
 
 from .. import _errors as fe
 from .. import create_handler as create_core_handler
+from .._ports import PortReservation as PortReservation
 from ._backend import BACKEND_NAME, FsRendezvousBackend
 from ._config import DEFAULT_STORE_TIMEOUT as DEFAULT_STORE_TIMEOUT
 from ._config import TorchrunConfig, parse_config, worker_variables
@@ -58,7 +59,6 @@ from ._handler import WARN_INTERVAL as WARN_INTERVAL
 from ._handler import CoreHandler as CoreHandler
 from ._handler import FsRendezvousHandler
 from ._logs import show_logs
-from ._ports import PortReservation as PortReservation
 
 __all__ = [
     "BACKEND_NAME",

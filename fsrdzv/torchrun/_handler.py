@@ -21,6 +21,7 @@ from torch.distributed.elastic.rendezvous import (
 )
 
 from .. import _errors as fe
+from .._ports import PortReservation
 from ._backend import BACKEND_NAME
 from ._config import DEFAULT_STORE_TIMEOUT
 from ._errors import (
@@ -30,7 +31,6 @@ from ._errors import (
     TorchRendezvousError,
     torch_errors,
 )
-from ._ports import PortReservation
 
 __all__ = ["WARN_INTERVAL", "CoreHandler", "FsRendezvousHandler", "connect_error"]
 
