@@ -18,7 +18,7 @@ from typing import Any, Final
 from ._errors import StateCorruptError
 from ._model import NodeInfo, RendezvousState, reads_schema
 
-__all__ = ["KIND", "SCHEMA", "decode", "encode", "writable"]
+__all__ = ["KIND", "SCHEMA", "decode", "encode", "header", "writable"]
 
 KIND: Final = "fsrdzv.rendezvous"
 SCHEMA: Final = 2
@@ -43,6 +43,21 @@ def writable(state: RendezvousState) -> bool:
     return state.members() <= state.nodes.keys()
 
 
+def header(state: RendezvousState, schema: int) -> dict[str, Any]:
+    """The fields every schema writes first, in this order: the schema, the kind, the run and its round's flags."""
+    return {
+        "schema": schema,
+        "kind": KIND,
+        "run_id": state.run_id,
+        "epoch": state.epoch,
+        "generation": state.generation,
+        "round": state.round,
+        "complete": state.complete,
+        "closed": state.closed,
+        "last_call": state.last_call,
+    }
+
+
 def encode(state: RendezvousState) -> dict[str, Any]:
     """The schema 2 form of ``state`` (check :func:`writable` first)."""
     parts = sorted(state.participants, key=lambda n: (state.participants[n], n))
@@ -62,15 +77,7 @@ def encode(state: RendezvousState) -> dict[str, Any]:
         where_addr.setdefault(node.addr, i)
     ranks = [state.participants[k] for k in parts]
     doc: dict[str, Any] = {
-        "schema": SCHEMA,
-        "kind": KIND,
-        "run_id": state.run_id,
-        "epoch": state.epoch,
-        "generation": state.generation,
-        "round": state.round,
-        "complete": state.complete,
-        "closed": state.closed,
-        "last_call": state.last_call,
+        **header(state, SCHEMA),
         "domains": list(domains),
         "members": rows,
         "lists": [len(x) for x in lists],

@@ -84,15 +84,7 @@ def encode_state(state: RendezvousState) -> bytes:
     if _compact.writable(state):
         return json.dumps(_compact.encode(state), separators=(",", ":")).encode()
     doc: dict[str, Any] = {
-        "schema": 1,
-        "kind": _KIND,
-        "run_id": state.run_id,
-        "epoch": state.epoch,
-        "generation": state.generation,
-        "round": state.round,
-        "complete": state.complete,
-        "closed": state.closed,
-        "last_call": state.last_call,
+        **_compact.header(state, 1),
         "participants": dict(sorted(state.participants.items())),
         "wait_list": sorted(state.wait_list),
         "redundancy_list": sorted(state.redundancy_list),
