@@ -18,7 +18,7 @@ from typing import Any, Final
 from ._errors import StateCorruptError
 from ._model import NodeInfo, RendezvousState, reads_schema
 
-__all__ = ["KIND", "SCHEMA", "decode", "encode", "header", "writable"]
+__all__ = ["KIND", "SCHEMA", "decode", "decode_header", "encode", "header", "writable"]
 
 KIND: Final = "fsrdzv.rendezvous"
 SCHEMA: Final = 2
@@ -103,6 +103,23 @@ def _field(doc: Mapping[str, Any], key: str, kind: type, where: str, optional: b
     return value
 
 
+def decode_header(doc: Mapping[str, Any], where: str) -> dict[str, Any]:
+    """The :func:`header` fields of either schema as :class:`RendezvousState` arguments, and its ``config``."""
+    config = doc.get("config")
+    if config is not None and type(config) is not dict:
+        raise StateCorruptError(f"{where}: field 'config' has the wrong type ({type(config).__name__})")
+    return {
+        "run_id": _field(doc, "run_id", str, where),
+        "epoch": _field(doc, "epoch", str, where),
+        "generation": _field(doc, "generation", int, where),
+        "round": _field(doc, "round", int, where),
+        "complete": _field(doc, "complete", bool, where),
+        "closed": _field(doc, "closed", bool, where),
+        "last_call": _field(doc, "last_call", int, where, optional=True),
+        "config": config,
+    }
+
+
 def _is_int(value: object, below: int | None = None) -> bool:
     return type(value) is int and (below is None or 0 <= value < below)
 
@@ -177,17 +194,8 @@ def decode(doc: Mapping[str, Any], where: str) -> RendezvousState:
         raise StateCorruptError(f"{where}: a node is listed twice")
     running, waiting, spare, ranks = _lists(doc, len(ids), where)
     addrs = [n.addr for n in infos]
-    config = doc.get("config")
-    if config is not None and type(config) is not dict:
-        raise StateCorruptError(f"{where}: field 'config' has the wrong type ({type(config).__name__})")
     return RendezvousState(
-        run_id=_field(doc, "run_id", str, where),
-        epoch=_field(doc, "epoch", str, where),
-        generation=_field(doc, "generation", int, where),
-        round=_field(doc, "round", int, where),
-        complete=_field(doc, "complete", bool, where),
-        closed=_field(doc, "closed", bool, where),
-        last_call=_field(doc, "last_call", int, where, optional=True),
+        **decode_header(doc, where),
         participants=dict(sorted(zip(ids[:running], ranks or range(running), strict=True))),
         wait_list=tuple(ids[running : running + waiting]),
         redundancy_list=tuple(ids[running + waiting : running + waiting + spare]),
@@ -195,5 +203,4 @@ def decode(doc: Mapping[str, Any], where: str) -> RendezvousState:
         master=_master(doc, addrs, where),
         roster=tuple(_refs(_field(doc, "roster", list, where), addrs, where, "roster")),
         applied=_applied(doc, ids, where),
-        config=config,
     )

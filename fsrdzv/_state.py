@@ -152,11 +152,7 @@ def decode_state(data: bytes, where: str) -> RendezvousState:
         nodes_json = _expect(doc, "nodes", dict, where)
         applied = _expect(doc, "applied", dict, where)
         master_json = _expect(doc, "master", dict, where, optional=True)
-        last_call = _expect(doc, "last_call", int, where, optional=True)
         roster = _expect(doc, "roster", list, where)
-        config = doc.get("config")
-        if config is not None and not isinstance(config, dict):
-            raise StateCorruptError(f"{where}: field 'config' has the wrong type ({type(config).__name__})")
         _check_entries(where, roster, participants, [*wait_list, *redundancy], applied)
         master = None
         if master_json is not None:
@@ -166,13 +162,7 @@ def decode_state(data: bytes, where: str) -> RendezvousState:
             master = (addr, port)
         nodes = {str(k): _node_from_json(v, where) for k, v in nodes_json.items()}
         state = RendezvousState(
-            run_id=_expect(doc, "run_id", str, where),
-            epoch=_expect(doc, "epoch", str, where),
-            generation=_expect(doc, "generation", int, where),
-            round=_expect(doc, "round", int, where),
-            complete=_expect(doc, "complete", bool, where),
-            closed=_expect(doc, "closed", bool, where),
-            last_call=last_call,
+            **_compact.decode_header(doc, where),
             participants=dict(participants),
             wait_list=tuple(wait_list),
             redundancy_list=tuple(redundancy),
@@ -180,7 +170,6 @@ def decode_state(data: bytes, where: str) -> RendezvousState:
             master=master,
             roster=tuple(roster),
             applied=dict(applied),
-            config=config,
         )
     except StateCorruptError as exc:
         raise StateCorruptError(f"{exc}; {hint}") from None
