@@ -9,6 +9,7 @@ protocol themselves.
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import logging
 import random
 import secrets
@@ -82,6 +83,8 @@ class RunAdmin:
         )
         #: The close loop's pause after a lost race: short, growing to a slow poll.
         self._race = Retry(delay=FAST_POLL, max_delay=SLOW_POLL, clock=clock, sleep=sleep, rng=self._rng)
+        #: On a signed store, the tag of each watched peer's last heartbeat that verified (see heartbeat_tags).
+        self._trusted: dict[str, str] = {}
 
     @property
     def run_id(self) -> str:
@@ -97,17 +100,31 @@ class RunAdmin:
         return self.session.read()
 
     def heartbeat_tags(self, node_ids: Iterable[str]) -> dict[str, str]:
-        """Tags of the heartbeat records of ``node_ids`` (a few peers: one read each, no listing). A record that
-        cannot be trusted counts as a change, never as a heartbeat."""
+        """Tags of the heartbeat records of ``node_ids`` (a few peers: one request each, no listing, no body).
+
+        With a job secret a tag says nothing about the signature, so each record is read and verified instead (one
+        GET, where a HEAD and a GET on every change would cost two: a live peer's record changes at every look). A
+        record that cannot be trusted keeps the tag of the peer's last one that could: a forged heartbeat never
+        counts as a change, so it cannot keep a dead node alive.
+        """
+        signed = self.session.store.signed
+        trusted, self._trusted = self._trusted, {}
         tags: dict[str, str] = {}
         for node_id in node_ids:
             try:
-                raw = self.session.get("hb", node_id)
+                tag = self._verified_tag(node_id) if signed else self.session.tag("hb", node_id)
             except RendezvousStateError as exc:
-                raw = str(exc).encode()
-            if raw is not None:
-                tags[node_id] = raw.hex()
+                log.debug("heartbeat of %s not trusted: %s", node_id, exc)
+                tag = trusted.get(node_id, "untrusted")
+            if tag is not None:
+                tags[node_id] = tag
+                if signed:
+                    self._trusted[node_id] = tag
         return tags
+
+    def _verified_tag(self, node_id: str) -> str | None:
+        raw = self.session.get("hb", node_id)  # unsealing checks the signature
+        return None if raw is None else hashlib.sha256(raw).hexdigest()[:16]
 
     # -- writing -------------------------------------------------------------------------------------------
 

@@ -136,8 +136,8 @@ class Session:
         #: The last round seen complete (epoch, round): a won write that completes another one announces it.
         self._complete_seen: tuple[str, int] | None = None
         #: Storage operations made through this session, by kind (benchmarks and tests read them); ``unchanged``
-        #: counts the reads (among ``read``) that the store answered NOT_MODIFIED.
-        self.ops: dict[str, int] = {"read": 0, "cas": 0, "put": 0, "list": 0, "get": 0, "delete": 0, "unchanged": 0}
+        #: counts the reads (among ``read``) that the store answered NOT_MODIFIED; ``tag``, records' tags.
+        self.ops: dict[str, int] = dict.fromkeys(("read", "cas", "put", "list", "get", "tag", "delete", "unchanged"), 0)
         #: The newest document this session read or wrote, and its snapshot (the token of a conditional read).
         self.last: tuple[RendezvousState | None, Snapshot | None] = (None, None)
         #: A moving average of the document reads' round trips (s; None before the first).
@@ -225,6 +225,12 @@ class Session:
         self._budget.take()
         self.ops["get"] += 1
         return self.store.read_record(kind, name)
+
+    def tag(self, kind: str, name: str) -> str | None:
+        """A record's tag without its payload (see :meth:`Store.record_tag`)."""
+        self._budget.take()
+        self.ops["tag"] += 1
+        return self.store.record_tag(kind, name)
 
     def get_unbudgeted(self, kind: str, name: str) -> bytes | None:
         """A record read outside a join's polling (the launcher's monitor has its own period)."""

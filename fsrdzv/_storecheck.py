@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import contextlib
+import secrets
 from typing import TYPE_CHECKING
 
 from ._errors import UnsupportedStoreError
@@ -9,7 +11,7 @@ from ._errors import UnsupportedStoreError
 if TYPE_CHECKING:
     from ._store import Store
 
-__all__ = ["check_conditions"]
+__all__ = ["check_conditions", "verify_on_sibling"]
 
 
 def check_conditions(probe: Store, location: str) -> None:
@@ -28,3 +30,17 @@ def check_conditions(probe: Store, location: str) -> None:
             f"{location} ignores conditional writes (a duplicate create or a stale compare-and-set was accepted); "
             "fsrdzv would lose updates there. Use a store that honours them (check it with 'fsrdzv doctor')"
         )
+
+
+def verify_on_sibling(store: Store) -> None:
+    """:meth:`Store.verify_conditions` of a store that does not enforce conditions itself: check a throw-away
+    sibling run (a store that cannot open one is not checked)."""
+    try:
+        probe = store.sibling(f"fsrdzv-probe-{secrets.token_hex(6)}")
+    except NotImplementedError:
+        return
+    try:
+        check_conditions(probe, store.location)
+    finally:
+        with contextlib.suppress(Exception):
+            probe.delete_run()

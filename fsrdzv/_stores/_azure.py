@@ -262,6 +262,10 @@ class AzureStore(ObjectStore):
         data: bytes = b"" if size > limit else downloader.readall()
         return data, str(downloader.properties.etag).strip('"'), size
 
+    def _sdk_head(self, key: str) -> str:
+        # Get Blob Properties: a HEAD, the ETag in its headers.
+        return str(self._container.get_blob_client(key).get_blob_properties().etag).strip('"')
+
     def _sdk_put(self, key: str, data: bytes, *, create: bool, match: str | None) -> str:
         kwargs: dict[str, Any] = {"overwrite": not create}
         if match is not None:

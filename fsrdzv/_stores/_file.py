@@ -44,7 +44,7 @@ from .._store import (
     Snapshot,
     StoreCapabilities,
 )
-from ._fileio import map_os_error, newest_mtime, not_hidden, read_file, version_of
+from ._fileio import map_os_error, newest_mtime, not_hidden, read_file, retry_stale, version_of
 from ._filelog import KEEP_LOG_ENTRIES, CommitLog, Current
 from ._keys import check_kind
 from ._notify import watch_directories
@@ -253,6 +253,14 @@ class FileStore(SealedStore):
             raise oversized(where, _size(path, raw), MAX_RECORD_BYTES)
         return raw
 
+    def _record_tag(self, kind: str, name: str) -> str | None:
+        try:
+            return retry_stale(lambda: _identity(os.path.join(self._kind_dir(kind), name)))
+        except (FileNotFoundError, NotADirectoryError):
+            return None
+        except OSError as exc:
+            raise map_os_error(exc, f"reading record {kind}/{name} in {self.dir}") from exc
+
     def _list_records(self, kind: str) -> dict[str, str]:
         directory = self._kind_dir(kind)
         out: dict[str, str] = {}
@@ -321,6 +329,18 @@ class FileStore(SealedStore):
 
     def last_modified(self) -> float | None:
         return newest_mtime(self.dir)
+
+
+def _identity(path: str) -> str:
+    """The identity of the file at ``path``: open (close-to-open: NFS revalidates the attributes, which a bare
+    stat may answer from its cache), fstat, close; nothing fails. A record is replaced by rename(2), so every
+    write is a new inode with its own times."""
+    fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+    try:
+        st = os.fstat(fd)
+    finally:
+        os.close(fd)
+    return f"{st.st_ino:x}.{st.st_mtime_ns:x}.{st.st_ctime_ns:x}.{st.st_size:x}"
 
 
 def _size(path: str, raw: bytes) -> int:

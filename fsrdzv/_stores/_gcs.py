@@ -255,6 +255,15 @@ class GcsStore(ObjectStore):
             data = blob.download_as_bytes(retry=self._retry, timeout=self._timeout, checksum=None, **conditions)
         return data
 
+    def _sdk_head(self, key: str) -> str:
+        # The object's metadata with only the generation field (Blob.reload has no field selection; Blob.exists
+        # asks with fields=name the same way): a few bytes of JSON instead of the whole resource.
+        blob = self._bucket.blob(key)
+        resource = self._client._get_resource(  # noqa: SLF001 - the library's own metadata request
+            blob.path, query_params={"fields": "generation"}, timeout=self._timeout, retry=self._retry
+        )
+        return str(resource["generation"])
+
     def _sdk_put(self, key: str, data: bytes, *, create: bool, match: str | None) -> str:
         blob = self._bucket.blob(key)
         blob.upload_from_string(

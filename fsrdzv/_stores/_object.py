@@ -4,7 +4,8 @@
 that each store module provides in its SDK's own terms:
 
 * ``_sdk_get(key, limit, unless)`` -> ``(body, version, size)`` (no body when ``size`` is over ``limit``; a
-  ``304`` answer when the version is still ``unless``), ``_sdk_put(key, data, create=..., match=...)`` -> new version,
+  ``304`` answer when the version is still ``unless``), ``_sdk_head(key)`` -> version (no body),
+  ``_sdk_put(key, data, create=..., match=...)`` -> new version,
   ``_sdk_list(prefix, delimiter)`` -> ``({key: version}, [sub-prefixes])`` (all pages), ``_sdk_delete(key)``;
 * ``_delete_many(keys)`` (batches, or a few threads) and ``_exist(keys)`` (for :meth:`ObjectStore.list_runs`);
 * ``_translate(exc, what)``: the store's error mapping. It returns an :class:`ExpectedAnswerError` for the
@@ -130,6 +131,10 @@ class ObjectRequests:
         ExpectedAnswerError that is ``not_modified``) when the version is still ``unless``."""
 
     @abstractmethod
+    def _sdk_head(self, key: str) -> str:
+        """The version of ``key`` from its metadata alone: no body (a missing key: ExpectedAnswerError ``missing``)."""
+
+    @abstractmethod
     def _sdk_put(self, key: str, data: bytes, *, create: bool, match: str | None) -> str:
         """Upload ``data`` to ``key``: only if absent (``create``), only if its version is ``match``, or
         unconditionally (neither). Return the new version."""
@@ -191,6 +196,14 @@ class ObjectRequests:
         if size > limit + ENVELOPE_SLACK:
             raise oversized(where, size, limit)
         return body, version
+
+    def _head(self, key: str, what: str) -> str | None:
+        try:
+            return self._call(what, lambda: self._sdk_head(key))
+        except ExpectedAnswerError as answer:
+            if answer.missing:
+                return None
+            raise self._unexpected(answer, what) from None
 
     def _put(self, key: str, data: bytes, what: str, *, create: bool = False, match: str | None = None) -> str | None:
         """Write ``data`` (see :meth:`_sdk_put`); return the new version, or None when a condition did not hold."""
@@ -319,6 +332,10 @@ class ObjectStore(SealedStore, ObjectRequests):
         got = self._get(self._record_key(kind, name), f"read of record {kind}/{name}", where, MAX_RECORD_BYTES)
         assert got is not NOT_MODIFIED
         return None if got is None else got[0]
+
+    def _record_tag(self, kind: str, name: str) -> str | None:
+        # The version the listing shows too, from the object's metadata alone: no body.
+        return self._head(self._record_key(kind, name), f"tag of record {kind}/{name}")
 
     def _list_records(self, kind: str) -> dict[str, str]:
         # One paginated listing; the versions are the tags (they change on every write), so no record is read.

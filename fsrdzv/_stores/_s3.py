@@ -259,6 +259,10 @@ class S3Store(ObjectStore):
 
         return self._run(op)
 
+    def _sdk_head(self, key: str) -> str:
+        response = self._run(lambda: self._send("head_object", Bucket=self.bucket, Key=key))
+        return str(response["ETag"]).strip('"')
+
     def _sdk_put(self, key: str, data: bytes, *, create: bool, match: str | None) -> str:
         conditions = {"IfNoneMatch": "*"} if create else {} if match is None else {"IfMatch": f'"{match}"'}
         response = self._run(lambda: self._send("put_object", Bucket=self.bucket, Key=key, Body=data, **conditions))

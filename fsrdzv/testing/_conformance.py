@@ -234,6 +234,24 @@ class StoreConformance:
         store.delete_record("hb", "node-a")  # idempotent
         assert set(store.list_records("hb")) == {"10.0.0.1_42_0"}
 
+    def test_record_tag_changes_with_each_write(self, store: Store) -> None:
+        assert store.record_tag("hb", "node-a") is None
+        store.put_record("hb", "node-a", b"1")
+        store.put_record("hb", "fe80::1%eth0_1_0", b"1")
+        first = store.record_tag("hb", "node-a")
+        other = store.record_tag("hb", "fe80::1%eth0_1_0")
+        assert first is not None and other is not None
+        assert store.record_tag("hb", "node-a") == first  # stable while unchanged
+        store.put_record("hb", "node-a", b"2")
+        second = store.record_tag("hb", "node-a")
+        assert second not in (None, first)
+        store.put_record("hb", "node-a", b"3")
+        assert store.record_tag("hb", "node-a") not in (None, first, second)
+        assert store.record_tag("hb", "fe80::1%eth0_1_0") == other
+        assert store.record_tag("join", "node-a") is None  # kinds are apart
+        store.delete_record("hb", "node-a")
+        assert store.record_tag("hb", "node-a") is None
+
     @pytest.mark.parametrize("name", ["../escape", "a/b", "..", ".hidden", "fe80::1%eth0_1_0", "ü-node", "a\\b"])
     def test_record_names_cannot_escape(self, store: Store, spec: StoreSpec, name: str) -> None:
         store.put_record("hb", name, b"x")

@@ -1,0 +1,108 @@
+"""Records' tags without their bodies (``Store.record_tag``) and the heartbeat tags a peer watch uses.
+
+The conformance suite checks the contract on every store; here: wrappers see tag reads through their own
+``read_record`` when they change it (faults and counts stay honest), a store that only implements the abstract
+methods gets a tag from a read, and with a job secret a forged heartbeat never counts as a change, so it cannot keep
+a dead node alive.
+"""
+
+from __future__ import annotations
+
+import uuid
+from pathlib import Path
+
+import pytest
+
+from fsrdzv import Store, open_store
+from fsrdzv._admin import RunAdmin
+from fsrdzv._liveness import LivenessTracker
+from fsrdzv._store import StoreWrapper
+
+SECRET = b"s" * 32
+
+
+class _CountingReads(StoreWrapper):
+    def __init__(self, inner: Store) -> None:
+        super().__init__(inner)
+        self.reads = 0
+
+    def read_record(self, kind: str, name: str) -> bytes | None:
+        self.reads += 1
+        return super().read_record(kind, name)
+
+
+@pytest.fixture(params=["dir", "memory"])
+def store(request: pytest.FixtureRequest, tmp_path: Path) -> Store:
+    url = str(tmp_path / "rdzv") if request.param == "dir" else f"memory://tags-{uuid.uuid4().hex[:8]}"
+    return open_store(url, "run")
+
+
+def test_a_plain_wrapper_passes_tags_through(store: Store) -> None:
+    store.put_record("hb", "n", b'{"n":1}')
+    assert StoreWrapper(store).record_tag("hb", "n") == store.record_tag("hb", "n")
+
+
+def test_a_wrapper_that_changes_record_reads_sees_tag_reads(store: Store) -> None:
+    store.put_record("hb", "n", b'{"n":1}')
+    wrapper = _CountingReads(store)
+    first = wrapper.record_tag("hb", "n")
+    assert wrapper.reads == 1 and first is not None
+    store.put_record("hb", "n", b'{"n":2}')
+    assert wrapper.record_tag("hb", "n") not in (None, first)
+    assert wrapper.record_tag("hb", "missing") is None
+
+
+def test_the_directory_tag_is_the_file_identity_not_its_content(tmp_path: Path) -> None:
+    store = open_store(str(tmp_path / "rdzv"), "run")
+    store.put_record("hb", "n", b'{"n":1}')
+    first = store.record_tag("hb", "n")
+    store.put_record("hb", "n", b'{"n":1}')  # the same bytes again: still a new write (a new file)
+    assert store.record_tag("hb", "n") not in (None, first)
+
+
+def _admins(url: str) -> tuple[Store, RunAdmin, Store]:
+    """The peer's signed store, a watcher's RunAdmin on a signed store, and a forger's store (no secret)."""
+    peer = open_store(url, "run", secret=SECRET)
+    watcher = RunAdmin(open_store(url, "run", secret=SECRET))
+    return peer, watcher, open_store(url, "run")
+
+
+@pytest.mark.parametrize("kind", ["dir", "memory"])
+def test_signed_heartbeats_are_verified_and_forgeries_never_count(kind: str, tmp_path: Path) -> None:
+    url = str(tmp_path / "rdzv") if kind == "dir" else f"memory://forged-{uuid.uuid4().hex[:8]}"
+    peer, watcher, forger = _admins(url)
+    peer.put_record("hb", "p", b'{"n":1}')
+    first = watcher.heartbeat_tags(["p"])
+    peer.put_record("hb", "p", b'{"n":2}')
+    second = watcher.heartbeat_tags(["p"])
+    assert first["p"] != second["p"]
+    assert watcher.session.ops["get"] == 2 and watcher.session.ops["tag"] == 0
+    # The peer died; someone without the secret keeps rewriting its heartbeat.
+    tracker = LivenessTracker(timeout=3.0)
+    tracker.observe(second, 0.0, ["p"])
+    for t in range(1, 5):
+        forger.put_record("hb", "p", b'{"n":%d}' % (100 + t))
+        tags = watcher.heartbeat_tags(["p"])
+        assert tags == second
+        tracker.observe(tags, float(t), ["p"])
+    assert tracker.dead(["p"], 4.0) == {"p"}
+
+
+def test_a_forged_first_heartbeat_is_never_a_heartbeat(tmp_path: Path) -> None:
+    peer, watcher, forger = _admins(str(tmp_path / "rdzv"))
+    forger.put_record("hb", "p", b'{"n":1}')
+    first = watcher.heartbeat_tags(["p"])
+    forger.put_record("hb", "p", b'{"n":2}')
+    assert watcher.heartbeat_tags(["p"]) == first
+    peer.put_record("hb", "p", b'{"n":3}')  # a real one counts again
+    assert watcher.heartbeat_tags(["p"]) != first
+
+
+def test_unsigned_heartbeat_tags_read_no_bodies(store: Store) -> None:
+    watcher = RunAdmin(store)
+    store.put_record("hb", "p", b'{"n":1}')
+    first = watcher.heartbeat_tags(["p", "gone"])
+    assert set(first) == {"p"}
+    store.put_record("hb", "p", b'{"n":2}')
+    assert watcher.heartbeat_tags(["p"]) != first
+    assert watcher.session.ops["tag"] == 3 and watcher.session.ops["get"] == 0
