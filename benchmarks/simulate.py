@@ -16,8 +16,8 @@ Designs:
   compare-and-set, retrying at once on a conflict, then polls once a second. (torch also writes heartbeats into
   the document, which only makes it worse; they are left out here, so the numbers are a lower bound.)
 
-After formation every node keeps its keep-alive running and calls ``num_nodes_waiting()`` once a second (what
-torchrun's monitor loop costs through the handler's 1 s read cache) for ``--steady`` virtual seconds.
+After formation every node keeps its keep-alive running and calls ``num_nodes_waiting()`` once a second (the
+calls between two of the handler's steady reads cost nothing) for ``--steady`` virtual seconds.
 """
 
 from __future__ import annotations
@@ -111,13 +111,20 @@ def run_on_one_cpu() -> None:
     another: within one CPU and without wake-up preemption that hand-off costs a fraction of one across CPUs.
     """
     threading.stack_size(512 * 1024)
-    sys.setswitchinterval(0.001)
     if hasattr(os, "sched_setaffinity"):
-        cpus = sorted(os.sched_getaffinity(0))
-        os.sched_setaffinity(0, {cpus[-1]})
+        os.sched_setaffinity(0, {_current_cpu()})
     if hasattr(os, "SCHED_BATCH"):
         # No wake-up preemption: the woken thread waits for the GIL anyway, so the waker should run on to park.
         os.sched_setscheduler(0, os.SCHED_BATCH, os.sched_param(0))
+
+
+def _current_cpu() -> int:
+    """The CPU this process runs on now (the kernel's choice: two simulations started together rarely share one)."""
+    try:
+        with open("/proc/self/stat") as f:
+            return int(f.read().rsplit(")", 1)[1].split()[36])
+    except (OSError, IndexError, ValueError):
+        return min(os.sched_getaffinity(0))
 
 
 def _idle_calls(handler: RendezvousHandler, now: float, monitor: float) -> int:
@@ -158,6 +165,10 @@ class SimResult:
     real_seconds: float
     note: str = ""
     errors: list[str] = field(default_factory=list)
+    #: With ``kill``: virtual s from the death to the first survivor's num_nodes_waiting() > 0, and to the last
+    #: survivor holding its rank in the round without the dead node (NaN: not within the window).
+    detected: float = math.nan
+    reformed: float = math.nan
 
 
 def simulate(
@@ -187,6 +198,9 @@ def simulate(
     done: dict[int, float] = {}
     stores: dict[int, SimStore] = {}
     stop_steady = threading.Event()
+    died: list[float] = []
+    detected: dict[int, float] = {}
+    reformed: dict[int, float] = {}
 
     def node(i: int) -> None:
         store = storage.open(space, RUN_ID)
@@ -211,9 +225,14 @@ def simulate(
             clock.sleep(monitor * (1 if i == n - 1 else _idle_calls(handler, clock(), monitor)))
             if i in dying:
                 handler._stop_keepalive()
+                died.append(clock())
                 return
             if handler.num_nodes_waiting() > 0:
+                if died:
+                    detected.setdefault(i, clock())
                 handler.next_rendezvous()
+                if died:
+                    reformed.setdefault(i, clock())
 
     # Check the limits often enough: on NFS one virtual second of 4,096 nodes is millions of operations.
     step = min(1.0, 20 * model.read_latency)
@@ -277,6 +296,8 @@ def simulate(
         real_seconds=time.monotonic() - started,
         note=note,
         errors=errors,
+        detected=min(detected.values()) - died[0] if died and detected else math.nan,
+        reformed=max(reformed.values()) - died[0] if died and len(reformed) == n - 1 else math.nan,
     )
 
 

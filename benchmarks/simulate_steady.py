@@ -4,12 +4,15 @@
     .venv/bin/python benchmarks/simulate_steady.py --nodes 256 --seconds 120 --models nfs   # a quick look
 
 Every node runs fsrdzv's real handler in virtual time (see ``simulate.py``), forms the round, then calls
-``num_nodes_waiting()`` once a second (torchrun's monitor loop; the calls between two refreshes cost nothing)
-while its keep-alive runs, for ``--seconds`` of virtual time. Reported per node-hour: requests (by kind) and
-response-body bytes as the model's service would send them (a conditional read answered 304 sends none; S3
-listings are XML), and the hottest object's requests per second over the window, against the model's limits.
-``--kill`` rows: the last node dies as the window starts (min_nodes = N - 1); the survivors re-rendezvous once
-``num_nodes_waiting()`` says so, and the window includes that recovery.
+``num_nodes_waiting()`` every ``--monitor`` seconds (torchrun's ``--monitor-interval``, 0.1 s by default; the calls
+between two refreshes cost nothing) while its keep-alive runs, for ``--seconds`` of virtual time. Reported per
+node-hour: requests (by kind) and response-body bytes as the model's service would send them (a conditional read
+answered 304 sends none; S3 listings are XML), and the hottest object's requests per second over the window,
+against the model's limits.
+"one dies" rows: the last node stops, as a hung host does (no error anywhere, its heartbeats stop), as the window
+starts (min_nodes = N - 1); the survivors re-rendezvous once ``num_nodes_waiting()`` says so, and the window
+includes that recovery: the table gives the virtual seconds from the death to the first agent told, and to the last
+survivor holding its rank in the new round.
 
 Results go to benchmarks/results/simulation_steady.md (table) and simulation_steady.png (plot); ``--raw FILE``
 appends every cell as a JSON line, ``--merge FILE`` reports saved cells (long runs can be split).
@@ -38,9 +41,18 @@ from fsrdzv.testing._sim import PRESETS  # noqa: E402
 LIMITS = {"s3-throttled": 5500.0, "gcs-throttled": 5000.0, "nfs": math.inf}
 
 
-def cell(model: str, nodes: int, seconds: float, kill: bool) -> dict[str, Any]:
+def cell(model: str, nodes: int, seconds: float, kill: bool, monitor: float = 0.1) -> dict[str, Any]:
     started = time.monotonic()
-    r = simulate(PRESETS[model], "fsrdzv", nodes, steady=seconds, kill=kill, real_limit=7200.0, time_limit=1200.0)
+    r = simulate(
+        PRESETS[model],
+        "fsrdzv",
+        nodes,
+        steady=seconds,
+        kill=kill,
+        monitor=monitor,
+        real_limit=7200.0,
+        time_limit=1200.0,
+    )
     out: dict[str, Any] = {
         "model": model,
         "nodes": nodes,
@@ -51,6 +63,9 @@ def cell(model: str, nodes: int, seconds: float, kill: bool) -> dict[str, Any]:
         "errors": r.errors,
         "real_seconds": time.monotonic() - started,
         "document_bytes": r.document_bytes,
+        "monitor": monitor,
+        "detected": None if math.isnan(r.detected) else r.detected,
+        "reformed": None if math.isnan(r.reformed) else r.reformed,
     }
     if r.steady is not None:
         s = r.steady
@@ -67,6 +82,13 @@ def cell(model: str, nodes: int, seconds: float, kill: bool) -> dict[str, Any]:
             throttled=s.prefix_throttled + s.object_throttled,
         )
     return out
+
+
+def _recovery(c: dict[str, Any]) -> str:
+    if not c["kill"]:
+        return "-"
+    detected, reformed = c.get("detected"), c.get("reformed")
+    return " / ".join("-" if v is None else f"{v:.1f}" for v in (detected, reformed))
 
 
 def report(cells: list[dict[str, Any]]) -> str:
@@ -93,6 +115,7 @@ def report(cells: list[dict[str, Any]]) -> str:
                 f"{c['nodes'] / 4:,.0f}",
                 "none" if math.isinf(limit) else f"{limit:,.0f}",
                 c["throttled"],
+                _recovery(c),
                 f"{c['real_seconds']:.0f} s",
             ]
         )
@@ -111,6 +134,7 @@ def report(cells: list[dict[str, Any]]) -> str:
         "bound N/4",
         "model's limit req/s",
         "throttled",
+        "death noticed / re-formed, virtual s",
         "real time",
     ]
     return markdown_table(headers, rows)
@@ -155,6 +179,7 @@ def main() -> None:
     parser.add_argument("--models", nargs="+", default=["s3-throttled", "gcs-throttled", "nfs"])
     parser.add_argument("--seconds", type=float, default=600.0)
     parser.add_argument("--deaths", nargs="+", choices=["none", "one"], default=["none", "one"])
+    parser.add_argument("--monitor", type=float, default=0.1, help="seconds between num_nodes_waiting() calls")
     parser.add_argument("--raw", help="append every cell to this file as a JSON line")
     parser.add_argument("--merge", nargs="+", help="report the cells saved in these files (no simulation)")
     parser.add_argument("--out", default="simulation_steady")
@@ -169,7 +194,7 @@ def main() -> None:
         for n in args.nodes:
             for model in args.models:
                 for death in args.deaths:
-                    got = cell(model, n, args.seconds, death == "one")
+                    got = cell(model, n, args.seconds, death == "one", args.monitor)
                     cells.append(got)
                     print(json.dumps(got), flush=True)
                     if args.raw:

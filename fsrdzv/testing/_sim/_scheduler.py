@@ -58,6 +58,8 @@ class VirtualClock:
         self._until: float | None = None
         self._stopped = False
         self._errors: list[tuple[str, BaseException]] = []
+        #: Parked threads still to wake after stop(), one at a time.
+        self._draining: list[_Waiter] = []
         #: Context switches so far (a measure of the simulation's real cost).
         self.switches = 0
 
@@ -92,6 +94,10 @@ class VirtualClock:
                     self._live -= 1
                     self._holder = False
                     self._dispatch_locked()
+                    if self._stopped and self._draining:
+                        # Stopped threads leave one after another: woken all at once, thousands of threads would
+                        # fight over the GIL (each one's timed wait for it wakes it every switch interval).
+                        self._draining.pop().wake()
 
         with self._lock:
             if self._stopped:
@@ -163,10 +169,13 @@ class VirtualClock:
     def stop(self) -> None:
         """End the simulation: every blocked thread wakes with :class:`SimulationStopped` and exits."""
         with self._lock:
+            if self._stopped:
+                return
             self._stopped = True
             heap, self._heap = self._heap, []
-        for _, _, waiter in heap:
-            waiter.wake()
+            self._draining = [waiter for _, _, waiter in heap]
+            if self._draining and not self._holder:
+                self._draining.pop().wake()
 
 
 def _thread_dump() -> str:
