@@ -193,7 +193,10 @@ class _Sweep:
         run.entry["gone_nodes"] = sorted(gone.values(), key=lambda g: g["node_id"])
         if gone:
             records = sum(g["heartbeat_record"] + g["join_requests"] for g in gone.values())
-            why = {"dead": f"heartbeat unchanged for {human(tracker.timeout)}", "removed": "request already folded"}
+            why = {
+                "dead": f"heartbeat unchanged for {human(tracker.timeout)}",
+                "removed": "no heartbeat, request already folded",
+            }
             shown = [f"{g['node_id']} ({why[g['why']]})" for g in run.entry["gone_nodes"][:_SHOWN]]
             more = f" and {len(gone) - _SHOWN} more" if len(gone) > _SHOWN else ""
             self._say(
