@@ -4,10 +4,12 @@ The core handler asks for a port at every join (``port_factory``); the node hold
 be lost to another process before rank 0's server uses it. Two ways to hand it over, one per face:
 
 - **listening** (torchrun): the socket listens from the join, and the TCPStore server is started on that very socket
-  (``master_listen_fd``, :meth:`PortReservation.take`). Peers probe rank 0's address candidates on this port (see
-  ``fsrdzv._address``), so it must accept connections from the start.
+  (``master_listen_fd``, :meth:`PortReservation.take`).
 - **bound only** (JAX): the socket is bound, not listening, with ``SO_REUSEPORT``, which JAX's gRPC server also sets:
   the server binds the port itself while it is held (a second listening socket would take half its connections).
+
+Peers probe rank 0's address candidates on this port (``fsrdzv._address``); an accepted and a refused connection
+both show that the address reaches rank 0's host, so both ways serve.
 
 Nothing here imports torch: the torchrun face and the JAX plug-in share it.
 """
