@@ -231,7 +231,7 @@ def test_close_stops_a_waiting_node(tmp_path: Path) -> None:
         job.cleanup()
 
 
-def _dead_run(endpoint: str, run_id: str) -> None:
+def _dead_run(endpoint: str, run_id: str, config: dict[str, Any] | None = None) -> None:
     """A complete round whose only node crashed long ago: a document and a heartbeat that never changes."""
     ghost = NodeInfo("10.0.0.9", 4242, 0, "dead00", 29500, "gone")
     state = RendezvousState(
@@ -244,6 +244,7 @@ def _dead_run(endpoint: str, run_id: str) -> None:
         nodes={ghost.node_id: ghost},
         master=("10.0.0.9", 29500),
         applied={ghost.node_id: "n0"},
+        config=config,
     )
     store = open_store(endpoint, run_id)
     assert store.compare_and_set(encode_state(state), None).won
@@ -378,6 +379,17 @@ def test_gc_deletes_what_crashed_nodes_left_in_a_live_run(
         (tmp_path / "stop").write_text("")
         for node in live:
             node.kill()
+
+
+def test_gc_watches_a_run_for_its_own_liveness_timeout(tmp_path: Path) -> None:
+    """A run whose document records a liveness timeout longer than --window is watched for that long: gc never
+    calls a node dead sooner than the run itself would."""
+    _dead_run(str(tmp_path), "slow", {"keep_alive_ms": 1000, "keep_alive_max_attempt": 2})
+    _dead_run(str(tmp_path), "old")  # no config (an older fsrdzv): --window
+    doc = json.loads(cli("gc", str(tmp_path), "--older-than", "0", "--window", "0.5", "--json").stdout)
+    runs = {r["run_id"]: r for r in doc["runs"]}
+    assert runs["slow"]["observed_seconds"] >= 2.0 and 0.5 <= runs["old"]["observed_seconds"] < 2.0, runs
+    assert {r["verdict"] for r in runs.values()} == {"remove"} and doc["removed_runs"] == 2
 
 
 def test_gc_of_one_run_that_does_not_exist_is_one_line(tmp_path: Path) -> None:
