@@ -240,6 +240,9 @@ class RendezvousHandler:
 
     def _rank0_beat(self, node_id: str) -> bytes | None:
         """Rank 0's heartbeat record (its address candidates), None if missing or untrusted."""
+        seen = self._joiner.beats_read.get(node_id)  # read during the join (the document's creator's)
+        if seen is not None:
+            return seen
         try:
             raw: bytes | None = self._retry(
                 lambda: self._session.get("hb", node_id), self._clock() + self.settings.heartbeat_timeout

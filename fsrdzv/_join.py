@@ -22,6 +22,7 @@ from ._errors import (
     ConfigurationError,
     RendezvousClosedError,
     RendezvousGracefulExitError,
+    RendezvousStateError,
     RendezvousTimeoutError,
     StorageError,
 )
@@ -56,6 +57,8 @@ class _Progress:
     seen: tuple[str, int] | None = None
     was_spare: bool = False
     was_folder: bool = False
+    #: When this join, finding no document, left its creation to a node with a smaller identity.
+    deferred_at: float | None = None
 
 
 class Joiner:
@@ -92,6 +95,8 @@ class Joiner:
         #: Epochs this node was handed a round of: a closed run of one of them is this job's end, never a finished
         #: run to start afresh (a node thawed after the others finished must stop, not restart the run id).
         self._epochs: set[str] = set()
+        #: Heartbeat records read during the last join, by node id (the handler takes rank 0's candidates here).
+        self.beats_read: dict[str, bytes | None] = {}
         self.progress = ProgressReport(settings, node.node_id)
 
     @property
@@ -105,6 +110,7 @@ class Joiner:
         start = self._clock()
         deadline = start + self.settings.join_timeout
         self.progress.start(start)
+        self.beats_read.clear()
         if not self._verified:
             self._retry(self.session.store.verify_conditions, deadline)
             self._verified = True
@@ -219,8 +225,7 @@ class Joiner:
         self.progress.tick(view.state, now, view.last_call_seen_at)
         action = policy.decide(view)
         if isinstance(action, policy.CreateDocument):
-            _, run.state, run.snap = self.session.cas(policy.create_document(view, secrets.token_hex(8)), None)
-            run.own_folds += 1
+            _create(run, view, self)
             return None
         state = run.state
         assert state is not None  # the policy asks for a document first
@@ -298,6 +303,41 @@ class Joiner:
             idle=got is not None and (got.complete or self.me in state.redundancy_list),
             latency=self.session.read_latency,
         )
+
+
+def _create(run: _Progress, view: policy.JoinView, joiner: Joiner) -> None:
+    """No document yet: the node with the smallest identity among the requests creates it with all of them
+    folded (a burst of arrivals forms with one write); the others look again about a round trip later (and
+    create it themselves once the creator is overdue). A create that loses returns the winner's document."""
+    session, periods, book = joiner.session, joiner.periods, joiner.requests
+    now = session.clock()
+    requests: list[JoinRequest] | None = None
+    if run.deferred_at is None:
+        if view.settings.max_nodes <= policy.CREATOR_LISTS_UP_TO:
+            requests = book.pending_looking()
+        creator = policy.creator(view, requests)
+        if creator != view.me:
+            run.deferred_at = now
+            # The creator is rank 0 of the round it completes: its address candidates (its heartbeat) are read
+            # while it writes, not after the round completed (see Joiner.beats_read).
+            with contextlib.suppress(StorageError, RendezvousStateError):  # only a shortcut
+                joiner.beats_read[creator] = session.get("hb", creator)
+            wait = periods.creator_wait(session.read_latency)
+            _look_again(run, session, max(0.0, now + wait - session.clock()))
+            return
+    elif periods.creator_overdue(now - run.deferred_at):
+        requests = book.pending_looking()
+    else:
+        _look_again(run, session, run.poll)
+        return
+    _, run.state, run.snap = session.cas(policy.create_document(view, secrets.token_hex(8), requests or ()), None)
+    run.own_folds += 1
+
+
+def _look_again(run: _Progress, session: Session, wait: float) -> None:
+    session.wait(wait, "waiter")
+    run.state, run.snap = session.read()
+    run.looked_at = session.clock()
 
 
 def _fold_pending(

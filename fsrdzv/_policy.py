@@ -6,6 +6,7 @@ holds and its own clock readings, :func:`decide` names the next :class:`Action`,
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Final, Literal
 
@@ -22,6 +23,12 @@ FAST_POLL: Final = 0.06
 #: trip or two away.
 QUICK_POLL_TRIPS: Final = 3.0
 QUICK_POLL_FLOOR: Final = 0.01
+#: A node that found no document and left its creation to another (see :func:`creator`) looks again after this
+#: many of its read round trips (the creator writes one after its listing); it creates it itself after CREATE_GRACE s.
+CREATE_WAIT_TRIPS: Final = 1.5
+CREATE_GRACE: Final = 1.0
+#: Jobs up to this many nodes list the requests to name the creator (bigger ones: several pages per listing).
+CREATOR_LISTS_UP_TO: Final = 1000
 #: Polls of the whole job stay under this many reads per second: the poll period is at least max_nodes / this
 #: (a 1,000-node job polls every 0.5 s, well under S3's 5,500 GETs/s per prefix and an NFS server's capacity).
 AGGREGATE_READ_RATE: Final = 2000.0
@@ -95,6 +102,14 @@ class Periods:
         if latency is None:
             return self.fast
         return max(self.floor, QUICK_POLL_FLOOR, min(self.fast, QUICK_POLL_TRIPS * latency))
+
+    def creator_wait(self, latency: float | None) -> float:
+        """How long a node that left the document's creation to another waits before it looks again."""
+        return max(self.floor, QUICK_POLL_FLOOR, min(self.fast, CREATE_WAIT_TRIPS * (latency or self.fast)))
+
+    def creator_overdue(self, waited: float) -> bool:
+        """Whether a node that left the creation to another waited long enough to create the document itself."""
+        return waited >= max(CREATE_GRACE, FOLDER_READ_EVERY * self.fast)
 
     def first_sweep(self, settings: Settings, leave_round: int | None, draw: float) -> float:
         """Seconds from the start of a join to its first sweep, for a ``draw`` in [0, 1). A fresh join has nobody
@@ -263,9 +278,20 @@ class Poll:
 Action = CreateDocument | Rejoin | ReturnInfo | RaiseClosed | RaiseMismatch | Write | Sweep | RollBack | Poll
 
 
-def create_document(view: JoinView, epoch: str) -> RendezvousState:
-    """The first document of a run: this node's request folded into a fresh state."""
-    return proto.fold_requests(proto.new_state(view.settings.run_id, epoch), [view.request], view.settings)
+def create_document(view: JoinView, epoch: str, others: Iterable[JoinRequest] = ()) -> RendezvousState:
+    """The first document of a run: this node's request folded into a fresh state, then the requests already
+    written (``others``, one listing), so that a burst of arrivals forms with one write. Its own fold comes first:
+    it is first in ``applied``, so the folder of what follows, and knows so at once."""
+    settings = view.settings
+    state = proto.fold_requests(proto.new_state(settings.run_id, epoch), [view.request], settings)
+    return proto.fold_requests(state, others, settings)
+
+
+def creator(view: JoinView, requests: Iterable[JoinRequest] | None) -> str:
+    """Who creates the missing document: the smallest identity among the requests listed (rank 0 of a round it
+    completes; its own request counts if not listed), so that the others' creates do not all lose; they wait
+    (``Periods.creator_overdue``: it may die). Not listed (None, a big job): every node that finds none."""
+    return view.me if requests is None else min([view.request.node, *(r.node for r in requests)]).node_id
 
 
 def fold_pending(state: RendezvousState, requests: list[JoinRequest], settings: Settings) -> RendezvousState:
@@ -296,15 +322,23 @@ def _settled(view: JoinView, state: RendezvousState) -> Action | None:
 
 
 def own_fold_due(view: JoinView, state: RendezvousState) -> bool:
-    """Whether a joiner folds its own request now.
-
-    While a round forms, the folder is the only writer (its writes then win without a read first), so a joiner
-    folds itself only when nobody folds (the first arrival), when the document stood still for ``FOLD_GRACE``
-    (the folder may be stuck), and once when the round is complete (a newcomer to its wait list is seen by
-    ``num_nodes_waiting`` at once, not at the folder's slow poll); never before its jittered back-off ends.
+    """Whether a joiner folds its own request now. While a round forms, the folder is the only writer (its
+    writes then win without a read first), so a joiner folds itself only when nobody folds (the first arrival),
+    when the document stood still for ``FOLD_GRACE`` (the folder may be stuck), once when the round is complete
+    (a newcomer to its wait list is seen by ``num_nodes_waiting`` at once, not at the folder's slow poll), and
+    when its fold completes the round (see :func:`last_missing`); never before its jittered back-off ends.
     """
     folder_at_work = anyone_waiting(state) and view.now - view.progress_at < FOLD_GRACE
-    return view.now >= view.next_own and (not folder_at_work or (view.own_folds == 0 and state.complete))
+    once = view.own_folds == 0 and state.complete
+    return view.now >= view.next_own and (not folder_at_work or once or last_missing(view, state))
+
+
+def last_missing(view: JoinView, state: RendezvousState) -> bool:
+    """Whether this node is the one participant a forming round lacks to reach ``max_nodes``: its own fold then
+    completes the round without waiting for the folder's next poll, and it holds its rank without a read after
+    the write. If the folder folds it meanwhile, one write loses and returns the other's document (one per round)."""
+    full = len(state.participants) + 1 >= view.settings.max_nodes
+    return full and not (state.complete or state.closed) and view.me not in state.members()
 
 
 def _write_due(view: JoinView, state: RendezvousState) -> Action | None:

@@ -267,7 +267,8 @@ def test_a_rejoin_replaces_the_previous_request_record() -> None:
 
 def test_while_a_round_forms_only_its_folder_writes_the_document() -> None:
     """The first node waits as folder; two more arrive. They write only their own records (heartbeat, request):
-    the folder folds them, so while a round forms the document has one writer and its writes win without a read."""
+    the folder folds them, so while a round forms the document has one writer and its writes win without a read.
+    The one exception: a newcomer that sees the round lack only itself completes it with its own fold."""
     name = f"folder-{uuid.uuid4().hex[:8]}"
     handlers = [
         fsrdzv.RendezvousHandler(MemoryStore(name, "run"), fsrdzv.Settings("run", 3, 3), local_addr=f"10.0.0.{9 - i}")
@@ -293,8 +294,8 @@ def test_while_a_round_forms_only_its_folder_writes_the_document() -> None:
         h.shutdown()
     assert sorted(i.rank for i in infos) == [0, 1, 2]
     # The newcomers have lower identities (10.0.0.8, 10.0.0.7): the role stayed with the first.
-    assert cas[1:] == [0, 0]
-    assert cas[0] >= 2  # the document's creation, then the fold(s)
+    assert sum(cas[1:]) <= 1  # at most the last missing participant's own fold
+    assert cas[0] >= 1 + (sum(cas[1:]) == 0)  # the document's creation, then the fold(s)
 
 
 def test_the_folder_is_the_waiting_member_folded_first() -> None:

@@ -86,6 +86,8 @@ CASES: list[tuple[str, policy.JoinView, type]] = [
     ("last call still running: poll", view(TWO, last_call_seen_at=NOW - 29), policy.Poll),
     ("sweep due", view(ONE, next_sweep=NOW), policy.Sweep),
     ("past the deadline: roll back", view(ONE, me=2, deadline=NOW - 1), policy.RollBack),
+    ("the one participant the round lacks: its own fold completes it", view(TWO, me=3), policy.Write),
+    ("the last one missing, not before the back-off ends", view(TWO, me=3, next_own=NOW + 1), policy.Poll),
 ]
 
 
@@ -118,6 +120,38 @@ def test_the_writes_the_policy_asks_for() -> None:
     assert node(2).node_id in own.state.participants
     done = policy.decide(view(TWO, last_call_seen_at=NOW - 30))
     assert isinstance(done, policy.Write) and done.why == "complete" and done.state.complete
+
+
+def test_the_last_missing_participant_completes_the_round_with_its_own_fold() -> None:
+    done = policy.decide(view(TWO, me=3))
+    assert isinstance(done, policy.Write) and done.why == "fold own" and done.state.complete
+    assert policy.last_missing(view(TWO, me=3), TWO)
+    assert not policy.last_missing(view(ONE, me=3), ONE)  # two are missing: the folder folds them
+    assert not policy.last_missing(view(TWO, me=2), TWO)  # already a participant
+    assert not policy.last_missing(view(COMPLETE, me=3), COMPLETE)  # a complete round: it waits for the next
+
+
+def test_the_smallest_identity_creates_the_document_with_every_request_folded() -> None:
+    listed = [request(3), request(2), request(5)]
+    assert policy.creator(view(None, me=3), listed) == node(2).node_id
+    assert policy.creator(view(None, me=2), listed) == node(2).node_id
+    assert policy.creator(view(None, me=1), listed) == node(1).node_id  # its own request, not yet listed
+    first = policy.create_document(view(None, me=2), "e", listed)
+    assert set(first.participants) == {node(i).node_id for i in (2, 3, 5)} and first.complete
+    assert first.participants[node(2).node_id] == 0  # the creator is rank 0 of the round it completes
+    partial = policy.create_document(view(None, me=3), "e", [request(3), request(5)])
+    assert policy.folder_of(partial) == node(3).node_id and not partial.complete  # the creator folds what follows
+    assert policy.create_document(view(None, me=2), "e").applied == {node(2).node_id: request(2).nonce}
+
+
+def test_a_node_that_left_the_creation_to_another_looks_again_soon_and_creates_once_it_is_overdue() -> None:
+    periods = policy.Periods.of(SETTINGS)
+    assert periods.creator_wait(0.01) == pytest.approx(policy.CREATE_WAIT_TRIPS * 0.01)
+    assert periods.creator_wait(None) == periods.fast == periods.creator_wait(10.0)
+    big = policy.Periods.of(fsrdzv.Settings("run", 4096, 4096))
+    assert big.creator_wait(0.01) == big.floor  # never under the big jobs' poll floor
+    assert not periods.creator_overdue(policy.CREATE_GRACE - 0.01) and periods.creator_overdue(policy.CREATE_GRACE)
+    assert not big.creator_overdue(policy.CREATE_GRACE) and big.creator_overdue(policy.FOLDER_READ_EVERY * big.fast)
 
 
 @pytest.mark.parametrize(
