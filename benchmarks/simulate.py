@@ -261,7 +261,10 @@ def simulate(
                 t0 = clock()
                 if kill:
                     dying.add(n - 1)
-                clock.run(until=t0 + steady)
+                while clock() < t0 + steady and not note:  # in steps, to keep the real-time budget
+                    clock.run(until=min(t0 + steady, clock() + 10.0))
+                    if time.monotonic() - started > real_limit:
+                        note = f"steady state stopped after {real_limit:g} s of real time, {clock() - t0:.0f} s in"
                 steady_ops = storage.total.snapshot().minus(before)
                 steady_doc_writes = steady_ops.cas_won
         finally:

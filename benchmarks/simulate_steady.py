@@ -23,6 +23,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import resource
 import sys
 import time
 from pathlib import Path
@@ -62,6 +63,7 @@ def cell(model: str, nodes: int, seconds: float, kill: bool, monitor: float = 0.
         "note": r.note,
         "errors": r.errors,
         "real_seconds": time.monotonic() - started,
+        "peak_rss_gb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1e6,
         "document_bytes": r.document_bytes,
         "monitor": monitor,
         "detected": None if math.isnan(r.detected) else r.detected,

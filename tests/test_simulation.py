@@ -154,3 +154,29 @@ def test_a_node_that_beats_while_its_keep_alive_beats_does_not_stall_the_simulat
         clock.stop()
     assert not clock.errors, clock.errors
     assert heartbeat.count == 3 and storage.total.ops["put"] == 3
+
+
+def test_a_record_tag_is_one_bodiless_request_that_changes_with_the_record() -> None:
+    clock = VirtualClock()
+    storage = SimStorage(S3.with_(sigma=0.0), clock, seed=1)
+    store = storage.open("test-sim-tags", "tags")
+    seen: list[object] = []
+
+    def body() -> None:
+        seen.append(store.record_tag("hb", "a"))
+        store.put_record("hb", "a", b"1")
+        before = storage.total.body_bytes
+        seen.append(store.record_tag("hb", "a"))
+        seen.append(storage.total.body_bytes - before)
+        store.put_record("hb", "a", b"2")
+        seen.append(store.record_tag("hb", "a"))
+        seen.append(clock())
+
+    clock.spawn(body)
+    clock.run()
+    assert not clock.errors, clock.errors
+    missing, first, body_bytes, second, end = seen
+    assert missing is None and first is not None and second not in (None, first)
+    assert body_bytes == 0  # a HEAD answers without a body
+    assert storage.total.ops["tag"] == 3 and storage.total.ops["get"] == 0
+    assert end == pytest.approx(5 * 0.060)  # three tag reads and two writes, 60 ms each

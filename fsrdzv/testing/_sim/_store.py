@@ -65,6 +65,7 @@ class SimCounters:
             "cas": 0,
             "put": 0,
             "get": 0,
+            "tag": 0,
             "list": 0,
             "list_pages": 0,
             "delete": 0,
@@ -83,7 +84,7 @@ class SimCounters:
 
     @property
     def reads(self) -> int:
-        return self.ops["read"] + self.ops["get"] + self.ops["list"]
+        return self.ops["read"] + self.ops["get"] + self.ops.get("tag", 0) + self.ops["list"]
 
     @property
     def writes(self) -> int:
@@ -172,7 +173,7 @@ class SimStore(StoreWrapper):
     def _count(self, kind: str, n: int = 1) -> None:
         self.ops[kind] += n
         self.storage.total.ops[kind] += n
-        if kind in ("read", "get", "list"):
+        if kind in ("read", "get", "tag", "list"):
             self.read_times.append(self.storage.clock())
             if kind == "read":
                 self.doc_read_times.append(self.storage.clock())
@@ -203,7 +204,7 @@ class SimStore(StoreWrapper):
         self._count(kind)
         self._admit(kind)
         total = self.storage.latency(median)
-        if kind in ("read", "get", "list"):
+        if kind in ("read", "get", "tag", "list"):
             return total
         self.storage.clock.sleep(total / 2)
         return total / 2
@@ -280,6 +281,14 @@ class SimStore(StoreWrapper):
         rest = self._before("get", self.storage.model.read_latency)
         got = self.inner.read_record(kind, name)
         self._sent(f"{kind}/{name}", 0 if got is None else len(got) + _ENVELOPE)
+        self.storage.clock.sleep(rest)
+        return got
+
+    def record_tag(self, kind: str, name: str) -> str | None:
+        # A metadata request (S3 and Azure HEAD, GCS's generation field, a directory's open and fstat).
+        rest = self._before("tag", self.storage.model.read_latency)
+        got = self.inner.record_tag(kind, name)
+        self._sent(f"{kind}/{name}", 0 if got is None else self.storage.model.tag_answer_bytes)
         self.storage.clock.sleep(rest)
         return got
 
