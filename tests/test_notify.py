@@ -156,6 +156,7 @@ def test_the_completing_write_is_announced_to_the_nodes_that_do_not_fold(tmp_pat
     assert not watches[1].folder() and watches[1].made[("done",)] is not None
     assert os.listdir(os.path.join(endpoint, rid, "records", "done")) == ["round"]
     assert done[1] - done[0] < 0.15
-    assert handlers[1].ops["cas"] == handlers[2].ops["cas"] == 0  # the folder wrote the document alone
+    # The plain waiting node never wrote; the round was completed by the folder or by the last arrival's own fold.
+    assert handlers[1].ops["cas"] == 0
     for h in handlers:
         h.shutdown()
