@@ -143,11 +143,13 @@ def main() -> None:
         med = statistics.median(values)
         ratio = f"{med / base:.2f}" if base else "-"
         rows.append([system, f"{med:.1f} s", f"{min(values):.1f}-{max(values):.1f} s", ratio, len(values)])
-    text = section(
-        "Recovery: 4 nodes (min 2, max 4, defaults), one SIGKILLed, until the 3 survivors hold ranks",
-        markdown_table(["system", "median", "min-max", "vs torch c10d", "repetitions"], rows),
+    command = "python benchmarks/recovery.py " + " ".join(sys.argv[1:])
+    text = (
+        "# Recovery: 4 nodes (min 2, max 4, defaults), one SIGKILLed, until the 3 survivors hold ranks\n\n"
+        f"{section('command', '`' + command.strip() + '`')}\n\n"
+        f"{section('table', markdown_table(['system', 'median', 'min-max', 'vs torch c10d', 'repetitions'], rows))}"
+        f"\n\nMachine: {section('machine', machine_note())}\n"
     )
-    text += machine_note()
     print(text)
     if not args.no_files:
         print(f"wrote {write_result(args.out, text)}")

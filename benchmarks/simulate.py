@@ -169,6 +169,8 @@ class SimResult:
     #: survivor holding its rank in the round without the dead node (NaN: not within the window).
     detected: float = math.nan
     reformed: float = math.nan
+    #: Most document reads of all nodes within any 1 s of the steady window.
+    doc_peak: float = math.nan
 
 
 def simulate(
@@ -240,6 +242,7 @@ def simulate(
     note = ""
     steady_ops: SimCounters | None = None
     steady_doc_writes = 0
+    doc_peak = math.nan
     formed = False
     with simulated_handlers(clock) as runtime:
         for i in range(n):
@@ -267,6 +270,8 @@ def simulate(
                         note = f"steady state stopped after {real_limit:g} s of real time, {clock() - t0:.0f} s in"
                 steady_ops = storage.total.snapshot().minus(before)
                 steady_doc_writes = steady_ops.cas_won
+                reads = [t for st in stores.values() for t in st.doc_read_times if t >= t0]
+                doc_peak = max_rate(reads, t0, clock())
         finally:
             stop_steady.set()
             clock.stop()
@@ -301,6 +306,7 @@ def simulate(
         errors=errors,
         detected=min(detected.values()) - died[0] if died and detected else math.nan,
         reformed=max(reformed.values()) - died[0] if died and len(reformed) == n - 1 else math.nan,
+        doc_peak=doc_peak,
     )
 
 

@@ -68,6 +68,7 @@ def cell(model: str, nodes: int, seconds: float, kill: bool, monitor: float = 0.
         "monitor": monitor,
         "detected": None if math.isnan(r.detected) else r.detected,
         "reformed": None if math.isnan(r.reformed) else r.reformed,
+        "document_peak": None if math.isnan(r.doc_peak) else r.doc_peak,
     }
     if r.steady is not None:
         s = r.steady
@@ -93,6 +94,22 @@ def _recovery(c: dict[str, Any]) -> str:
     return " / ".join("-" if v is None else f"{v:.1f}" for v in (detected, reformed))
 
 
+def _extra(c: dict[str, Any], cells: list[dict[str, Any]]) -> str:
+    """What the death cost each node beyond the same window without one (requests, response bytes): unlike the
+    rates, it does not depend on the window's length."""
+    calm = [
+        o
+        for o in cells
+        if not o["kill"] and (o["model"], o["nodes"]) == (c["model"], c["nodes"]) and "requests_per_node_hour" in o
+    ]
+    if not c["kill"] or not calm:
+        return "-"
+    hours = c["seconds"] / 3600
+    requests = (c["requests_per_node_hour"] - calm[0]["requests_per_node_hour"]) * hours
+    body = (c["bytes_per_node_hour"] - calm[0]["bytes_per_node_hour"]) * hours
+    return f"{requests:,.0f} / {body / 1e3:,.0f} KB"
+
+
 def report(cells: list[dict[str, Any]]) -> str:
     rows = []
     for c in sorted(cells, key=lambda c: (c["model"], c["nodes"], c["kill"])):
@@ -106,6 +123,7 @@ def report(cells: list[dict[str, Any]]) -> str:
                 c["model"],
                 f"{c['nodes']:,}",
                 "one dies" if c["kill"] else "-",
+                f"{c['seconds']:g} s",
                 f"{c['requests_per_node_hour']:,.0f}",
                 f"{ops.get('read', 0):,.0f} ({ops.get('unchanged', 0):,.0f} unchanged)",
                 f"{ops.get('put', 0):,.0f}",
@@ -114,10 +132,12 @@ def report(cells: list[dict[str, Any]]) -> str:
                 f"{ops.get('list', 0):,.0f}",
                 f"{c['bytes_per_node_hour'] / 1e3:,.0f} KB",
                 f"{c['hottest_per_second']:,.1f} ({c['hottest'].split('/')[0]})",
+                "-" if c.get("document_peak") is None else f"{c['document_peak']:,.0f}",
                 f"{c['nodes'] / 4:,.0f}",
                 "none" if math.isinf(limit) else f"{limit:,.0f}",
                 c["throttled"],
                 _recovery(c),
+                _extra(c, cells),
                 f"{c['real_seconds']:.0f} s",
             ]
         )
@@ -125,6 +145,7 @@ def report(cells: list[dict[str, Any]]) -> str:
         "model",
         "N",
         "death",
+        "window, virtual",
         "requests / node-h",
         "document reads / node-h",
         "record PUTs",
@@ -132,11 +153,13 @@ def report(cells: list[dict[str, Any]]) -> str:
         "record tag reads (HEAD)",
         "LISTs",
         "response bodies / node-h",
-        "hottest object req/s",
+        "hottest object req/s (window mean)",
+        "document req/s, busiest second",
         "bound N/4",
         "model's limit req/s",
         "throttled",
         "death noticed / re-formed, virtual s",
+        "the death's extra requests / bytes per node",
         "real time",
     ]
     return markdown_table(headers, rows)
@@ -197,17 +220,18 @@ def main() -> None:
             for model in args.models:
                 for death in args.deaths:
                     got = cell(model, n, args.seconds, death == "one", args.monitor)
+                    got["command"] = "python benchmarks/simulate_steady.py " + " ".join(sys.argv[1:])
                     cells.append(got)
                     print(json.dumps(got), flush=True)
                     if args.raw:
                         with open(args.raw, "a") as f:
                             f.write(json.dumps(got) + "\n")
-    seconds = max((c["seconds"] for c in cells), default=args.seconds)
-    text = section(
-        f"Steady state in the simulation: {seconds:g} s of virtual time after formation",
-        report(cells),
+    commands = list(dict.fromkeys(c["command"] for c in cells if c.get("command")))
+    text = (
+        "# Steady state in the simulation: a window of virtual time after formation\n\n"
+        f"{section('command', ' and '.join(f'`{c}`' for c in commands) or '-')}\n\n"
+        f"{section('table', report(cells))}\n\nMachine (real time only): {section('machine', machine_note())}\n"
     )
-    text += machine_note()
     print(text)
     if not args.no_files:
         write_result(f"{args.out}.md", text)
