@@ -108,18 +108,19 @@ class RunAdmin:
         counts as a change, so it cannot keep a dead node alive.
         """
         signed = self.session.store.signed
-        trusted, self._trusted = self._trusted, {}
         tags: dict[str, str] = {}
         for node_id in node_ids:
             try:
                 tag = self._verified_tag(node_id) if signed else self.session.tag("hb", node_id)
             except RendezvousStateError as exc:
                 log.debug("heartbeat of %s not trusted: %s", node_id, exc)
-                tag = trusted.get(node_id, "untrusted")
-            if tag is not None:
-                tags[node_id] = tag
-                if signed:
-                    self._trusted[node_id] = tag
+                tag = self._trusted.get(node_id, "untrusted")
+            if tag is None:
+                self._trusted.pop(node_id, None)  # no record: at most one entry per node that has one
+                continue
+            tags[node_id] = tag
+            if signed:
+                self._trusted[node_id] = tag
         return tags
 
     def _verified_tag(self, node_id: str) -> str | None:
