@@ -27,8 +27,9 @@ QUICK_POLL_FLOOR: Final = 0.01
 #: many of its read round trips (the creator writes one after its listing); it creates it itself after CREATE_GRACE s.
 CREATE_WAIT_TRIPS: Final = 1.5
 CREATE_GRACE: Final = 1.0
-#: Jobs up to this many nodes list the requests to name the creator (bigger ones: several pages per listing).
-CREATOR_LISTS_UP_TO: Final = 1000
+#: Jobs up to this many nodes list the requests to name the creator (in bigger ones, the burst of N listings of
+#: several pages each would exceed an object store's request rate per prefix: every node creates, as before).
+CREATOR_LISTS_UP_TO: Final = 1024
 #: Polls of the whole job stay under this many reads per second: the poll period is at least max_nodes / this
 #: (a 1,000-node job polls every 0.5 s, well under S3's 5,500 GETs/s per prefix and an NFS server's capacity).
 AGGREGATE_READ_RATE: Final = 2000.0

@@ -136,6 +136,7 @@ def test_the_smallest_identity_creates_the_document_with_every_request_folded() 
     assert policy.creator(view(None, me=3), listed) == node(2).node_id
     assert policy.creator(view(None, me=2), listed) == node(2).node_id
     assert policy.creator(view(None, me=1), listed) == node(1).node_id  # its own request, not yet listed
+    assert policy.creator(view(None, me=3), None) == node(3).node_id  # a big job does not list: every node creates
     first = policy.create_document(view(None, me=2), "e", listed)
     assert set(first.participants) == {node(i).node_id for i in (2, 3, 5)} and first.complete
     assert first.participants[node(2).node_id] == 0  # the creator is rank 0 of the round it completes
