@@ -19,6 +19,7 @@ from typing import Final
 from ._admin import RunAdmin
 from ._errors import RendezvousError
 from ._liveness import LivenessTracker
+from ._policy import fresh_credit
 from ._settings import Settings
 from ._state import RendezvousState
 
@@ -48,7 +49,7 @@ class PeerWatch:
         self._round: tuple[str, int] | None = None
         self._members: frozenset[str] = frozenset()
         self._peers: list[str] = []
-        self._tracker = LivenessTracker(settings.liveness_timeout)
+        self._tracker = self._new_tracker()
         self._next = 0.0
         self._dead: set[str] = set()
         #: This node's round went on without it (it was frozen or cut off): lost until it re-joins.
@@ -60,9 +61,16 @@ class PeerWatch:
     def period(self) -> float:
         """Seconds from one look at the peers' records to the next, drawn afresh at each look: one keep-alive
         interval (a peer's record changes about that often), jittered down by up to a fifth so that the watchers'
-        looks spread out and never lag a beat. A dead peer is so found within the liveness timeout plus one
-        interval (set: the interval that is jittered)."""
-        return self._period * self._rng.uniform(0.8, 1.0)
+        looks spread out and never lag a beat; sooner if a peer whose record stopped changing would be due by then,
+        so that it is found dead at the liveness timeout after the look that saw its last beat, within one interval
+        of that beat (set: the interval that is jittered)."""
+        pause = self._period * self._rng.uniform(0.8, 1.0)
+        now = self._clock()
+        for peer in self._peers:
+            due = None if peer in self._dead else self._tracker.next_death([peer])
+            if due is not None and now < due < now + pause:
+                pause = due - now
+        return pause
 
     @period.setter
     def period(self, seconds: float) -> None:
@@ -74,10 +82,25 @@ class PeerWatch:
         self._round = (state.epoch, state.round)
         self._members = frozenset(ids)
         self._peers = ring_peers(ids, self._me, self._watch_peers)
-        self._tracker = LivenessTracker(self._settings.liveness_timeout)
+        self._tracker = self._new_tracker()
         self._dead = set()
         self._left_behind = False
         self._next = self._clock()
+
+    def _new_tracker(self) -> LivenessTracker:
+        # The handler's own rule (a record first seen, or seen changed, counts from the middle of the gap before).
+        return LivenessTracker(self._settings.liveness_timeout, fresh_credit=fresh_credit(self._settings))
+
+    def hand_over(self, tracker: LivenessTracker) -> None:
+        """Seed the join's ``tracker`` with when this watch last saw each peer's heartbeat change (this node is
+        about to re-join): a survivor then times a dead peer from its last heartbeat, as torch's timestamps do,
+        not from its join. A live peer still gets two keep-alive intervals of silence, or the timeout if shorter
+        (see ``LivenessTracker.seed``)."""
+        if self._round is None:
+            return
+        settings = self._settings
+        floor = max(settings.liveness_timeout - 2 * settings.keep_alive_interval, fresh_credit(settings))
+        tracker.seed(self._tracker.changes(self._peers), floor)
 
     def stop(self) -> None:
         self._round = None
