@@ -86,6 +86,25 @@ def test_fresh_observer_waits_a_full_timeout(offset: float) -> None:
     assert result[1000 + TIMEOUT]
 
 
+def test_fresh_credit_counts_a_first_seen_record_as_half_an_interval_old() -> None:
+    """With fresh_credit (the joins' sweeps: keep_alive_interval / 2), a record first seen is that old already, and
+    a changed one counts from the middle of the gap since the previous look, at most fresh_credit ago."""
+    tracker = LivenessTracker(TIMEOUT, fresh_credit=2.5)
+    tracker.observe({NODE: "a"}, 100.0, [NODE])
+    assert tracker.age(NODE, 100.0) == 2.5
+    assert not tracker.dead([NODE], 112.375) and tracker.dead([NODE], 112.5)  # timeout - interval / 2 of silence
+    tracker.observe({NODE: "b"}, 102.0, [NODE])  # changed within a 2 s gap: written 1 s ago on average
+    assert tracker.age(NODE, 102.0) == 1.0
+    tracker.observe({NODE: "c"}, 110.0, [NODE])  # changed within an 8 s gap: at most fresh_credit ago
+    assert tracker.age(NODE, 110.0) == 2.5
+    beats = grid(0, 600, 5)
+    looks = grid(0.25, 600, 2.5)
+    live = LivenessTracker(TIMEOUT, fresh_credit=2.5)
+    for t in looks:
+        live.observe({NODE: str(tag_at(beats, t))}, t, [NODE])
+        assert not live.dead([NODE], t), "a node beating every interval is never dead"
+
+
 def test_node_never_seen_is_not_dead() -> None:
     tracker = LivenessTracker(TIMEOUT)
     assert tracker.dead([NODE], 1e9) == set()
