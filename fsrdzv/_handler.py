@@ -223,6 +223,7 @@ class RendezvousHandler:
         :raises RendezvousStateError: the document is unreadable or from a newer fsrdzv.
         """
         with self._lock:
+            self._peers.hand_over(self._joiner.liveness)  # a dead peer is timed from its last beat, not from now
             self._peers.stop()  # this node leaves its round: nothing of it is watched any more
             try:
                 state = self._joiner.join()

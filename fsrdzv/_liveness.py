@@ -42,6 +42,9 @@ class LivenessTracker:
         #: How many listings this observer has taken, and the local time of the first.
         self.observations = 0
         self.first_observation: float | None = None
+        #: Another observer's estimates of when nodes last changed, and the least silence they leave (see seed).
+        self._seeds: dict[str, float] = {}
+        self._seed_floor = 0.0
 
     @classmethod
     def observer(cls) -> LivenessTracker:
@@ -62,11 +65,31 @@ class LivenessTracker:
             tag = tags.get(node_id)
             previous = self._seen.get(node_id)
             if previous is None or previous[0] != tag:
-                self._seen[node_id] = (tag, now - credit)
+                since = now - credit
+                seed = self._seeds.get(node_id)
+                if seed is not None:
+                    since = min(since, max(seed, now - self._seed_floor))
+                self._seen[node_id] = (tag, since)
                 # A node that first shows up after our first look was written while we watched: a real change.
                 if previous is not None or self.observations > 0:
                     self._changed.add(node_id)
         self.observations += 1
+        self._seeds = {}
+
+    def seed(self, since: Mapping[str, float], floor: float) -> None:
+        """Estimates, by another observer on this host's clock, of when nodes last changed (its :meth:`changes`).
+
+        At this tracker's next observation a node counts from its estimate whatever tag it shows (the other
+        observer may read another kind of tag), but never from more than ``floor`` seconds before that
+        observation: a live node, which writes once per interval, keeps time to show a change. A survivor that
+        re-joins therefore times a dead peer from its last heartbeat as its watch saw it, not from its join.
+        """
+        self._seeds = dict(since)
+        self._seed_floor = floor
+
+    def changes(self, nodes: Iterable[str]) -> dict[str, float]:
+        """When each of ``nodes`` last changed, as estimated on this observer's clock (nodes never seen omitted)."""
+        return {n: seen[1] for n in nodes if (seen := self._seen.get(n)) is not None}
 
     def dead(self, members: Iterable[str], now: float) -> set[str]:
         """Members whose heartbeat has not changed for at least ``timeout`` seconds of observed time."""

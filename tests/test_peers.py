@@ -10,8 +10,10 @@ from pathlib import Path
 
 import fsrdzv
 from fsrdzv import RendezvousHandler, RendezvousInfo
+from fsrdzv._liveness import LivenessTracker
 from fsrdzv._peers import ring_peers
 from fsrdzv._state import decode_state
+from fsrdzv._steady import STEADY_JITTER, STEADY_POLL
 
 INTERVAL = 0.2
 ATTEMPTS = 3
@@ -74,6 +76,10 @@ def test_a_peer_that_shuts_down_and_closes_the_run_is_not_lost(tmp_path: Path) -
         assert b.shutdown() is True  # b is done: its records go, the run is closed for everyone
         # a keeps working (as torch's agent would, until its own workers end): no re-rendezvous is asked for.
         assert waiting_within(a, TIMEOUT * 3 + 2) == 0
+        # is_closed answers from the steady reads of the document (one per STEADY_POLL at most).
+        stop = time.monotonic() + STEADY_POLL * (1 + STEADY_JITTER) + 1
+        while not a.is_closed() and time.monotonic() < stop:
+            time.sleep(0.1)
         assert a.is_closed()
     finally:
         a.shutdown()
@@ -100,3 +106,29 @@ def test_ring_peers_are_the_next_ranks() -> None:
     assert ring_peers(ids, "a", 0) == ["b", "c", "d"]
     assert ring_peers(ids, "x", 2) == ids
     assert ring_peers(["a"], "a", 2) == []
+
+
+def test_a_seeded_tracker_times_a_peer_from_its_watched_last_change() -> None:
+    """``LivenessTracker.seed``: what the ring watch saw carries into the join's tracker (fresh credit 2.5 s)."""
+    tracker = LivenessTracker(15.0, fresh_credit=2.5)
+    tracker.seed({"x": 0.0, "old": -100.0}, floor=5.0)
+    tracker.observe({"x": "t1", "old": "t9", "y": "t2"}, 3.0, ["x", "old", "y"])
+    assert tracker.age("x", 3.0) == 3.0  # from the watch's estimate, not from this first look
+    assert tracker.age("old", 3.0) == 5.0  # never older than the floor: a live node keeps time to show a change
+    assert tracker.age("y", 3.0) == 2.5  # not watched: the fresh-observer rule
+    # "old" is given timeout - floor = 10 s from the first look; x is dead 15 s after its watched last change.
+    assert tracker.dead(["x", "old", "y"], 12.9) == set()
+    assert tracker.dead(["x", "old", "y"], 13.0) == {"old"}
+    assert tracker.dead(["x", "old", "y"], 15.0) == {"x", "old"}
+    # Seeds serve one observation only; a change seen later counts as usual.
+    tracker.observe({"x": "t3", "old": "t9", "y": "t2"}, 4.0, ["x", "old", "y"])
+    assert tracker.age("x", 4.0) == 0.5
+
+
+def test_a_seed_floor_counts_from_the_first_observation_not_from_the_seeding() -> None:
+    """A join that cannot read for a while (a storage outage) must not find every seeded peer dead at once."""
+    tracker = LivenessTracker(15.0, fresh_credit=2.5)
+    tracker.seed({"x": 0.0}, floor=5.0)
+    tracker.observe({"x": "t1"}, 100.0, ["x"])
+    assert tracker.dead(["x"], 100.0) == set()
+    assert tracker.age("x", 100.0) == 5.0
