@@ -327,8 +327,8 @@ def _create(run: _Progress, view: policy.JoinView, joiner: Joiner) -> None:
             return
     elif periods.creator_overdue(now - run.deferred_at):
         requests = book.pending_looking()
-    else:
-        _look_again(run, session, run.poll)
+    else:  # looked too early (the creator is slower than this node): again about its write's round trip later
+        _look_again(run, session, periods.creator_wait(session.read_latency))
         return
     _, run.state, run.snap = session.cas(policy.create_document(view, secrets.token_hex(8), requests or ()), None)
     run.own_folds += 1
