@@ -215,6 +215,8 @@ def main() -> None:
     if args.merge:
         for name in args.merge:
             cells += [json.loads(line) for line in Path(name).read_text().splitlines() if line.strip()]
+        # A later cell of the same model, size and death replaces an earlier one (a re-run).
+        cells = list({(c["model"], c["nodes"], c["kill"]): c for c in cells}.values())
     else:
         for n in args.nodes:
             for model in args.models:
