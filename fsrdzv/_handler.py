@@ -246,7 +246,7 @@ class RendezvousHandler:
             return seen
         try:
             raw: bytes | None = self._retry(
-                lambda: self._session.get("hb", node_id), self._clock() + self.settings.heartbeat_timeout
+                lambda: self._session.get_unbudgeted("hb", node_id), self._clock() + self.settings.heartbeat_timeout
             )
         except RendezvousStateError:
             return None

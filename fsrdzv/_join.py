@@ -320,8 +320,8 @@ def _create(run: _Progress, view: policy.JoinView, joiner: Joiner) -> None:
             run.deferred_at = now
             # The creator is rank 0 of the round it completes: its address candidates (its heartbeat) are read
             # while it writes, not after the round completed (see Joiner.beats_read).
-            with contextlib.suppress(StorageError, RendezvousStateError):  # only a shortcut
-                joiner.beats_read[creator] = session.get("hb", creator)
+            with contextlib.suppress(StorageError, RendezvousStateError):  # only a shortcut; once per join, so
+                joiner.beats_read[creator] = session.get_unbudgeted("hb", creator)  # outside the polls' budget
             wait = periods.creator_wait(session.read_latency)
             _look_again(run, session, max(0.0, now + wait - session.clock()))
             return
