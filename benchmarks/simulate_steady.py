@@ -170,28 +170,51 @@ def plot(cells: list[dict[str, Any]], path: Path) -> None:
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    import matplotlib.ticker
 
     fig, (left, right) = plt.subplots(1, 2, figsize=(11, 4))
-    for model in sorted({c["model"] for c in cells}):
-        for kill in (False, True):
-            got = sorted(
-                (c for c in cells if c["model"] == model and c["kill"] == kill and "bytes_per_node_hour" in c),
-                key=lambda c: c["nodes"],
+    done = [c for c in cells if "bytes_per_node_hour" in c]
+    for model in sorted({c["model"] for c in done}):
+        calm = sorted((c for c in done if c["model"] == model and not c["kill"]), key=lambda c: c["nodes"])
+        dies = sorted((c for c in done if c["model"] == model and c["kill"]), key=lambda c: c["nodes"])
+        if calm:
+            ns = [c["nodes"] for c in calm]
+            left.plot(ns, [c["bytes_per_node_hour"] / 1e3 for c in calm], marker="o", label=model)
+            line = right.plot(ns, [c["hottest_per_second"] for c in calm], marker="o", label=f"{model}: mean")[0]
+            peaks = [(c["nodes"], c["document_peak"]) for c in calm if c.get("document_peak") is not None]
+            if peaks:
+                right.plot(
+                    *zip(*peaks, strict=True),
+                    marker="^",
+                    linestyle=":",
+                    color=line.get_color(),
+                    label=f"{model}: busiest s",
+                )
+        peaks = [(c["nodes"], c["document_peak"]) for c in dies if c.get("document_peak") is not None]
+        if peaks:
+            right.plot(
+                *zip(*peaks, strict=True),
+                marker="x",
+                linestyle="none",
+                markersize=9,
+                label=f"{model}, one dies: busiest s",
             )
-            if not got:
-                continue
-            label = f"{model}{' (one dies)' if kill else ''}"
-            ns = [c["nodes"] for c in got]
-            left.plot(ns, [c["bytes_per_node_hour"] / 1e3 for c in got], marker="o", label=label)
-            right.plot(ns, [c["hottest_per_second"] for c in got], marker="o", label=label)
-    ns = sorted({c["nodes"] for c in cells})
+    ns = sorted({c["nodes"] for c in done})
     right.plot(ns, [n / 4 for n in ns], linestyle="--", color="grey", label="N/4")
+    left.axhline(100, linestyle="--", color="grey", label="100 KB target")
+    left.set_yscale("symlog", linthresh=10)
+    top = max([c["bytes_per_node_hour"] / 1e3 for c in done if not c["kill"]] + [100.0])
+    left.set_ylim(bottom=0, top=top * 3)
     left.set(
-        xscale="log", yscale="log", xlabel="nodes", ylabel="KB of response bodies per node-hour", title="Bytes per node"
+        xscale="log",
+        xlabel="nodes",
+        ylabel="KB of response bodies per node-hour",
+        title="Bytes per node, stable membership (0: none at all)",
     )
-    right.set(xscale="log", yscale="log", xlabel="nodes", ylabel="requests/s", title="Hottest object")
-    left.axhline(100, linestyle="--", color="grey")
+    right.set(xscale="log", yscale="log", xlabel="nodes", ylabel="requests/s", title="The document (hottest object)")
     for ax in (left, right):
+        ax.set_xticks(ns, [f"{n:,}" for n in ns])
+        ax.xaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())
         ax.legend(fontsize=7)
         ax.grid(True, alpha=0.3)
     fig.tight_layout()
