@@ -254,7 +254,7 @@ def main() -> None:
     commands = list(dict.fromkeys(c["command"] for c in cells if c.get("command")))
     text = (
         "# Steady state in the simulation: a window of virtual time after formation\n\n"
-        f"{section('command', ' and '.join(f'`{c}`' for c in commands) or '-')}\n\n"
+        f"{section('command', chr(10).join(f'- `{c}`' for c in commands) or '-')}\n\n"
         f"{section('table', report(cells))}\n\nMachine (real time only): {section('machine', machine_note())}\n"
     )
     print(text)
