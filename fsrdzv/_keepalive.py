@@ -178,6 +178,7 @@ class _Loop:
     ) -> None:
         self._ref, self._stop, self._interval, self._clock, self._rng = ref, stop, interval, clock, rng
         self._first = first
+        self._dephase = True
 
     def run(self) -> None:
         wait = self._first
@@ -196,3 +197,9 @@ class _Loop:
                 log.exception("unexpected error in the keep-alive of %s", heartbeat.node_id)
             del heartbeat
             wait = next_beat_in(self._interval, started, self._clock(), landed, self._rng)
+            if landed and self._dephase:
+                # Nodes that start together (a job's launch, a re-formation) would beat in phase for ever: N writes
+                # in one instant every interval, which a store's per-bucket write rate refuses. One shorter gap,
+                # drawn per node, spreads them over half an interval; no gap is ever longer than the interval.
+                self._dephase = False
+                wait = min(wait, self._interval * self._rng.uniform(0.5, 1.0))
