@@ -200,6 +200,6 @@ class _Loop:
             if landed and self._dephase:
                 # Nodes that start together (a job's launch, a re-formation) would beat in phase for ever: N writes
                 # in one instant every interval, which a store's per-bucket write rate refuses. One shorter gap,
-                # drawn per node, spreads them over half an interval; no gap is ever longer than the interval.
+                # drawn per node, spreads them over the interval; no gap is ever longer than the interval.
                 self._dephase = False
-                wait = min(wait, self._interval * self._rng.uniform(0.5, 1.0))
+                wait = min(wait, self._interval * self._rng.uniform(0.05, 1.0))
