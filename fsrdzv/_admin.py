@@ -212,6 +212,11 @@ class RunAdmin:
         for node_id in doomed:
             self.discard_record("hb", node_id)
 
+    @staticmethod
+    def recorded_liveness_timeout(state: RendezvousState | None) -> float:
+        """The run's liveness timeout as its document records it (0 when it does not: an older fsrdzv wrote it)."""
+        return 0.0 if state is None else proto.recorded_liveness_timeout(state.config)
+
     def folded_requests(self, state: RendezvousState | None, names: Iterable[str]) -> list[str]:
         """The join-request records among ``names`` that ``state`` already folded, or older ones of the same node
         (ordered nonces): leftovers of nodes that left, never a pending request (``fsrdzv gc``). A record that does

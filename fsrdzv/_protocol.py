@@ -253,6 +253,17 @@ def run_config(settings: Settings) -> dict[str, object]:
     return config
 
 
+def recorded_liveness_timeout(config: object) -> float:
+    """The liveness timeout a document's ``config`` (:func:`run_config`) records; 0 when it records none (an older
+    fsrdzv wrote the document) or a value that is not a positive count."""
+    if not isinstance(config, dict):
+        return 0.0
+    interval, attempts = config.get("keep_alive_ms"), config.get("keep_alive_max_attempt")
+    if type(interval) is int and type(attempts) is int and interval > 0 and attempts > 0:
+        return interval / 1000 * attempts
+    return 0.0
+
+
 #: The settings every node of a run must share: a difference fails the newcomer at once.
 SHARED_SETTINGS = {"min_nodes": "min_nodes", "max_nodes": "max_nodes", "last_call_ms": "last_call_timeout"}
 

@@ -44,17 +44,6 @@ GC_SCHEMA: Final = "fsrdzv.gc/1"
 _SHOWN: Final = 5
 
 
-def liveness_timeout(state: RendezvousState | None) -> float:
-    """The run's liveness timeout as its document records it (0 when it does not: an older fsrdzv wrote it)."""
-    config = state.config if state is not None else None
-    if not isinstance(config, Mapping):
-        return 0.0
-    interval, attempts = config.get("keep_alive_ms"), config.get("keep_alive_max_attempt")
-    if type(interval) is int and type(attempts) is int and interval > 0 and attempts > 0:
-        return interval / 1000 * attempts
-    return 0.0
-
-
 @dataclass
 class _Watched:
     """A run being watched: what ``list`` said of it, the tracker of its heartbeats, and whether it may go whole."""
@@ -108,13 +97,14 @@ class _Sweep:
         elif summary["state"] == "error":
             why = f"storage error: {one_line(summary['error'], None)}"
         else:
+            admin = RunAdmin(store)
             try:
-                state = RunAdmin(store).read()
+                state = admin.read()
             except RendezvousStateError:
                 why = "the document became unreadable"
             else:
                 # Nothing the observer misses counts (max_gap inf): it errs towards "alive", never a false death.
-                timeout = max(self.args.window, liveness_timeout(state))
+                timeout = max(self.args.window, admin.recorded_liveness_timeout(state))
                 tracker = LivenessTracker(timeout, max_gap=float("inf"))
                 now = time.monotonic()
                 tags = store.list_records("hb")
