@@ -155,7 +155,7 @@ class PeerWatch:
             # Remove them now (already timed here), so that the next round needs no second wait for them.
             fresh = self._admin.remove_nodes(dead)
             if fresh is not None and fresh.closed:
-                return fresh  # a closed run is left as it is: its nodes leave, nobody is removed
+                return fresh  # the run closed (a peer shut down cleanly): nothing is lost, its nodes leave
             self._dead |= dead
             self._admin.forget_records(dead)
             return fresh
