@@ -59,6 +59,8 @@ class _Progress:
     was_folder: bool = False
     #: When this join, finding no document, left its creation to a node with a smaller identity.
     deferred_at: float | None = None
+    #: Whether the first document this join saw was checked for a finished run to start afresh.
+    reuse_checked: bool = True
 
 
 class Joiner:
@@ -124,8 +126,14 @@ class Joiner:
             # This node (a fresh identity) was never a participant: it asks before it reads, so that the folder
             # can see the request one round trip sooner.
             request = self._ask(None, deadline)
-        state, snap = self._retry(self.session.read, deadline)
-        state, snap = self._retry(lambda: self._reuse_if_finished(state, snap), deadline)
+        state: RendezvousState | None = None
+        snap: Snapshot | None = None
+        lists_first = request is not None and policy.lists_first(self.settings)
+        if not lists_first:
+            state, snap = self._retry(self.session.read, deadline)
+            state, snap = self._retry(lambda: self._reuse_if_finished(state, snap), deadline)
+        # else its first look is the listing that names the document's creator (``_create``): while a job forms
+        # that spares every node the read of a missing document, and a create that loses brings the document.
         if request is None:
             leave_round = state.round if state is not None and self.me in state.participants else None
             request = self._ask(leave_round, deadline)
@@ -140,6 +148,7 @@ class Joiner:
             next_sweep=start + self.periods.first_sweep(self.settings, request.leave_round, self._rng.random()),
             progress_at=start,
             looked_at=start,
+            reuse_checked=not lists_first,
         )
         return self._loop(run)
 
@@ -220,6 +229,9 @@ class Joiner:
         )
 
     def _step(self, run: _Progress) -> RendezvousState | None:
+        if not run.reuse_checked and run.state is not None:
+            run.state, run.snap = self._reuse_if_finished(run.state, run.snap)
+            run.reuse_checked = True
         now = self._clock()
         view = self._view(run, now)
         self.progress.tick(view.state, now, view.last_call_seen_at)
@@ -313,7 +325,7 @@ def _create(run: _Progress, view: policy.JoinView, joiner: Joiner) -> None:
     now = session.clock()
     requests: list[JoinRequest] | None = None
     if run.deferred_at is None:
-        if view.settings.max_nodes <= policy.CREATOR_LISTS_UP_TO:
+        if policy.lists_first(view.settings):
             requests = book.pending_looking()
         creator = policy.creator(view, requests)
         if creator != view.me:

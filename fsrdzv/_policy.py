@@ -288,6 +288,12 @@ def create_document(view: JoinView, epoch: str, others: Iterable[JoinRequest] = 
     return proto.fold_requests(state, others, settings)
 
 
+def lists_first(settings: Settings) -> bool:
+    """Whether a fresh node lists the requests before it reads the document (the listing names the creator of a
+    missing one; see :func:`creator`)."""
+    return settings.max_nodes <= CREATOR_LISTS_UP_TO
+
+
 def creator(view: JoinView, requests: Iterable[JoinRequest] | None) -> str:
     """Who creates the missing document: the smallest identity among the requests listed (rank 0 of a round it
     completes; its own request counts if not listed), so that the others' creates do not all lose; they wait

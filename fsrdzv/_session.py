@@ -137,10 +137,13 @@ class Session:
         self._complete_seen: tuple[str, int] | None = None
         #: Storage operations made through this session, by kind (benchmarks and tests read them); ``unchanged``
         #: counts the reads (among ``read``) that the store answered NOT_MODIFIED; ``tag``, records' tags.
-        self.ops: dict[str, int] = dict.fromkeys(("read", "cas", "put", "list", "get", "tag", "delete", "unchanged"), 0)
+        self.ops: dict[str, int] = dict.fromkeys(
+            ("read", "cas", "cas_lost", "put", "list", "get", "tag", "delete", "unchanged"), 0
+        )
         #: The newest document this session read or wrote, and its snapshot (the token of a conditional read).
         self.last: tuple[RendezvousState | None, Snapshot | None] = (None, None)
-        #: A moving average of the document reads' round trips (s; None before the first).
+        #: A moving average of the document reads' round trips (s; None before the first). Until the first read, a
+        #: listing's round trip stands in: a fresh node lists the requests before it reads (see ``_join``).
         self.read_latency: float | None = None
 
     def where(self) -> str:
@@ -195,6 +198,8 @@ class Session:
         """Write ``new`` if the document is still ``snap`` (None: create it), announcing a completed round."""
         self.ops["cas"] += 1
         result = self.store.compare_and_set(encode_state(new), None if snap is None else snap.token)
+        if not result.won:
+            self.ops["cas_lost"] += 1
         if result.snapshot is None:
             return result.won, None, None
         state = new if result.won else self._documents.decode(result.snapshot.data, self.where())
@@ -219,7 +224,12 @@ class Session:
     def list(self, kind: str) -> dict[str, str]:
         self._budget.take()
         self.ops["list"] += 1
-        return self.store.list_records(kind)
+        if self.read_latency is not None:
+            return self.store.list_records(kind)
+        started = self.clock()
+        listed = self.store.list_records(kind)
+        self._timed(self.clock() - started)
+        return listed
 
     def get(self, kind: str, name: str) -> bytes | None:
         self._budget.take()
