@@ -94,7 +94,7 @@ class Target:
 
 
 def _fsrdzv_handler(t: Target) -> tuple[Any, Any]:
-    from fsrdzv import _handler, _policy
+    from fsrdzv import _handler, _periods
     from fsrdzv._settings import Settings
     from fsrdzv._stores import open_store
 
@@ -103,7 +103,7 @@ def _fsrdzv_handler(t: Target) -> tuple[Any, Any]:
     if "nolock" in variants:
         options["lock"] = False
     if "flatpoll" in variants:
-        _policy.POLL_GROWTH = 1.0  # type: ignore[misc]
+        _periods.POLL_GROWTH = 1.0  # type: ignore[misc]
     store = CountingStore(open_store(t.endpoint, t.run_id, storage_options=options))
     if t.timeline:
         store.timeline()

@@ -19,7 +19,7 @@ from typing import NamedTuple
 
 from . import _protocol as proto
 from ._errors import RendezvousError, RendezvousStateError, RendezvousTimeoutError, StorageError
-from ._policy import FAST_POLL, SLOW_POLL, outage_budget
+from ._periods import FAST_POLL, SLOW_POLL, outage_budget
 from ._retry import Retry
 from ._session import Session
 from ._settings import Settings

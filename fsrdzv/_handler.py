@@ -44,7 +44,7 @@ from ._errors import RendezvousError, RendezvousStateError
 from ._join import Joiner
 from ._keepalive import Heartbeat, Runtime, ThreadRuntime
 from ._peers import PeerWatch
-from ._policy import FAST_POLL, SLOW_POLL, outage_budget
+from ._periods import FAST_POLL, SLOW_POLL, outage_budget
 from ._retry import Retry
 from ._roster import expected_nodes as expected_nodes_of
 from ._scaleup import ScaleUpGate, ScaleUpPolicy

@@ -27,6 +27,7 @@ from ._errors import (
     StorageError,
 )
 from ._keepalive import Heartbeat
+from ._periods import Periods
 from ._progress import ProgressReport
 from ._retry import Attempts, Retry
 from ._session import BeatFilter, RequestBook, Session
@@ -83,7 +84,7 @@ class Joiner:
         self.admin = admin
         self.heartbeat = heartbeat
         self.node = node
-        self.periods = policy.Periods.of(settings)
+        self.periods = Periods.of(settings)
         self.requests = RequestBook(session)
         self.beats = BeatFilter(session)
         self.liveness = self.periods.tracker(settings)
@@ -352,9 +353,7 @@ def _look_again(run: _Progress, session: Session, wait: float) -> None:
     run.looked_at = session.clock()
 
 
-def _fold_pending(
-    run: _Progress, *, book: RequestBook, session: Session, periods: policy.Periods, settings: Settings
-) -> None:
+def _fold_pending(run: _Progress, *, book: RequestBook, session: Session, periods: Periods, settings: Settings) -> None:
     """The folder folds every pending request into the document as it last saw it.
 
     While a round forms it is the only writer, so the write wins without a read first; it reads the document

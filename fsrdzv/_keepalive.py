@@ -17,7 +17,7 @@ from contextlib import AbstractContextManager
 from typing import Any, Protocol
 
 from ._errors import RendezvousError
-from ._policy import BEAT_RETRY
+from ._periods import BEAT_RETRY
 from ._ratelog import log_limited
 from ._session import DocumentCache, Session
 

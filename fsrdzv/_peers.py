@@ -19,7 +19,7 @@ from typing import Final
 from ._admin import RunAdmin
 from ._errors import RendezvousError
 from ._liveness import LivenessTracker
-from ._policy import fresh_credit
+from ._periods import fresh_credit
 from ._settings import Settings
 from ._state import RendezvousState
 

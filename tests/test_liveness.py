@@ -241,7 +241,7 @@ def test_heartbeats_keep_a_fixed_schedule_and_a_failed_one_is_retried_soon(
     import random
 
     from fsrdzv._keepalive import next_beat_in
-    from fsrdzv._policy import BEAT_RETRY
+    from fsrdzv._periods import BEAT_RETRY
 
     started = 1000.0
     wait = next_beat_in(interval, started, started + took, landed, random.Random(seed))

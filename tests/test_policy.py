@@ -21,6 +21,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 import fsrdzv
+from fsrdzv import _periods as P
 from fsrdzv import _policy as policy
 from fsrdzv._admin import RunAdmin
 from fsrdzv._protocol import close, fold_requests, mark_complete, new_state, remove_nodes
@@ -146,13 +147,17 @@ def test_the_smallest_identity_creates_the_document_with_every_request_folded() 
 
 
 def test_a_node_that_left_the_creation_to_another_looks_again_soon_and_creates_once_it_is_overdue() -> None:
-    periods = policy.Periods.of(SETTINGS)
-    assert periods.creator_wait(0.01) == pytest.approx(policy.CREATE_WAIT_TRIPS * 0.01)
+    periods = P.Periods.of(SETTINGS)
+    assert periods.creator_wait(0.01) == pytest.approx(P.CREATE_WAIT_TRIPS * 0.01)
     assert periods.creator_wait(None) == periods.fast == periods.creator_wait(10.0)
-    big = policy.Periods.of(fsrdzv.Settings("run", 4096, 4096))
+    big = P.Periods.of(fsrdzv.Settings("run", 4096, 4096))
     assert big.creator_wait(0.01) == big.floor  # never under the big jobs' poll floor
-    assert not periods.creator_overdue(policy.CREATE_GRACE - 0.01) and periods.creator_overdue(policy.CREATE_GRACE)
-    assert not big.creator_overdue(policy.CREATE_GRACE) and big.creator_overdue(policy.FOLDER_READ_EVERY * big.fast)
+    assert not periods.creator_overdue(P.CREATE_GRACE - 0.01) and periods.creator_overdue(
+        P.CREATE_GRACE
+    )
+    assert not big.creator_overdue(P.CREATE_GRACE) and big.creator_overdue(
+        P.FOLDER_READ_EVERY * big.fast
+    )
 
 
 @pytest.mark.parametrize(
@@ -161,7 +166,7 @@ def test_a_node_that_left_the_creation_to_another_looks_again_soon_and_creates_o
     ids=["changed", "forming", "idle"],
 )
 def test_poll_period(changed: bool, idle: bool, expected: str) -> None:
-    periods = policy.Periods.of(SETTINGS)
+    periods = P.Periods.of(SETTINGS)
     poll = periods.fast
     for _ in range(50):
         poll = periods.next_poll(poll, changed=changed, idle=idle)
@@ -210,12 +215,12 @@ def test_exactly_one_folder_among_waiting_members(order: list[int], removed: int
 )
 def test_poll_period_stays_within_bounds(max_nodes: int, interval: float, steps: list[tuple[bool, bool]]) -> None:
     settings = fsrdzv.Settings("run", 1, max_nodes, keep_alive_interval=interval)
-    periods = policy.Periods.of(settings)
+    periods = P.Periods.of(settings)
     poll = periods.fast
     for changed, idle in steps:
         poll = periods.next_poll(poll, changed=changed, idle=idle)
         assert periods.fast <= poll <= max(periods.slow, periods.forming)
-    assert periods.fast >= max(policy.FAST_POLL, max_nodes / policy.AGGREGATE_READ_RATE)
+    assert periods.fast >= max(P.FAST_POLL, max_nodes / P.AGGREGATE_READ_RATE)
 
 
 @given(ids, st.data())
