@@ -1,9 +1,9 @@
 """The executor of a join: build a view, let the policy decide, carry the action out; repeat.
 
-All I/O of a join happens here, through the node's :class:`~fsrdzv._session.Session` and
-:class:`~fsrdzv._admin.RunAdmin`; every decision is made by ``_policy`` from a frozen
-:class:`~fsrdzv._policy.JoinView`. The loop-carried facts of one join (its request, the document as last seen,
-its clock readings) live in :class:`_Progress`.
+All I/O of a join happens here (the writes of a forming round in ``_forming``), through the node's
+:class:`~fsrdzv._session.Session` and :class:`~fsrdzv._admin.RunAdmin`; every decision is made by ``_policy``
+from a frozen :class:`~fsrdzv._policy.JoinView`. The loop-carried facts of one join (its request, the document
+as last seen, its clock readings) live in :class:`~fsrdzv._forming.JoinProgress`.
 """
 
 from __future__ import annotations
@@ -13,7 +13,7 @@ import logging
 import random
 import secrets
 from collections.abc import Callable
-from dataclasses import dataclass, replace
+from dataclasses import replace
 from typing import NoReturn
 
 from . import _policy as policy
@@ -22,14 +22,14 @@ from ._errors import (
     ConfigurationError,
     RendezvousClosedError,
     RendezvousGracefulExitError,
-    RendezvousStateError,
     RendezvousTimeoutError,
     StorageError,
 )
+from ._forming import Former, JoinProgress
 from ._keepalive import Heartbeat
 from ._periods import Periods
 from ._progress import ProgressReport
-from ._retry import Attempts, Retry
+from ._retry import Retry
 from ._session import BeatFilter, RequestBook, Session
 from ._settings import Settings
 from ._state import JoinRequest, NodeInfo, RendezvousState
@@ -38,30 +38,6 @@ from ._store import Snapshot
 __all__ = ["Joiner"]
 
 log = logging.getLogger("fsrdzv")
-
-
-@dataclass
-class _Progress:
-    """What one join carries from one look to the next."""
-
-    request: JoinRequest
-    state: RendezvousState | None
-    snap: Snapshot | None
-    deadline: float
-    attempts: Attempts
-    poll: float
-    next_own: float
-    next_sweep: float
-    progress_at: float
-    looked_at: float
-    own_folds: int = 0
-    seen: tuple[str, int] | None = None
-    was_spare: bool = False
-    was_folder: bool = False
-    #: When this join, finding no document, left its creation to a node with a smaller identity.
-    deferred_at: float | None = None
-    #: Whether the first document this join saw was checked for a finished run to start afresh.
-    reuse_checked: bool = True
 
 
 class Joiner:
@@ -101,6 +77,7 @@ class Joiner:
         #: Heartbeat records read during the last join, by node id (the handler takes rank 0's candidates here).
         self.beats_read: dict[str, bytes | None] = {}
         self.progress = ProgressReport(settings, node.node_id)
+        self.former = Former(session, self.requests, self.periods, settings, self.beats_read)
 
     @property
     def me(self) -> str:
@@ -127,18 +104,14 @@ class Joiner:
             # This node (a fresh identity) was never a participant: it asks before it reads, so that the folder
             # can see the request one round trip sooner.
             request = self._ask(None, deadline)
-        state: RendezvousState | None = None
-        snap: Snapshot | None = None
+        # A fresh node's first look is the listing that names the creator of a missing document (Former.create):
+        # while a job forms, no node reads a missing document, and a create that loses brings the document.
         lists_first = request is not None and policy.lists_first(self.settings)
-        if not lists_first:
-            state, snap = self._retry(self.session.read, deadline)
-            state, snap = self._retry(lambda: self._reuse_if_finished(state, snap), deadline)
-        # else its first look is the listing that names the document's creator (``_create``): while a job forms
-        # that spares every node the read of a missing document, and a create that loses brings the document.
+        state, snap = (None, None) if lists_first else self._retry(self.session.read, deadline)
         if request is None:
             leave_round = state.round if state is not None and self.me in state.participants else None
             request = self._ask(leave_round, deadline)
-        run = _Progress(
+        run = JoinProgress(
             request=request,
             state=state,
             snap=snap,
@@ -149,7 +122,6 @@ class Joiner:
             next_sweep=start + self.periods.first_sweep(self.settings, request.leave_round, self._rng.random()),
             progress_at=start,
             looked_at=start,
-            reuse_checked=not lists_first,
         )
         return self._loop(run)
 
@@ -187,7 +159,7 @@ class Joiner:
 
     # -- the loop ------------------------------------------------------------------------------------------
 
-    def _loop(self, run: _Progress) -> RendezvousState:
+    def _loop(self, run: JoinProgress) -> RendezvousState:
         while True:
             try:
                 done = self._step(run)
@@ -200,7 +172,7 @@ class Joiner:
             if done is not None:
                 return done
 
-    def _view(self, run: _Progress, now: float) -> policy.JoinView:
+    def _view(self, run: JoinProgress, now: float) -> policy.JoinView:
         state, me = run.state, self.me
         seen_at = None
         if state is not None:
@@ -229,8 +201,8 @@ class Joiner:
             was_folder=run.was_folder,
         )
 
-    def _step(self, run: _Progress) -> RendezvousState | None:
-        if not run.reuse_checked and run.state is not None:
+    def _step(self, run: JoinProgress) -> RendezvousState | None:
+        if not run.reuse_checked and run.state is not None:  # the first document this join sees
             run.state, run.snap = self._reuse_if_finished(run.state, run.snap)
             run.reuse_checked = True
         now = self._clock()
@@ -238,7 +210,7 @@ class Joiner:
         self.progress.tick(view.state, now, view.last_call_seen_at)
         action = policy.decide(view)
         if isinstance(action, policy.CreateDocument):
-            _create(run, view, self)
+            self.former.create(run, view)
             return None
         state = run.state
         assert state is not None  # the policy asks for a document first
@@ -260,7 +232,7 @@ class Joiner:
         self._act(action, run, state, now)
         return None
 
-    def _act(self, action: policy.Action, run: _Progress, state: RendezvousState, now: float) -> None:
+    def _act(self, action: policy.Action, run: JoinProgress, state: RendezvousState, now: float) -> None:
         if isinstance(action, policy.Rejoin):
             run.request = self._new_request(None)
             self.requests.put(run.request)
@@ -277,7 +249,7 @@ class Joiner:
         elif isinstance(action, policy.Poll):
             self._poll(run, action, state)
 
-    def _sweep(self, run: _Progress, state: RendezvousState) -> None:
+    def _sweep(self, run: JoinProgress, state: RendezvousState) -> None:
         """Remove the members whose heartbeat stopped changing (this observer's clock), with one write."""
         members = state.members() - {self.me}
         tags = self.beats.tags()
@@ -293,7 +265,7 @@ class Joiner:
             log.info("removing node(s) without heartbeat for %.1fs: %s", self.settings.liveness_timeout, sorted(dead))
             _, run.state, run.snap = self.admin.remove_dead(state, run.snap, dead)
 
-    def _poll(self, run: _Progress, action: policy.Poll, state: RendezvousState) -> None:
+    def _poll(self, run: JoinProgress, action: policy.Poll, state: RendezvousState) -> None:
         """Wait, then look: the folder lists and folds the requests, every other node reads the document."""
         if action.look_now:
             # Requests may have waited since the previous folder's last fold; the watch starts first, so that
@@ -304,7 +276,7 @@ class Joiner:
         run.was_folder = action.folder
         before = state.generation
         if action.folder:
-            _fold_pending(run, book=self.requests, session=self.session, periods=self.periods, settings=self.settings)
+            self.former.fold_pending(run)
         else:
             run.state, run.snap = self.session.read()
             run.looked_at = self._clock()
@@ -316,69 +288,6 @@ class Joiner:
             idle=got is not None and (got.complete or self.me in state.redundancy_list),
             latency=self.session.read_latency,
         )
-
-
-def _create(run: _Progress, view: policy.JoinView, joiner: Joiner) -> None:
-    """No document yet: the node with the smallest identity among the requests creates it with all of them
-    folded (a burst of arrivals forms with one write); the others look again about a round trip later (and
-    create it themselves once the creator is overdue). A create that loses returns the winner's document."""
-    session, periods, book = joiner.session, joiner.periods, joiner.requests
-    now = session.clock()
-    requests: list[JoinRequest] | None = None
-    if run.deferred_at is None:
-        if policy.lists_first(view.settings):
-            requests = book.pending_looking()
-        creator = policy.creator(view, requests)
-        if creator != view.me:
-            run.deferred_at = now
-            # The creator is rank 0 of the round it completes: its address candidates (its heartbeat) are read
-            # while it writes, not after the round completed (see Joiner.beats_read).
-            with contextlib.suppress(StorageError, RendezvousStateError):  # only a shortcut; once per join, so
-                joiner.beats_read[creator] = session.get_unbudgeted("hb", creator)  # outside the polls' budget
-            wait = periods.creator_wait(session.read_latency)
-            _look_again(run, session, max(0.0, now + wait - session.clock()))
-            return
-    elif periods.creator_overdue(now - run.deferred_at):
-        requests = book.pending_looking()
-    else:  # looked too early (the creator is slower than this node): again about its write's round trip later
-        _look_again(run, session, periods.creator_wait(session.read_latency))
-        return
-    _, run.state, run.snap = session.cas(policy.create_document(view, secrets.token_hex(8), requests or ()), None)
-    run.own_folds += 1
-
-
-def _look_again(run: _Progress, session: Session, wait: float) -> None:
-    session.wait(wait, "waiter")
-    run.state, run.snap = session.read()
-    run.looked_at = session.clock()
-
-
-def _fold_pending(run: _Progress, *, book: RequestBook, session: Session, periods: Periods, settings: Settings) -> None:
-    """The folder folds every pending request into the document as it last saw it.
-
-    While a round forms it is the only writer, so the write wins without a read first; it reads the document
-    only when it has not seen it for a few polls (a read at every wake-up would spend its read budget while
-    nodes arrive in a burst). A lost write brings the current document: the fold is made again on it at once
-    (a few times at most; the next poll tries again).
-    """
-    requests = book.pending_looking()
-    if periods.folder_read_due(run.looked_at, session.clock()):
-        run.state, run.snap = session.read()
-        run.looked_at = session.clock()
-    state, snap = run.state, run.snap
-    if state is None or snap is None:
-        return
-    for _ in range(policy.FOLD_ATTEMPTS):
-        new = policy.fold_pending(state, requests, settings)
-        if new is state:
-            break
-        won, got, got_snap = session.cas(new, snap)
-        run.looked_at = session.clock()  # a write, won or lost, brought the current document
-        if won or got is None or got_snap is None:
-            state, snap = got, got_snap
-            break
-        state, snap = got, got_snap
-    run.state, run.snap = state, snap
 
 
 def _raise_closed(settings: Settings, spare: bool) -> NoReturn:
