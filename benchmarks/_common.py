@@ -350,8 +350,20 @@ class ServerUnavailable(RuntimeError):
 
 
 @contextlib.contextmanager
+def process_cpu(pid: int) -> float:
+    """CPU seconds (user and system) process ``pid`` has used so far (Linux; 10 ms resolution)."""
+    with open(f"/proc/{pid}/stat") as f:
+        fields = f.read().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+#: The process id of the running moto server (``moto_server``), whose CPU a benchmark may count.
+SERVER_PIDS: dict[str, int] = {}
+
+
 def moto_server() -> Iterator[tuple[str, dict[str, Any]]]:
-    """A moto S3 server on 127.0.0.1 with a fresh bucket: yields ``(endpoint, storage_options)``."""
+    """A moto S3 server on 127.0.0.1 with a fresh bucket: yields ``(endpoint, storage_options)``; its process id is
+    ``SERVER_PIDS["moto"]`` meanwhile."""
     exe = shutil.which("moto_server", path=os.path.dirname(sys.executable)) or shutil.which("moto_server")
     if exe is None:
         raise ServerUnavailable("moto_server is not installed (pip install 'moto[server]')")
@@ -359,6 +371,7 @@ def moto_server() -> Iterator[tuple[str, dict[str, Any]]]:
     proc = subprocess.Popen(
         [exe, "-H", "127.0.0.1", "-p", str(port)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
     )
+    SERVER_PIDS["moto"] = proc.pid
     try:
         url = f"http://127.0.0.1:{port}"
         if not _wait_http(url + "/moto-api/"):
@@ -379,6 +392,7 @@ def moto_server() -> Iterator[tuple[str, dict[str, Any]]]:
         }
         yield "s3://fsrdzv-bench/rdzv", options
     finally:
+        SERVER_PIDS.pop("moto", None)
         proc.terminate()
         with contextlib.suppress(subprocess.TimeoutExpired):
             proc.wait(timeout=10)

@@ -35,6 +35,7 @@ import shutil
 import statistics
 import sys
 import tempfile
+import threading
 import time
 import traceback
 import uuid
@@ -43,6 +44,7 @@ from typing import Any
 
 from _common import (
     RESULTS,
+    SERVER_PIDS,
     CountingStore,
     Series,
     ServerUnavailable,
@@ -54,6 +56,7 @@ from _common import (
     max_rate,
     moto_server,
     plot_against_n,
+    process_cpu,
     reads,
     section,
     write_result,
@@ -245,17 +248,26 @@ class Outcome:
     to_complete: float
     notice: float
     cpu: float
+    server_cpu: float
     ranks_ok: bool
     by_kind: dict[str, int]
 
 
 def run_formation(t: Target) -> Outcome:
-    start = CTX.Barrier(t.nodes)
-    done = CTX.Barrier(t.nodes)
+    # The driver passes both barriers too: the server's CPU is counted from the nodes' start to their end.
+    start = CTX.Barrier(t.nodes + 1)
+    done = CTX.Barrier(t.nodes + 1)
     results: multiprocessing.Queue = CTX.Queue()  # type: ignore[type-arg]
     procs = [CTX.Process(target=_node, args=(t, i, start, done, results), daemon=True) for i in range(t.nodes)]
     for p in procs:
         p.start()
+    server = SERVER_PIDS.get("moto") if t.system.startswith("fsrdzv-s3") else None
+    server_cpu = 0.0
+    with contextlib.suppress(threading.BrokenBarrierError):  # a node that failed reports why below
+        start.wait(timeout=FORMATION_TIMEOUT)
+        before = process_cpu(server) if server else 0.0
+        done.wait(timeout=FORMATION_TIMEOUT)
+        server_cpu = process_cpu(server) - before if server else 0.0
     got = collect_results(procs, results, t.nodes, time.monotonic() + FORMATION_TIMEOUT + 30, f"{t.system} N={t.nodes}")
     ranks = sorted(r["rank"] for r in got)
     ok = ranks == list(range(t.nodes)) and all(r["world"] == t.nodes for r in got)
@@ -276,6 +288,7 @@ def run_formation(t: Target) -> Outcome:
         to_complete=completed - last_arrival,
         notice=max(r["done"] for r in got) - completed,
         cpu=sum(r["cpu"] for r in got),
+        server_cpu=server_cpu,
         ranks_ok=ok,
         by_kind={k: sum(r["ops"].get(k, 0) for r in got) for k in got[0]["ops"]},
     )
@@ -307,6 +320,8 @@ class Cell:
     to_complete: Series = field(default_factory=Series)
     notice: Series = field(default_factory=Series)
     cpu: Series = field(default_factory=Series)
+    server_cpu: Series = field(default_factory=Series)
+    busy: Series = field(default_factory=Series)
     error: str = ""
 
 
@@ -485,6 +500,8 @@ def report(
                     f"{cell.to_complete.median:.3f}",
                     f"{cell.notice.median:.3f}",
                     f"{cell.cpu.median:.2f}",
+                    f"{cell.server_cpu.median:.2f}" if system.startswith("fsrdzv-s3") else "-",
+                    f"{100 * cell.busy.median:.0f} %",
                 ]
             )
     breakdown = markdown_table(
@@ -494,6 +511,8 @@ def report(
             "last arrival -> completing write, s (median)",
             "completing write -> last node holds its rank, s (median)",
             "CPU s of all nodes in next_rendezvous (median)",
+            "CPU s of the moto server (median)",
+            "CPU used / CPU the machine has in that time: (nodes + moto) / (CPUs x formation s), median",
         ],
         detail,
     )
@@ -603,6 +622,8 @@ def main(argv: list[str] | None = None) -> int:
                     cell.to_complete.add(o.to_complete)
                     cell.notice.add(o.notice)
                     cell.cpu.add(o.cpu)
+                    cell.server_cpu.add(o.server_cpu)
+                    cell.busy.add((o.cpu + o.server_cpu) / ((os.cpu_count() or 1) * o.seconds))
                     print(
                         f"N={n:3d} rep {rep} {system:16s} {o.seconds:8.3f} s  writes {o.writes:5d}  reads {o.reads:6d}"
                         f"  doc CAS {o.doc_writes:4d}  max reads/s {o.read_rate:4.0f} (document {o.doc_read_rate:3.0f},"
