@@ -107,17 +107,19 @@ def _lie_azure(monkeypatch: pytest.MonkeyPatch, drop: set[str]) -> None:
 
 
 def _lie_gcs(monkeypatch: pytest.MonkeyPatch, drop: set[str]) -> None:
-    from google.cloud.storage import Blob
+    from google.cloud.storage._http import Connection
 
-    original = Blob.upload_from_string
+    original = Connection.api_request
 
-    def lying(self: Any, data: Any, *args: Any, **kwargs: Any) -> Any:
-        generation = kwargs.get("if_generation_match")
+    def lying(self: Any, *args: Any, **kwargs: Any) -> Any:
+        query = dict(kwargs.get("query_params") or {})
+        generation = query.get("ifGenerationMatch")
         if (generation == 0 and "IfNoneMatch" in drop) or (generation and "IfMatch" in drop):
-            kwargs["if_generation_match"] = None
-        return original(self, data, *args, **kwargs)
+            del query["ifGenerationMatch"]
+            kwargs["query_params"] = query
+        return original(self, *args, **kwargs)
 
-    monkeypatch.setattr(Blob, "upload_from_string", lying)
+    monkeypatch.setattr(Connection, "api_request", lying)
 
 
 _LIARS = {"s3": _lie_s3, "azure": _lie_azure, "gcs": _lie_gcs}

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import uuid
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -106,3 +107,30 @@ def test_unsigned_heartbeat_tags_read_no_bodies(store: Store) -> None:
     store.put_record("hb", "p", b'{"n":2}')
     assert watcher.heartbeat_tags(["p"]) != first
     assert watcher.session.ops["tag"] == 3 and watcher.session.ops["get"] == 0
+
+
+def test_gcs_writes_and_tags_ask_for_the_generation_alone(gcs_endpoint: Any, monkeypatch: pytest.MonkeyPatch) -> None:
+    """On GCS a heartbeat is one upload and a tag one metadata request: both ask for ``fields=generation``, so that
+    the answer is the generation alone (GCS's partial response), not the 700-1,000 bytes of the object resource.
+    fake-gcs-server ignores ``fields`` and answers the whole resource: the request is what can be checked here."""
+    import requests
+
+    store = open_store(gcs_endpoint.url, f"fields-{uuid.uuid4().hex[:8]}", storage_options=gcs_endpoint.storage_options)
+    sent: list[tuple[str, str]] = []
+    original = requests.Session.request
+
+    def recording(self: Any, method: str, url: str, *args: Any, **kwargs: Any) -> Any:
+        sent.append((method, url))
+        return original(self, method, url, *args, **kwargs)
+
+    monkeypatch.setattr(requests.Session, "request", recording)
+    store.put_record("hb", "n1", b'{"n":1}')
+    first = store.compare_and_set(b"document 1", None)
+    assert first.won and first.snapshot is not None
+    assert store.compare_and_set(b"document 2", first.snapshot.token).won
+    assert not store.compare_and_set(b"document 3", first.snapshot.token).won  # a stale generation still loses
+    assert store.record_tag("hb", "n1") is not None
+    uploads = [url for method, url in sent if method == "POST" and "/upload/" in url]
+    tags = [url for method, url in sent if method == "GET" and "/o/" in url and "alt=media" not in url]
+    assert len(uploads) == 4 and tags
+    assert all("fields=generation" in url for url in uploads + tags), sent

@@ -41,7 +41,7 @@ class StoreModel:
     prefix_write_rate: float = math.inf
     prefix_retries: int = 3
     prefix_backoff: float = 0.1
-    #: Bytes of the body of a write's answer (S3 and NFS: none; GCS's JSON API answers with the object's metadata).
+    #: Bytes of the body of a write's answer (S3 and NFS: none; GCS: the JSON of the generation field, asked for alone).
     write_answer_bytes: int = 0
     #: Bytes of the body of a record's metadata request (S3 and Azure HEAD, NFS: none; GCS: the generation field).
     tag_answer_bytes: int = 0
@@ -82,7 +82,7 @@ GCS: Final = StoreModel(
     throttle_retries=6,
     throttle_backoff=1.0,
     throttle_backoff_cap=32.0,
-    write_answer_bytes=700,
+    write_answer_bytes=32,
     tag_answer_bytes=32,
     source="storage-semantics.md 5.1: 1 write/s per object; turbopuffer ~200 ms per write",
 )
