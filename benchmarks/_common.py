@@ -349,7 +349,6 @@ class ServerUnavailable(RuntimeError):
     pass
 
 
-@contextlib.contextmanager
 def process_cpu(pid: int) -> float:
     """CPU seconds (user and system) process ``pid`` has used so far (Linux; 10 ms resolution)."""
     with open(f"/proc/{pid}/stat") as f:
@@ -361,6 +360,7 @@ def process_cpu(pid: int) -> float:
 SERVER_PIDS: dict[str, int] = {}
 
 
+@contextlib.contextmanager
 def moto_server() -> Iterator[tuple[str, dict[str, Any]]]:
     """A moto S3 server on 127.0.0.1 with a fresh bucket: yields ``(endpoint, storage_options)``; its process id is
     ``SERVER_PIDS["moto"]`` meanwhile."""

@@ -249,6 +249,8 @@ class Outcome:
     notice: float
     cpu: float
     server_cpu: float
+    #: From the first arrival until every node holds its rank (s): the nodes' CPU is spent in this window.
+    window: float
     ranks_ok: bool
     by_kind: dict[str, int]
 
@@ -289,6 +291,7 @@ def run_formation(t: Target) -> Outcome:
         notice=max(r["done"] for r in got) - completed,
         cpu=sum(r["cpu"] for r in got),
         server_cpu=server_cpu,
+        window=max(r["done"] for r in got) - min(r["arrival"] for r in got),
         ranks_ok=ok,
         by_kind={k: sum(r["ops"].get(k, 0) for r in got) for k in got[0]["ops"]},
     )
@@ -512,7 +515,7 @@ def report(
             "completing write -> last node holds its rank, s (median)",
             "CPU s of all nodes in next_rendezvous (median)",
             "CPU s of the moto server (median)",
-            "CPU used / CPU the machine has in that time: (nodes + moto) / (CPUs x formation s), median",
+            "share of the machine's CPU used from the first arrival on: (nodes + moto) / (CPUs x time), median",
         ],
         detail,
     )
@@ -623,7 +626,7 @@ def main(argv: list[str] | None = None) -> int:
                     cell.notice.add(o.notice)
                     cell.cpu.add(o.cpu)
                     cell.server_cpu.add(o.server_cpu)
-                    cell.busy.add((o.cpu + o.server_cpu) / ((os.cpu_count() or 1) * o.seconds))
+                    cell.busy.add((o.cpu + o.server_cpu) / ((os.cpu_count() or 1) * o.window))
                     print(
                         f"N={n:3d} rep {rep} {system:16s} {o.seconds:8.3f} s  writes {o.writes:5d}  reads {o.reads:6d}"
                         f"  doc CAS {o.doc_writes:4d}  max reads/s {o.read_rate:4.0f} (document {o.doc_read_rate:3.0f},"
