@@ -21,7 +21,7 @@ from . import _protocol as proto
 from ._errors import RendezvousError, RendezvousStateError, RendezvousTimeoutError, StorageError
 from ._periods import FAST_POLL, SLOW_POLL, outage_budget
 from ._retry import Retry
-from ._session import Session
+from ._session import Session, SignedBeats
 from ._settings import Settings
 from ._state import RendezvousState, decode_request, decode_request_name, request_owner
 from ._store import Snapshot, Store
@@ -85,6 +85,7 @@ class RunAdmin:
         self._race = Retry(delay=FAST_POLL, max_delay=SLOW_POLL, clock=clock, sleep=sleep, rng=self._rng)
         #: On a signed store, the tag of each watched peer's last heartbeat that verified (see heartbeat_tags).
         self._trusted: dict[str, str] = {}
+        self._beats = SignedBeats()
 
     @property
     def run_id(self) -> str:
@@ -104,8 +105,8 @@ class RunAdmin:
 
         With a job secret a tag says nothing about the signature, so each record is read and verified instead (one
         GET, where a HEAD and a GET on every change would cost two: a live peer's record changes at every look). A
-        record that cannot be trusted keeps the tag of the peer's last one that could: a forged heartbeat never
-        counts as a change, so it cannot keep a dead node alive.
+        record that cannot be trusted, or an older signed one written again (:class:`SignedBeats`), keeps the tag of
+        the peer's last one that could: neither counts as a change, so neither can keep a dead node alive.
         """
         signed = self.session.store.signed
         tags: dict[str, str] = {}
@@ -124,8 +125,12 @@ class RunAdmin:
         return tags
 
     def _verified_tag(self, node_id: str) -> str | None:
-        raw = self.session.get("hb", node_id)  # unsealing checks the signature
-        return None if raw is None else hashlib.sha256(raw).hexdigest()[:16]
+        payload = self.session.get("hb", node_id)  # unsealing checks the signature
+        if payload is None:
+            return None
+        if not self._beats.advanced(node_id, payload):
+            return self._trusted.get(node_id, "untrusted")
+        return hashlib.sha256(payload).hexdigest()[:16]
 
     # -- writing -------------------------------------------------------------------------------------------
 

@@ -10,6 +10,7 @@ signature check of heartbeat records (:class:`BeatFilter`) live here too.
 from __future__ import annotations
 
 import contextlib
+import json
 import logging
 import time
 from collections import OrderedDict
@@ -352,13 +353,46 @@ class RequestBook:
             return None
 
 
+def beat_count(payload: bytes) -> int | None:
+    """The count of a heartbeat record's payload (``{"n": count, ...}``; see ``_keepalive``), None if it has none."""
+    try:
+        body = json.loads(payload)
+    except ValueError:
+        return None
+    count = body.get("n") if isinstance(body, dict) else None
+    return count if type(count) is int else None
+
+
+class SignedBeats:
+    """Which heartbeats count with a job secret: a record whose signature verifies (unsealing checks it) and whose
+    count is higher than any this observer trusted for it. A forged record never counts, nor an old signed one
+    written again (a replay): neither can keep a dead node alive."""
+
+    def __init__(self) -> None:
+        self._highest: dict[str, int] = {}
+
+    def advanced(self, name: str, payload: bytes) -> bool:
+        """Whether ``payload`` (verified) is a newer beat of record ``name`` than any trusted before."""
+        count = beat_count(payload)
+        if count is None or count <= self._highest.get(name, -1):
+            return False
+        self._highest[name] = count
+        return True
+
+    def forget(self, names: set[str]) -> None:
+        for name in names & self._highest.keys():
+            del self._highest[name]
+
+
 class BeatFilter:
-    """Heartbeat tags from one listing; with a job secret only signed heartbeats count (a forged one must not keep
-    a dead node alive). Each tag's signature is checked once."""
+    """Heartbeat tags from one listing; with a job secret only signed heartbeats count, and only newer ones
+    (:class:`SignedBeats`). A record's body is read once per tag; one that does not count keeps the tag of the
+    record's last one that did (no change), or is left out."""
 
     def __init__(self, session: Session) -> None:
         self._session = session
-        self._verified: dict[str, tuple[str, bool]] = {}
+        self._verified: dict[str, tuple[str, str | None]] = {}
+        self._beats = SignedBeats()
 
     def tags(self) -> dict[str, str]:
         session = self._session
@@ -369,18 +403,21 @@ class BeatFilter:
         for name, tag in tags.items():
             known = self._verified.get(name)
             if known is None or known[0] != tag:
-                known = (tag, self._signed(name))
+                trusted = tag if self._counts(name) else None if known is None else known[1]
+                known = (tag, trusted)
                 self._verified[name] = known
-            if known[1]:
-                valid[name] = tag
-        for stale in set(self._verified) - set(tags):
-            del self._verified[stale]
+            if known[1] is not None:
+                valid[name] = known[1]
+        stale = set(self._verified) - set(tags)
+        for name in stale:
+            del self._verified[name]
+        self._beats.forget(stale)
         return valid
 
-    def _signed(self, name: str) -> bool:
+    def _counts(self, name: str) -> bool:
         try:
-            self._session.get("hb", name)
+            payload = self._session.get("hb", name)
         except RendezvousStateError as exc:
             log.warning("ignoring heartbeat: %s", exc)
             return False
-        return True
+        return payload is not None and self._beats.advanced(name, payload)

@@ -152,12 +152,8 @@ def test_a_node_that_left_the_creation_to_another_looks_again_soon_and_creates_o
     assert periods.creator_wait(None) == periods.fast == periods.creator_wait(10.0)
     big = P.Periods.of(fsrdzv.Settings("run", 4096, 4096))
     assert big.creator_wait(0.01) == big.floor  # never under the big jobs' poll floor
-    assert not periods.creator_overdue(P.CREATE_GRACE - 0.01) and periods.creator_overdue(
-        P.CREATE_GRACE
-    )
-    assert not big.creator_overdue(P.CREATE_GRACE) and big.creator_overdue(
-        P.FOLDER_READ_EVERY * big.fast
-    )
+    assert not periods.creator_overdue(P.CREATE_GRACE - 0.01) and periods.creator_overdue(P.CREATE_GRACE)
+    assert not big.creator_overdue(P.CREATE_GRACE) and big.creator_overdue(P.FOLDER_READ_EVERY * big.fast)
 
 
 @pytest.mark.parametrize(

@@ -509,6 +509,38 @@ def test_forged_heartbeats_do_not_keep_a_dead_node_alive() -> None:
             h._stop_keepalive()
 
 
+@pytest.mark.parametrize("watcher", ["ring watch", "sweep"])
+def test_a_replayed_heartbeat_is_no_sign_of_life(watcher: str, tmp_path: Any) -> None:
+    """With a job secret, on a directory, both observers of heartbeats (the ring watch's ``RunAdmin.heartbeat_tags``
+    and the sweeps' ``BeatFilter``): a new beat changes the tag; the node's own older record written back (validly
+    signed: an attacker with write access but no secret replaying it) does not, nor does a forged one."""
+    from fsrdzv._admin import RunAdmin
+    from fsrdzv._session import BeatFilter, Session
+
+    endpoint = str(tmp_path / "rdzv")
+    writer = fsrdzv.open_store(endpoint, "run", secret=SECRET)
+    observer = fsrdzv.open_store(endpoint, "run", secret=SECRET)
+    admin, beats = RunAdmin(observer), BeatFilter(Session(observer))
+
+    def tag() -> str | None:
+        return (admin.heartbeat_tags(["peer"]) if watcher == "ring watch" else beats.tags()).get("peer")
+
+    path = os.path.join(endpoint, "run", "records", "hb", "peer")
+    writer.put_record("hb", "peer", b'{"n":1}')
+    first = Path(path).read_bytes()
+    one = tag()
+    writer.put_record("hb", "peer", b'{"n":2}')
+    two = tag()
+    assert one is not None and two is not None and two != one
+    Path(path + ".replay").write_bytes(first)
+    os.replace(path + ".replay", path)
+    assert tag() == two  # replayed: no change
+    fsrdzv.open_store(endpoint, "run").put_record("hb", "peer", b'{"n":99}')  # forged: unsigned
+    assert tag() == two
+    writer.put_record("hb", "peer", b'{"n":3}')
+    assert tag() not in (one, two, None)
+
+
 def _catch(fn: Any) -> Any:
     try:
         return fn()
