@@ -67,7 +67,7 @@ _NODE = textwrap.dedent(
     h = fsrdzv.create_handler(url, run_id, n, n, storage_options=options, local_addr=f"10.9.0.{index + 1}", **secret)
     peer_period = float(sys.argv[6])
     if peer_period >= 0 and hasattr(h, "_peers"):
-        h._peers.period = peer_period if peer_period > 0 else float("inf")  # an experiment, not fsrdzv as shipped
+        h._peers.interval = peer_period if peer_period > 0 else float("inf")  # an experiment, not fsrdzv as shipped
     h.next_rendezvous()
     print("formed", flush=True)
     stop = threading.Event()

@@ -55,7 +55,8 @@ class PeerWatch:
         #: This node's round went on without it (it was frozen or cut off): lost until it re-joins.
         self._left_behind = False
         self._rng = random.Random()
-        self._period = settings.keep_alive_interval
+        #: The period before jitter: one keep-alive interval (a peer's record changes about that often).
+        self.interval = settings.keep_alive_interval
 
     @property
     def period(self) -> float:
@@ -63,18 +64,14 @@ class PeerWatch:
         interval (a peer's record changes about that often), jittered down by up to a fifth so that the watchers'
         looks spread out and never lag a beat; sooner if a peer whose record stopped changing would be due by then,
         so that it is found dead at the liveness timeout after the look that saw its last beat, within one interval
-        of that beat (set: the interval that is jittered)."""
-        pause = self._period * self._rng.uniform(0.8, 1.0)
+        of that beat."""
+        pause = self.interval * self._rng.uniform(0.8, 1.0)
         now = self._clock()
         for peer in self._peers:
             due = None if peer in self._dead else self._tracker.next_death([peer])
             if due is not None and now < due < now + pause:
                 pause = due - now
         return pause
-
-    @period.setter
-    def period(self, seconds: float) -> None:
-        self._period = seconds
 
     def start(self, state: RendezvousState) -> None:
         """Watch the round of ``state`` (complete, with this node as a participant)."""
