@@ -29,7 +29,8 @@ RESULTS = REPO / "benchmarks" / "results"
 if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
-from fsrdzv._store import NOT_MODIFIED, CasResult, NotModified, Snapshot, Store, StoreWrapper  # noqa: E402
+from fsrdzv._store import NOT_MODIFIED, CasResult, NotModified, Snapshot, Store  # noqa: E402
+from fsrdzv._storewrap import StoreWrapper  # noqa: E402
 
 #: Kinds of raw storage operation that read, and that write.
 READ_KINDS = ("read", "get", "list")

@@ -9,7 +9,6 @@ protocol themselves.
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import logging
 import random
 import secrets
@@ -20,8 +19,9 @@ from typing import NamedTuple
 from . import _protocol as proto
 from ._errors import RendezvousError, RendezvousStateError, RendezvousTimeoutError, StorageError
 from ._periods import FAST_POLL, SLOW_POLL, outage_budget
+from ._records import SignedBeats
 from ._retry import Retry
-from ._session import Session, SignedBeats
+from ._session import Session
 from ._settings import Settings
 from ._state import RendezvousState, decode_request, decode_request_name, request_owner
 from ._store import Snapshot, Store
@@ -103,16 +103,18 @@ class RunAdmin:
     def heartbeat_tags(self, node_ids: Iterable[str]) -> dict[str, str]:
         """Tags of the heartbeat records of ``node_ids`` (a few peers: one request each, no listing, no body).
 
-        With a job secret a tag says nothing about the signature, so each record is read and verified instead (one
-        GET, where a HEAD and a GET on every change would cost two: a live peer's record changes at every look). A
-        record that cannot be trusted, or an older signed one written again (:class:`SignedBeats`), keeps the tag of
-        the peer's last one that could: neither counts as a change, so neither can keep a dead node alive.
+        With a job secret a tag alone says nothing about the signature: where tags are the MD5 of the stored bytes
+        (object stores) a newer beat is recognised by the digest this observer predicts for it, else (and when no
+        prediction matches) the record is read and verified. A record that cannot be trusted, or an older signed one
+        written again (:class:`SignedBeats`), keeps the tag of the peer's last one that could: neither counts as a
+        change, so neither can keep a dead node alive.
         """
         signed = self.session.store.signed
         tags: dict[str, str] = {}
         for node_id in node_ids:
             try:
-                tag = self._verified_tag(node_id) if signed else self.session.tag("hb", node_id)
+                session = self.session
+                tag = self._beats.tag(session, node_id, self._trusted) if signed else session.tag("hb", node_id)
             except RendezvousStateError as exc:
                 log.debug("heartbeat of %s not trusted: %s", node_id, exc)
                 tag = self._trusted.get(node_id, "untrusted")
@@ -123,14 +125,6 @@ class RunAdmin:
             if signed:
                 self._trusted[node_id] = tag
         return tags
-
-    def _verified_tag(self, node_id: str) -> str | None:
-        payload = self.session.get("hb", node_id)  # unsealing checks the signature
-        if payload is None:
-            return None
-        if not self._beats.advanced(node_id, payload):
-            return self._trusted.get(node_id, "untrusted")
-        return hashlib.sha256(payload).hexdigest()[:16]
 
     # -- writing -------------------------------------------------------------------------------------------
 

@@ -14,8 +14,9 @@ from dataclasses import dataclass
 from . import _policy as policy
 from ._errors import RendezvousStateError, StorageError
 from ._periods import Periods
+from ._records import RequestBook
 from ._retry import Attempts
-from ._session import RequestBook, Session
+from ._session import Session
 from ._settings import Settings
 from ._state import JoinRequest, RendezvousState
 from ._store import Snapshot

@@ -29,8 +29,9 @@ from ._forming import Former, JoinProgress
 from ._keepalive import Heartbeat
 from ._periods import Periods
 from ._progress import ProgressReport
+from ._records import BeatFilter, RequestBook
 from ._retry import Retry
-from ._session import BeatFilter, RequestBook, Session
+from ._session import Session
 from ._settings import Settings
 from ._state import JoinRequest, NodeInfo, RendezvousState
 from ._store import Snapshot

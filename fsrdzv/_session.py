@@ -10,24 +10,17 @@ signature check of heartbeat records (:class:`BeatFilter`) live here too.
 from __future__ import annotations
 
 import contextlib
-import json
 import logging
 import time
 from collections import OrderedDict
 from collections.abc import Callable
 from typing import Final, Literal
 
-from ._errors import RendezvousError, RendezvousStateError, StorageError
+from ._errors import RendezvousError, StorageError
 from ._state import (
-    INLINE_PREFIX,
-    JoinRequest,
     RendezvousState,
-    decode_request,
-    decode_request_name,
     decode_state,
-    encode_request,
     encode_state,
-    request_record_name,
 )
 from ._store import NOT_MODIFIED, ChangeWatch, Snapshot, Store
 
@@ -35,10 +28,8 @@ __all__ = [
     "COMPLETE_KIND",
     "READ_BURST",
     "READ_RATE",
-    "BeatFilter",
     "DocumentCache",
     "ReadBudget",
-    "RequestBook",
     "Session",
     "WatchRole",
 ]
@@ -300,124 +291,3 @@ class Session:
             if watch is not None:
                 watch.close()
         self._watches.clear()
-
-
-class RequestBook:
-    """This node's join request record, and every node's requests as one listing shows them.
-
-    Inline names carry the request itself (decoded once); a body record (a request too long for a name) is read
-    once per change of its tag. A record that does not decode, or is not signed with the job's secret, is
-    reported once and ignored: never act on a record we cannot trust.
-    """
-
-    def __init__(self, session: Session) -> None:
-        self._session = session
-        #: Request records judged so far: name -> (tag, request or None if invalid).
-        self._cache: dict[str, tuple[str, JoinRequest | None]] = {}
-        #: The name of this node's current request record.
-        self.own_name: str | None = None
-
-    def put(self, request: JoinRequest) -> None:
-        session = self._session
-        name = request_record_name(request, session.store.name_mac)
-        session.put("req", name, encode_request(request))
-        previous, self.own_name = self.own_name, name
-        if previous is not None and previous != name:
-            session.discard("req", previous)
-
-    def pending_looking(self) -> list[JoinRequest]:
-        """Every valid request record, from one listing (the protocol decides which are pending)."""
-        tags = self._session.list("req")
-        out = []
-        for name, tag in tags.items():
-            inline = name.startswith(INLINE_PREFIX)
-            cached = self._cache.get(name)
-            if cached is None or (not inline and cached[0] != tag):
-                cached = (tag, self._judge(name, inline))
-                self._cache[name] = cached
-            if cached[1] is not None:
-                out.append(cached[1])
-        for stale in set(self._cache) - set(tags):
-            del self._cache[stale]
-        return out
-
-    def _judge(self, name: str, inline: bool) -> JoinRequest | None:
-        session = self._session
-        try:
-            if inline:
-                return decode_request_name(name, session.store.name_mac)
-            raw = session.get("req", name)
-            return None if raw is None else decode_request(raw, f"join request {name!r}")
-        except RendezvousStateError as exc:
-            log.warning("ignoring %s", exc)
-            return None
-
-
-def beat_count(payload: bytes) -> int | None:
-    """The count of a heartbeat record's payload (``{"n": count, ...}``; see ``_keepalive``), None if it has none."""
-    try:
-        body = json.loads(payload)
-    except ValueError:
-        return None
-    count = body.get("n") if isinstance(body, dict) else None
-    return count if type(count) is int else None
-
-
-class SignedBeats:
-    """Which heartbeats count with a job secret: a record whose signature verifies (unsealing checks it) and whose
-    count is higher than any this observer trusted for it. A forged record never counts, nor an old signed one
-    written again (a replay): neither can keep a dead node alive."""
-
-    def __init__(self) -> None:
-        self._highest: dict[str, int] = {}
-
-    def advanced(self, name: str, payload: bytes) -> bool:
-        """Whether ``payload`` (verified) is a newer beat of record ``name`` than any trusted before."""
-        count = beat_count(payload)
-        if count is None or count <= self._highest.get(name, -1):
-            return False
-        self._highest[name] = count
-        return True
-
-    def forget(self, names: set[str]) -> None:
-        for name in names & self._highest.keys():
-            del self._highest[name]
-
-
-class BeatFilter:
-    """Heartbeat tags from one listing; with a job secret only signed heartbeats count, and only newer ones
-    (:class:`SignedBeats`). A record's body is read once per tag; one that does not count keeps the tag of the
-    record's last one that did (no change), or is left out."""
-
-    def __init__(self, session: Session) -> None:
-        self._session = session
-        self._verified: dict[str, tuple[str, str | None]] = {}
-        self._beats = SignedBeats()
-
-    def tags(self) -> dict[str, str]:
-        session = self._session
-        tags = session.list("hb")
-        if not session.store.signed:
-            return tags
-        valid = {}
-        for name, tag in tags.items():
-            known = self._verified.get(name)
-            if known is None or known[0] != tag:
-                trusted = tag if self._counts(name) else None if known is None else known[1]
-                known = (tag, trusted)
-                self._verified[name] = known
-            if known[1] is not None:
-                valid[name] = known[1]
-        stale = set(self._verified) - set(tags)
-        for name in stale:
-            del self._verified[name]
-        self._beats.forget(stale)
-        return valid
-
-    def _counts(self, name: str) -> bool:
-        try:
-            payload = self._session.get("hb", name)
-        except RendezvousStateError as exc:
-            log.warning("ignoring heartbeat: %s", exc)
-            return False
-        return payload is not None and self._beats.advanced(name, payload)

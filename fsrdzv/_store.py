@@ -9,7 +9,7 @@ Every store keeps, for one run id:
 
 Three layers: :class:`Store` is the public interface everything else uses; :class:`SealedStore` implements it
 once over a few raw operations, wrapping stored bytes in the envelope of :mod:`fsrdzv._envelope` (generation,
-checksum, optional HMAC); :class:`StoreWrapper` delegates every public method to another store, so that a wrapper
+checksum, optional HMAC); ``_storewrap.StoreWrapper`` delegates every public method to another store, so that a wrapper
 that injects faults, latency or counting never sees the envelope and can never drop the signature.
 
 Tokens are opaque strings ``"<generation>:<version>"`` where the version is the store's own precondition value
@@ -50,7 +50,6 @@ __all__ = [
     "Snapshot",
     "Store",
     "StoreCapabilities",
-    "StoreWrapper",
     "decode_name",
     "encode_name",
     "seal",
@@ -125,6 +124,11 @@ class Store(ABC):
         where the storage can (S3, Azure: HEAD; GCS: the generation; a directory: one open); only comparable with
         this method's tags. Unverified: with a job secret, read the record to trust a change. Default: a read."""
         return _digest(self.read_record(kind, name))
+
+    def record_digest(self, payload: bytes) -> str | None:
+        """The MD5 (hex) of the bytes a record holding ``payload`` is stored as (its envelope, signed with this
+        store's secret), to compare with a content tag (``StoreCapabilities.content_tags``); None: unknown."""
+        return None
 
     @abstractmethod
     def list_records(self, kind: str) -> dict[str, str]:
@@ -255,6 +259,10 @@ class SealedStore(Store):
     def record_tag(self, kind: str, name: str) -> str | None:
         return self._record_tag(kind, encode_name(name))
 
+    def record_digest(self, payload: bytes) -> str | None:
+        # Records are sealed as generation 0 (see put_record): the same payload always gives the same bytes.
+        return hashlib.md5(seal(payload, 0, self._secret), usedforsecurity=False).hexdigest()
+
     def list_records(self, kind: str) -> dict[str, str]:
         out = {}
         for key, tag in self._list_records(kind).items():
@@ -317,83 +325,3 @@ class SealedStore(Store):
 
     @abstractmethod
     def _delete_record(self, kind: str, name: str) -> None: ...
-
-
-class StoreWrapper(Store):
-    """Delegates every public method to ``inner``; subclasses override only what they change.
-
-    Wrapping happens at the public layer, so the inner store's envelope, signature and conditions stay intact.
-    """
-
-    def __init__(self, inner: Store, location: str | None = None) -> None:
-        super().__init__(inner.run_id, inner.location if location is None else location)
-        self.inner = inner
-        self.enforces_conditions = inner.enforces_conditions
-
-    def read(self) -> Snapshot | None:
-        return self.inner.read()
-
-    def read_if_changed(self, token: object) -> Snapshot | NotModified | None:
-        # A wrapper that changes read() (faults, counts) must see conditional reads too: it compares on its own.
-        if type(self).read is not StoreWrapper.read and type(self).read_if_changed is StoreWrapper.read_if_changed:
-            return Store.read_if_changed(self, token)
-        return self.inner.read_if_changed(token)
-
-    def compare_and_set(self, data: bytes, token: object = None) -> CasResult:
-        return self.inner.compare_and_set(data, token)
-
-    def put_record(self, kind: str, name: str, data: bytes) -> None:
-        self.inner.put_record(kind, name, data)
-
-    def read_record(self, kind: str, name: str) -> bytes | None:
-        return self.inner.read_record(kind, name)
-
-    def record_tag(self, kind: str, name: str) -> str | None:
-        # As for conditional reads: a wrapper that changes read_record() must see tag reads through it too.
-        if type(self).read_record is not StoreWrapper.read_record and type(self).record_tag is StoreWrapper.record_tag:
-            return Store.record_tag(self, kind, name)
-        return self.inner.record_tag(kind, name)
-
-    def list_records(self, kind: str) -> dict[str, str]:
-        return self.inner.list_records(kind)
-
-    def delete_record(self, kind: str, name: str) -> None:
-        self.inner.delete_record(kind, name)
-
-    def delete_run(self) -> None:
-        self.inner.delete_run()
-
-    def reset(self, data: bytes) -> Snapshot:
-        return self.inner.reset(data)
-
-    @property
-    def signed(self) -> bool:
-        return self.inner.signed
-
-    def name_mac(self, text: str) -> str | None:
-        return self.inner.name_mac(text)
-
-    def sibling(self, run_id: str) -> Store:
-        return self.inner.sibling(run_id)
-
-    def verify_conditions(self) -> None:
-        self.inner.verify_conditions()
-
-    def change_watch(self, kinds: tuple[str, ...] = (), document: bool = True) -> ChangeWatch | None:
-        return self.inner.change_watch(kinds, document)
-
-    @property
-    def capabilities(self) -> StoreCapabilities:
-        return self.inner.capabilities
-
-    def last_modified(self) -> float | None:
-        return self.inner.last_modified()
-
-    def highest_generation(self) -> int:
-        return self.inner.highest_generation()
-
-    def describe(self, what: str) -> str:
-        return self.inner.describe(what)
-
-    def close(self) -> None:
-        self.inner.close()

@@ -515,7 +515,8 @@ def test_a_replayed_heartbeat_is_no_sign_of_life(watcher: str, tmp_path: Any) ->
     and the sweeps' ``BeatFilter``): a new beat changes the tag; the node's own older record written back (validly
     signed: an attacker with write access but no secret replaying it) does not, nor does a forged one."""
     from fsrdzv._admin import RunAdmin
-    from fsrdzv._session import BeatFilter, Session
+    from fsrdzv._records import BeatFilter
+    from fsrdzv._session import Session
 
     endpoint = str(tmp_path / "rdzv")
     writer = fsrdzv.open_store(endpoint, "run", secret=SECRET)

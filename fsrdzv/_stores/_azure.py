@@ -263,8 +263,10 @@ class AzureStore(ObjectStore):
         return data, str(downloader.properties.etag).strip('"'), size
 
     def _sdk_head(self, key: str) -> str:
-        # Get Blob Properties: a HEAD, the ETag in its headers.
-        return str(self._container.get_blob_client(key).get_blob_properties().etag).strip('"')
+        # Get Blob Properties: a HEAD; the Content-MD5 in its headers where the blob has one, else the ETag.
+        properties = self._container.get_blob_client(key).get_blob_properties()
+        md5 = properties.content_settings.content_md5
+        return bytes(md5).hex() if md5 else str(properties.etag).strip('"')
 
     def _sdk_put(self, key: str, data: bytes, *, create: bool, match: str | None) -> str:
         kwargs: dict[str, Any] = {"overwrite": not create}

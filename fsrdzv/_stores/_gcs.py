@@ -260,13 +260,15 @@ class GcsStore(ObjectStore):
         return data
 
     def _sdk_head(self, key: str) -> str:
-        # The object's metadata with only the generation field (Blob.reload has no field selection; Blob.exists
-        # asks with fields=name the same way): a few bytes of JSON instead of the whole resource.
+        # The object's metadata with only its MD5 and generation (Blob.reload has no field selection; Blob.exists
+        # asks with fields=name the same way): a few bytes of JSON instead of the whole resource. Composite objects
+        # have no MD5: then the generation.
         blob = self._bucket.blob(key)
         resource = self._client._get_resource(  # noqa: SLF001 - the library's own metadata request
-            blob.path, query_params={"fields": "generation"}, timeout=self._timeout, retry=self._retry
+            blob.path, query_params={"fields": "generation,md5Hash"}, timeout=self._timeout, retry=self._retry
         )
-        return str(resource["generation"])
+        md5 = resource.get("md5Hash")
+        return base64.b64decode(md5).hex() if md5 else str(resource["generation"])
 
     def _sdk_put(self, key: str, data: bytes, *, create: bool, match: str | None) -> str:
         # One multipart upload (metadata and data, as Blob.upload_from_string sends it) through the library's own

@@ -132,7 +132,7 @@ class ObjectRequests:
 
     @abstractmethod
     def _sdk_head(self, key: str) -> str:
-        """The version of ``key`` from its metadata alone: no body (a missing key: ExpectedAnswerError ``missing``)."""
+        """``key``'s MD5 (hex) where its metadata gives it, else its version: no body (missing: ``missing``)."""
 
     @abstractmethod
     def _sdk_put(self, key: str, data: bytes, *, create: bool, match: str | None) -> str:
@@ -311,7 +311,7 @@ class ObjectStore(SealedStore, ObjectRequests):
 
     @property
     def capabilities(self) -> StoreCapabilities:
-        return StoreCapabilities(conditional_read=True)
+        return StoreCapabilities(conditional_read=True, content_tags=True)
 
     def _commit(self, raw: bytes, generation: int, expected: tuple[int, str] | None) -> str | None:
         what = f"conditional write of generation {generation}"
@@ -334,7 +334,7 @@ class ObjectStore(SealedStore, ObjectRequests):
         return None if got is None else got[0]
 
     def _record_tag(self, kind: str, name: str) -> str | None:
-        # The version the listing shows too, from the object's metadata alone: no body.
+        # From the metadata alone (no body): the MD5 of the bytes where given (StoreCapabilities.content_tags).
         return self._head(self._record_key(kind, name), f"tag of record {kind}/{name}")
 
     def _list_records(self, kind: str) -> dict[str, str]:

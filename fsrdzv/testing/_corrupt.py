@@ -5,10 +5,11 @@ from __future__ import annotations
 import hashlib
 import os
 
-from .._store import Store, StoreWrapper
+from .._store import Store
 from .._stores._file import FileStore
 from .._stores._memory import MemoryStore
 from .._stores._object import ObjectStore
+from .._storewrap import StoreWrapper
 
 __all__ = ["corrupt"]
 

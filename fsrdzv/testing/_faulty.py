@@ -8,7 +8,8 @@ import time
 from collections.abc import Callable
 
 from .._errors import StorageError
-from .._store import CasResult, NotModified, Snapshot, Store, StoreWrapper
+from .._store import CasResult, NotModified, Snapshot, Store
+from .._storewrap import StoreWrapper
 
 __all__ = ["FaultyStore", "LostReplyError", "TransientFault"]
 

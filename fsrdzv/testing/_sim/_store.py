@@ -11,8 +11,9 @@ from collections import Counter
 from dataclasses import dataclass, field
 
 from ..._errors import StorageError
-from ..._store import NOT_MODIFIED, CasResult, NotModified, Snapshot, StoreWrapper
+from ..._store import NOT_MODIFIED, CasResult, NotModified, Snapshot
 from ..._stores._memory import MemoryStore
+from ..._storewrap import StoreWrapper
 from ._models import StoreModel
 from ._scheduler import VirtualClock
 
