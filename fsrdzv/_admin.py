@@ -83,9 +83,8 @@ class RunAdmin:
         )
         #: The close loop's pause after a lost race: short, growing to a slow poll.
         self._race = Retry(delay=FAST_POLL, max_delay=SLOW_POLL, clock=clock, sleep=sleep, rng=self._rng)
-        #: On a signed store, the tag of each watched peer's last heartbeat that verified (see heartbeat_tags).
-        self._trusted: dict[str, str] = {}
-        self._beats = SignedBeats()
+        #: On a signed store, which watched peers' heartbeats count (see heartbeat_tags).
+        self._beats = SignedBeats(self.session)
 
     @property
     def run_id(self) -> str:
@@ -109,21 +108,12 @@ class RunAdmin:
         written again (:class:`SignedBeats`), keeps the tag of the peer's last one that could: neither counts as a
         change, so neither can keep a dead node alive.
         """
-        signed = self.session.store.signed
+        session = self.session
         tags: dict[str, str] = {}
         for node_id in node_ids:
-            try:
-                session = self.session
-                tag = self._beats.tag(session, node_id, self._trusted) if signed else session.tag("hb", node_id)
-            except RendezvousStateError as exc:
-                log.debug("heartbeat of %s not trusted: %s", node_id, exc)
-                tag = self._trusted.get(node_id, "untrusted")
-            if tag is None:
-                self._trusted.pop(node_id, None)  # no record: at most one entry per node that has one
-                continue
-            tags[node_id] = tag
-            if signed:
-                self._trusted[node_id] = tag
+            tag = self._beats.watched(node_id) if session.store.signed else session.tag("hb", node_id)
+            if tag is not None:
+                tags[node_id] = tag
         return tags
 
     # -- writing -------------------------------------------------------------------------------------------

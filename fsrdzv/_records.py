@@ -4,7 +4,6 @@ listings, :class:`SignedBeats` for which signed heartbeats count)."""
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 from collections.abc import Callable
@@ -13,8 +12,9 @@ from typing import Final
 from ._errors import RendezvousStateError
 from ._session import Session
 from ._state import INLINE_PREFIX, JoinRequest, decode_request, decode_request_name, encode_request, request_record_name
+from ._store import record_hash
 
-__all__ = ["PREDICTED_BEATS", "BeatFilter", "RequestBook", "SignedBeats", "beat_count"]
+__all__ = ["PREDICTED_BEATS", "UNTRUSTED", "BeatFilter", "RequestBook", "SignedBeats", "beat_count"]
 
 log = logging.getLogger("fsrdzv")
 
@@ -80,6 +80,9 @@ def beat_count(payload: bytes) -> int | None:
     return count if type(count) is int else None
 
 
+#: The ring watch's tag of a heartbeat record that exists but never counted (a forged or unreadable one).
+UNTRUSTED: Final = "untrusted"
+
 #: Beats after the newest trusted one that an observer predicts the digest of (a peer beats about once per look).
 PREDICTED_BEATS: Final = 4
 
@@ -87,19 +90,76 @@ PREDICTED_BEATS: Final = 4
 class SignedBeats:
     """Which heartbeats count with a job secret: a record whose signature verifies (unsealing checks it) and whose
     count is higher than any this observer trusted for it. A forged record never counts, nor an old signed one
-    written again (a replay): neither can keep a dead node alive.
+    written again (a replay): neither can keep a dead node alive. Each record keeps the tag of its last beat that
+    counted, so a record that does not count is no change.
 
     Where a record's tag is the MD5 of its stored bytes (``StoreCapabilities.content_tags``), a newer beat is
     also recognised from the tag alone: the observer knows the rest of the record (a peer's heartbeat changes only
     in its count) and the secret, so it predicts the digests of the next few beats. Nobody without the secret can
     make an object with one of those digests."""
 
-    def __init__(self) -> None:
+    def __init__(self, session: Session) -> None:
+        self._session = session
         self._highest: dict[str, int] = {}
         #: What follows the count in each record's payload (its address candidates, host and boot id).
         self._rest: dict[str, bytes] = {}
+        #: The tag of each record's last beat that counted.
+        self._trusted: dict[str, str] = {}
 
-    def advanced(self, name: str, payload: bytes) -> bool:
+    def watched(self, name: str) -> str | None:
+        """The ring watch's tag of heartbeat record ``name`` (None: there is none), one request: on a store of
+        content tags the record's tag (no body unless no prediction matches), else its body."""
+        session = self._session
+        if session.store.capabilities.content_tags:
+            tag = session.tag("hb", name)
+            payload = None
+        else:
+            try:
+                payload = session.get("hb", name)  # unsealing checks the signature
+            except RendezvousStateError as exc:
+                log.debug("heartbeat of %s not trusted: %s", name, exc)
+                return self._trusted.get(name, UNTRUSTED)
+            tag = None if payload is None else record_hash(payload)
+        if tag is None:
+            self.forget({name})
+            return None
+        return self.judged(name, tag, payload) or UNTRUSTED
+
+    def judged(self, name: str, tag: str, payload: bytes | None = None) -> str | None:
+        """The tag that counts for record ``name`` now that its tag is ``tag``: ``tag`` itself if it is a newer beat
+        (predicted from a content tag, else ``payload`` or the record read and verified), else the tag of its last
+        beat that counted (None: none yet)."""
+        trusted = self._trusted.get(name)
+        if tag == trusted:
+            return tag
+        store = self._session.store
+        newer = store.capabilities.content_tags and self._predicted(name, tag, store.record_digest)
+        if not newer:
+            if payload is None:
+                payload = self._read(name)
+            newer = payload is not None and self._advanced(name, payload)
+        if not newer:
+            return trusted
+        self._trusted[name] = tag
+        return tag
+
+    def forget(self, names: set[str]) -> None:
+        for name in names:
+            self._highest.pop(name, None)
+            self._rest.pop(name, None)
+            self._trusted.pop(name, None)
+
+    def names(self) -> set[str]:
+        return set(self._trusted)
+
+    def _read(self, name: str) -> bytes | None:
+        try:
+            return self._session.get("hb", name)  # unsealing checks the signature
+        except RendezvousStateError as exc:
+            log.debug("heartbeat of %s not trusted: %s", name, exc)
+            return None
+
+    def _advanced(self, name: str, payload: bytes) -> bool:
         """Whether ``payload`` (verified) is a newer beat of record ``name`` than any trusted before."""
         count = beat_count(payload)
         if count is None or count <= self._highest.get(name, -1):
@@ -110,7 +170,7 @@ class SignedBeats:
             self._rest[name] = payload[len(head) :]
         return True
 
-    def predicted(self, name: str, tag: str, digest: Callable[[bytes], str | None]) -> bool:
+    def _predicted(self, name: str, tag: str, digest: Callable[[bytes], str | None]) -> bool:
         """Whether ``tag`` is the digest (``Store.record_digest``) of one of the next beats of record ``name``."""
         rest, highest = self._rest.get(name), self._highest.get(name)
         if rest is None or highest is None:
@@ -121,39 +181,15 @@ class SignedBeats:
                 return True
         return False
 
-    def tag(self, session: Session, node_id: str, trusted: dict[str, str]) -> str | None:
-        """The ring watch's tag of ``node_id``'s heartbeat (None: it has none): on a store of content tags, the tag
-        of a newer beat this observer predicted; else the record is read and verified. A record that is no newer
-        beat keeps the tag in ``trusted`` (the last one that was)."""
-        store = session.store
-        if store.capabilities.content_tags:
-            tag = session.tag("hb", node_id)  # no body
-            if tag is None:
-                return None
-            if self.predicted(node_id, tag, store.record_digest):
-                return tag
-        payload = session.get("hb", node_id)  # unsealing checks the signature
-        if payload is None:
-            return None
-        if not self.advanced(node_id, payload):
-            return trusted.get(node_id, "untrusted")
-        return hashlib.sha256(payload).hexdigest()[:16]
-
-    def forget(self, names: set[str]) -> None:
-        for name in names:
-            self._highest.pop(name, None)
-            self._rest.pop(name, None)
-
 
 class BeatFilter:
     """Heartbeat tags from one listing; with a job secret only signed heartbeats count, and only newer ones
-    (:class:`SignedBeats`). A record's body is read once per tag; one that does not count keeps the tag of the
-    record's last one that did (no change), or is left out."""
+    (:class:`SignedBeats`): a record that does not count keeps the tag of its last one that did (no change), or is
+    left out. A record's body is read at most once per tag, and not at all for a beat predicted from its tag."""
 
     def __init__(self, session: Session) -> None:
         self._session = session
-        self._verified: dict[str, tuple[str, str | None]] = {}
-        self._beats = SignedBeats()
+        self._beats = SignedBeats(session)
 
     def tags(self) -> dict[str, str]:
         session = self._session
@@ -162,23 +198,8 @@ class BeatFilter:
             return tags
         valid = {}
         for name, tag in tags.items():
-            known = self._verified.get(name)
-            if known is None or known[0] != tag:
-                trusted = tag if self._counts(name) else None if known is None else known[1]
-                known = (tag, trusted)
-                self._verified[name] = known
-            if known[1] is not None:
-                valid[name] = known[1]
-        stale = set(self._verified) - set(tags)
-        for name in stale:
-            del self._verified[name]
-        self._beats.forget(stale)
+            trusted = self._beats.judged(name, tag)
+            if trusted is not None:
+                valid[name] = trusted
+        self._beats.forget(self._beats.names() - set(tags))
         return valid
-
-    def _counts(self, name: str) -> bool:
-        try:
-            payload = self._session.get("hb", name)
-        except RendezvousStateError as exc:
-            log.warning("ignoring heartbeat: %s", exc)
-            return False
-        return payload is not None and self._beats.advanced(name, payload)

@@ -52,6 +52,7 @@ __all__ = [
     "StoreCapabilities",
     "decode_name",
     "encode_name",
+    "record_hash",
     "seal",
     "unseal",
     "validate_run_id",
@@ -60,8 +61,13 @@ __all__ = [
 log = logging.getLogger("fsrdzv.store")
 
 
+def record_hash(data: bytes) -> str:
+    """A short hash of stored bytes, as a tag where the storage gives none."""
+    return hashlib.sha256(data).hexdigest()[:16]
+
+
 def _digest(data: bytes | None) -> str | None:
-    return None if data is None else hashlib.sha256(data).hexdigest()[:16]
+    return None if data is None else record_hash(data)
 
 
 class Store(ABC):

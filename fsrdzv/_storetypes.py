@@ -65,7 +65,7 @@ class StoreCapabilities:
     #: Whether :meth:`Store.read_if_changed` asks the storage itself (a 304 answer carries no body) instead of
     #: reading the document and comparing.
     conditional_read: bool = False
-    #: Whether :meth:`Store.record_tag` may be the MD5 (hex) of a record's stored bytes (S3's ETag, GCS's
-    #: ``md5Hash``, Azure's Content-MD5): with a job secret, an observer then checks a heartbeat against the digest
-    #: it predicts (:meth:`Store.record_digest`) instead of reading the record.
+    #: Whether record tags (:meth:`Store.record_tag`, :meth:`Store.list_records`) may be the MD5 (hex) of a
+    #: record's stored bytes (S3's ETag, GCS's ``md5Hash``, Azure's Content-MD5): with a job secret, an observer
+    #: then checks a heartbeat against the digest it predicts (:meth:`Store.record_digest`) instead of reading it.
     content_tags: bool = False

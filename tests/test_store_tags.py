@@ -166,3 +166,37 @@ def test_signed_heartbeats_count_from_tags_alone_on_object_stores(kind: str, req
     assert admin.heartbeat_tags(["peer"])["peer"] == tags[-1]  # forged: unsigned
     writer.put_record("hb", "peer", b'{"n":6' + rest)
     assert admin.heartbeat_tags(["peer"])["peer"] not in tags
+
+
+@pytest.mark.parametrize("kind", ["s3", "gcs", "azure"])
+def test_signed_sweeps_count_listed_beats_from_tags_alone(kind: str, request: pytest.FixtureRequest) -> None:
+    """The sweeps' listing carries the same content tags as a tag request on S3, GCS and Azure (ETag, ``md5Hash``,
+    Content-MD5), so with a job secret a sweep reads each peer's heartbeat once and then recognises every newer
+    beat from the listing alone. A replayed older record is no change."""
+    from fsrdzv._records import BeatFilter
+    from fsrdzv._session import Session
+
+    endpoint = request.getfixturevalue(f"{kind}_endpoint")
+    run_id = f"sweep-{uuid.uuid4().hex[:8]}"
+    writer = open_store(endpoint.url, run_id, storage_options=endpoint.storage_options, secret=SECRET)
+    assert isinstance(writer, SealedStore)
+    observer = open_store(endpoint.url, run_id, storage_options=endpoint.storage_options, secret=SECRET)
+    session = Session(observer)
+    sweeps = BeatFilter(session)
+    rest = b',"addrs":["10.0.0.%d"],"host":"node-%d","boot":"0123456789ab"}'
+    for peer in range(3):
+        writer.put_record("hb", f"p{peer}", b'{"n":1' + rest % (peer, peer))
+    assert observer.list_records("hb")["p0"] == observer.record_tag("hb", "p0")
+    first = sweeps.tags()
+    assert set(first) == {"p0", "p1", "p2"} and session.ops["get"] == 3
+    old = writer._read_record("hb", "p1")
+    for count in (2, 4):  # 4: a sweep missed beat 3
+        for peer in range(3):
+            writer.put_record("hb", f"p{peer}", b'{"n":%d' % count + rest % (peer, peer))
+        tags = sweeps.tags()
+        assert all(tags[name] != first[name] for name in tags) and len(tags) == 3
+        first = tags
+    assert session.ops["get"] == 3  # no body read after each peer's first
+    assert old is not None
+    writer._put_record("hb", "p1", old)
+    assert sweeps.tags() == first  # the replay: read, and no change

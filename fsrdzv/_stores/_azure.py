@@ -27,7 +27,7 @@ from typing import Any, Final
 
 from azure.core import MatchConditions
 from azure.core import exceptions as az_exc
-from azure.storage.blob import BlobPrefix, BlobServiceClient, LinearRetry
+from azure.storage.blob import BlobPrefix, BlobProperties, BlobServiceClient, LinearRetry
 
 from .._errors import ConfigurationError, RendezvousError, StorageError
 from .._text import one_line
@@ -264,9 +264,7 @@ class AzureStore(ObjectStore):
 
     def _sdk_head(self, key: str) -> str:
         # Get Blob Properties: a HEAD; the Content-MD5 in its headers where the blob has one, else the ETag.
-        properties = self._container.get_blob_client(key).get_blob_properties()
-        md5 = properties.content_settings.content_md5
-        return bytes(md5).hex() if md5 else str(properties.etag).strip('"')
+        return _content_tag(self._container.get_blob_client(key).get_blob_properties())
 
     def _sdk_put(self, key: str, data: bytes, *, create: bool, match: str | None) -> str:
         kwargs: dict[str, Any] = {"overwrite": not create}
@@ -282,14 +280,14 @@ class AzureStore(ObjectStore):
         # The SDK follows continuation markers.
         if not delimiter:
             blobs = self._container.list_blobs(name_starts_with=prefix or None)
-            return {b.name: str(b.etag).strip('"') for b in blobs}, []
+            return {b.name: _content_tag(b) for b in blobs}, []
         objects: dict[str, str] = {}
         prefixes: list[str] = []
         for item in self._container.walk_blobs(name_starts_with=prefix or None, delimiter=delimiter):
             if isinstance(item, BlobPrefix):
                 prefixes.append(str(item.name))
             else:
-                objects[item.name] = str(item.etag).strip('"')
+                objects[item.name] = _content_tag(item)
         return objects, prefixes
 
     def _sdk_modified(self, prefix: str) -> list[float]:
@@ -323,3 +321,9 @@ class AzureStore(ObjectStore):
             return bool(self._call("check of a run's document", self._container.get_blob_client(key).exists))
 
         return in_threads(exists, keys)
+
+
+def _content_tag(properties: BlobProperties) -> str:
+    """A record's tag: its Content-MD5 (hex; ``StoreCapabilities.content_tags``), else its ETag."""
+    md5 = properties.content_settings.content_md5
+    return bytes(md5).hex() if md5 else str(properties.etag).strip('"')

@@ -12,7 +12,7 @@ from typing import Final, TypeVar
 
 from .._errors import StorageError
 from .._retry import Retry
-from .._store import MAX_DOCUMENT_BYTES
+from .._store import MAX_DOCUMENT_BYTES, record_hash
 
 __all__ = [
     "list_file_runs",
@@ -122,7 +122,7 @@ def parse_envelope(raw: bytes, verify: bool) -> tuple[int, str] | None:
 
 
 def version_of(raw: bytes) -> str:
-    return hashlib.sha256(raw).hexdigest()[:16]
+    return record_hash(raw)
 
 
 def newest_mtime(path: str) -> float | None:

@@ -267,8 +267,7 @@ class GcsStore(ObjectStore):
         resource = self._client._get_resource(  # noqa: SLF001 - the library's own metadata request
             blob.path, query_params={"fields": "generation,md5Hash"}, timeout=self._timeout, retry=self._retry
         )
-        md5 = resource.get("md5Hash")
-        return base64.b64decode(md5).hex() if md5 else str(resource["generation"])
+        return _content_tag(resource.get("md5Hash"), resource["generation"])
 
     def _sdk_put(self, key: str, data: bytes, *, create: bool, match: str | None) -> str:
         # One multipart upload (metadata and data, as Blob.upload_from_string sends it) through the library's own
@@ -311,11 +310,11 @@ class GcsStore(ObjectStore):
             self._bucket,
             prefix=prefix or None,
             delimiter=delimiter or None,
-            fields="items(name,generation),nextPageToken,prefixes",
+            fields="items(name,generation,md5Hash),nextPageToken,prefixes",
             retry=self._retry,
             timeout=self._timeout,
         )
-        objects = {blob.name: str(blob.generation) for blob in iterator}
+        objects = {blob.name: _content_tag(blob.md5_hash, blob.generation) for blob in iterator}
         return objects, sorted(iterator.prefixes)
 
     def _sdk_modified(self, prefix: str) -> list[float]:
@@ -337,3 +336,9 @@ class GcsStore(ObjectStore):
             )
 
         return in_threads(exists, keys)
+
+
+def _content_tag(md5: str | None, generation: object) -> str:
+    """A record's tag: its MD5 (hex; ``StoreCapabilities.content_tags``), else (composite objects have none) its
+    generation."""
+    return base64.b64decode(md5).hex() if md5 else str(generation)

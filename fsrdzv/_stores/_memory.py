@@ -7,12 +7,11 @@ between processes.
 
 from __future__ import annotations
 
-import hashlib
 import threading
 import time
 from dataclasses import dataclass, field
 
-from .._store import SealedStore, Snapshot
+from .._store import SealedStore, Snapshot, record_hash
 
 __all__ = ["MemorySpace", "MemoryStore", "memory_space"]
 
@@ -51,7 +50,7 @@ def memory_space(name: str) -> MemorySpace:
 
 
 def _version(raw: bytes) -> str:
-    return hashlib.sha256(raw).hexdigest()[:16]
+    return record_hash(raw)
 
 
 class MemoryStore(SealedStore):

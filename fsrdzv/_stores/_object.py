@@ -4,9 +4,9 @@
 that each store module provides in its SDK's own terms:
 
 * ``_sdk_get(key, limit, unless)`` -> ``(body, version, size)`` (no body when ``size`` is over ``limit``; a
-  ``304`` answer when the version is still ``unless``), ``_sdk_head(key)`` -> version (no body),
-  ``_sdk_put(key, data, create=..., match=...)`` -> new version,
-  ``_sdk_list(prefix, delimiter)`` -> ``({key: version}, [sub-prefixes])`` (all pages), ``_sdk_delete(key)``;
+  ``304`` answer when the version is still ``unless``), ``_sdk_head(key)`` -> tag (the MD5 where the service
+  gives it, else the version; no body), ``_sdk_put(key, data, create=..., match=...)`` -> new version,
+  ``_sdk_list(prefix, delimiter)`` -> ``({key: tag}, [sub-prefixes])`` (all pages), ``_sdk_delete(key)``;
 * ``_delete_many(keys)`` (batches, or a few threads) and ``_exist(keys)`` (for :meth:`ObjectStore.list_runs`);
 * ``_translate(exc, what)``: the store's error mapping. It returns an :class:`ExpectedAnswerError` for the
   expected non-2xx answers (a condition that did not hold, a missing key) and a :class:`~fsrdzv.StorageError`
@@ -141,7 +141,8 @@ class ObjectRequests:
 
     @abstractmethod
     def _sdk_list(self, prefix: str, delimiter: str) -> tuple[dict[str, str], list[str]]:
-        """Every key under ``prefix`` with its version (all pages), and with a delimiter the sub-prefixes."""
+        """Every key under ``prefix`` with its tag as :meth:`_sdk_head` gives it (all pages), and with a delimiter
+        the sub-prefixes."""
 
     @abstractmethod
     def _sdk_delete(self, key: str) -> None:
