@@ -362,16 +362,19 @@ SERVER_PIDS: dict[str, int] = {}
 
 
 @contextlib.contextmanager
-def moto_server() -> Iterator[tuple[str, dict[str, Any]]]:
+def moto_server(latency_ms: float = 0.0) -> Iterator[tuple[str, dict[str, Any]]]:
     """A moto S3 server on 127.0.0.1 with a fresh bucket: yields ``(endpoint, storage_options)``; its process id is
-    ``SERVER_PIDS["moto"]`` meanwhile."""
+    ``SERVER_PIDS["moto"]`` meanwhile. With ``latency_ms`` every request is answered that much later
+    (``_moto_latency.py``)."""
     exe = shutil.which("moto_server", path=os.path.dirname(sys.executable)) or shutil.which("moto_server")
     if exe is None:
         raise ServerUnavailable("moto_server is not installed (pip install 'moto[server]')")
     port = free_port()
-    proc = subprocess.Popen(
-        [exe, "-H", "127.0.0.1", "-p", str(port)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
-    )
+    command = [exe, "-H", "127.0.0.1", "-p", str(port)]
+    if latency_ms:
+        script = os.path.join(os.path.dirname(os.path.abspath(__file__)), "_moto_latency.py")
+        command = [sys.executable, script, "127.0.0.1", str(port), str(latency_ms)]
+    proc = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     SERVER_PIDS["moto"] = proc.pid
     try:
         url = f"http://127.0.0.1:{port}"

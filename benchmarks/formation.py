@@ -344,7 +344,9 @@ def _combine_profiles(directory: str, out: str) -> None:
     print(f"combined profile of {len(sessions)} nodes written to {out}", flush=True)
 
 
-def _prepare(systems: list[str], stack: contextlib.ExitStack, unavailable: dict[str, str]) -> dict[str, Any]:
+def _prepare(
+    systems: list[str], stack: contextlib.ExitStack, unavailable: dict[str, str], s3_latency: float = 0.0
+) -> dict[str, Any]:
     """Start what the systems need; a system that cannot run is recorded with the reason, never faked."""
     env: dict[str, Any] = {}
     systems = sorted({s.split("+")[0] for s in systems})
@@ -359,7 +361,7 @@ def _prepare(systems: list[str], stack: contextlib.ExitStack, unavailable: dict[
             unavailable["fsrdzv-tmpfs"] = "no /dev/shm"
     if "fsrdzv-s3" in systems:
         try:
-            endpoint, options = stack.enter_context(moto_server())
+            endpoint, options = stack.enter_context(moto_server(s3_latency))
             # Probe in a child: s3fs's event-loop thread must not exist in the parent that forks the nodes.
             probe = CTX.Process(target=_probe, args=(endpoint, options))
             probe.start()
@@ -574,13 +576,21 @@ def main(argv: list[str] | None = None) -> int:
         metavar="FILE",
         help="profile every node's next_rendezvous with pyinstrument and write the combined profile (text) to FILE",
     )
+    parser.add_argument(
+        "--s3-latency",
+        type=float,
+        default=0.0,
+        metavar="MS",
+        help="moto answers every request MS milliseconds later (a sleep: no CPU), a model of S3's own round trip; "
+        "the floor is measured through the same server",
+    )
     args = parser.parse_args(argv)
 
     unavailable: dict[str, str] = {}
     cells: dict[tuple[str, int], Cell] = {}
     timelines: list[str] = []
     with contextlib.ExitStack() as stack:
-        env = _prepare(args.systems, stack, unavailable)
+        env = _prepare(args.systems, stack, unavailable, args.s3_latency)
         profile_dir = stack.enter_context(tempfile.TemporaryDirectory()) if args.profile else ""
         for s in args.systems:
             if s.split("+")[0] in unavailable:
@@ -647,7 +657,8 @@ def main(argv: list[str] | None = None) -> int:
     if floors:
         floor = statistics.median(floors)
         verdicts.append(
-            f"S3 floor (moto, this run): 4 sequential requests (record PUT, LIST, CAS, GET) take "
+            f"S3 floor (moto{f' answering {args.s3_latency:g} ms later' if args.s3_latency else ''}, this run): "
+            f"4 sequential requests (record PUT, LIST, CAS, GET) take "
             f"{floor * 1000:.1f} ms (median of {FLOOR_SAMPLES}, measured before and after: "
             f"{', '.join(f'{f * 1000:.1f}' for f in floors)} ms)"
         )
