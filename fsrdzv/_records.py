@@ -103,8 +103,9 @@ class SignedBeats:
         self._highest: dict[str, int] = {}
         #: What follows the count in each record's payload (its address candidates, host and boot id).
         self._rest: dict[str, bytes] = {}
-        #: The tag of each record's last beat that counted.
+        #: The tag of each record's last beat that counted, and the last tag judged (counted or not).
         self._trusted: dict[str, str] = {}
+        self._judged: dict[str, str] = {}
 
     def watched(self, name: str) -> str | None:
         """The ring watch's tag of heartbeat record ``name`` (None: there is none), one request: on a store of
@@ -128,10 +129,11 @@ class SignedBeats:
     def judged(self, name: str, tag: str, payload: bytes | None = None) -> str | None:
         """The tag that counts for record ``name`` now that its tag is ``tag``: ``tag`` itself if it is a newer beat
         (predicted from a content tag, else ``payload`` or the record read and verified), else the tag of its last
-        beat that counted (None: none yet)."""
+        beat that counted (None: none yet). A tag is judged once."""
         trusted = self._trusted.get(name)
-        if tag == trusted:
-            return tag
+        if tag == self._judged.get(name):
+            return trusted  # judged already: a record's body is read at most once per tag
+        self._judged[name] = tag
         store = self._session.store
         newer = store.capabilities.content_tags and self._predicted(name, tag, store.record_digest)
         if not newer:
@@ -148,9 +150,10 @@ class SignedBeats:
             self._highest.pop(name, None)
             self._rest.pop(name, None)
             self._trusted.pop(name, None)
+            self._judged.pop(name, None)
 
     def names(self) -> set[str]:
-        return set(self._trusted)
+        return set(self._judged)
 
     def _read(self, name: str) -> bytes | None:
         try:

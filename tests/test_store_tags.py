@@ -200,3 +200,4 @@ def test_signed_sweeps_count_listed_beats_from_tags_alone(kind: str, request: py
     assert old is not None
     writer._put_record("hb", "p1", old)
     assert sweeps.tags() == first  # the replay: read, and no change
+    assert sweeps.tags() == first and session.ops["get"] == 4  # read once, not at every sweep

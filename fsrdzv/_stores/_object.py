@@ -141,8 +141,7 @@ class ObjectRequests:
 
     @abstractmethod
     def _sdk_list(self, prefix: str, delimiter: str) -> tuple[dict[str, str], list[str]]:
-        """Every key under ``prefix`` with its tag as :meth:`_sdk_head` gives it (all pages), and with a delimiter
-        the sub-prefixes."""
+        """Every key under ``prefix`` with its tag (as :meth:`_sdk_head`'s; all pages), and the sub-prefixes."""
 
     @abstractmethod
     def _sdk_delete(self, key: str) -> None:
