@@ -133,13 +133,13 @@ class SignedBeats:
         trusted = self._trusted.get(name)
         if tag == self._judged.get(name):
             return trusted  # judged already: a record's body is read at most once per tag
-        self._judged[name] = tag
         store = self._session.store
         newer = store.capabilities.content_tags and self._predicted(name, tag, store.record_digest)
         if not newer:
             if payload is None:
-                payload = self._read(name)
+                payload = self._read(name)  # a storage error leaves the tag to be judged at the next look
             newer = payload is not None and self._advanced(name, payload)
+        self._judged[name] = tag
         if not newer:
             return trusted
         self._trusted[name] = tag

@@ -8,13 +8,14 @@ a dead node alive.
 
 from __future__ import annotations
 
+import errno
 import uuid
 from pathlib import Path
 from typing import Any
 
 import pytest
 
-from fsrdzv import Store, open_store
+from fsrdzv import StorageError, Store, open_store
 from fsrdzv._admin import RunAdmin
 from fsrdzv._liveness import LivenessTracker
 from fsrdzv._store import SealedStore
@@ -201,3 +202,36 @@ def test_signed_sweeps_count_listed_beats_from_tags_alone(kind: str, request: py
     writer._put_record("hb", "p1", old)
     assert sweeps.tags() == first  # the replay: read, and no change
     assert sweeps.tags() == first and session.ops["get"] == 4  # read once, not at every sweep
+
+
+class _FailingOnce(StoreWrapper):
+    """Its next record read fails with a storage error (one injected fault)."""
+
+    def __init__(self, inner: Store) -> None:
+        super().__init__(inner)
+        self.fail = False
+
+    def read_record(self, kind: str, name: str) -> bytes | None:
+        if self.fail:
+            self.fail = False
+            raise StorageError(errno.EIO, "injected: the storage did not answer")
+        return super().read_record(kind, name)
+
+
+def test_a_signed_beat_whose_read_failed_is_judged_again(tmp_path: Path) -> None:
+    """A sweep's read of a changed signed heartbeat that fails with a storage error leaves the tag unjudged: the
+    next sweep reads it again and the newer beat counts (it must not be taken as no change for good)."""
+    from fsrdzv._records import BeatFilter
+    from fsrdzv._session import Session
+
+    url = str(tmp_path / "rdzv")
+    peer = open_store(url, "run", secret=SECRET)
+    observer = _FailingOnce(open_store(url, "run", secret=SECRET))
+    sweeps = BeatFilter(Session(observer))
+    peer.put_record("hb", "p", b'{"n":1}')
+    first = sweeps.tags()["p"]
+    peer.put_record("hb", "p", b'{"n":2}')
+    observer.fail = True
+    with pytest.raises(StorageError):
+        sweeps.tags()
+    assert sweeps.tags()["p"] != first
