@@ -159,7 +159,7 @@ class SignedBeats:
         try:
             return self._session.get("hb", name)  # unsealing checks the signature
         except RendezvousStateError as exc:
-            log.debug("heartbeat of %s not trusted: %s", name, exc)
+            log.warning("ignoring heartbeat: %s", exc)  # once per tag (see judged)
             return None
 
     def _advanced(self, name: str, payload: bytes) -> bool:

@@ -235,3 +235,18 @@ def test_a_signed_beat_whose_read_failed_is_judged_again(tmp_path: Path) -> None
     with pytest.raises(StorageError):
         sweeps.tags()
     assert sweeps.tags()["p"] != first
+
+
+def test_a_forged_heartbeat_is_reported_once_by_the_sweeps(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    """With a job secret, a sweep that finds an unsigned heartbeat says so (``ignoring heartbeat: ...``) once for
+    that record, not at every sweep, and leaves it out."""
+    from fsrdzv._records import BeatFilter
+    from fsrdzv._session import Session
+
+    url = str(tmp_path / "rdzv")
+    open_store(url, "run").put_record("hb", "forged", b'{"n":1}')
+    sweeps = BeatFilter(Session(open_store(url, "run", secret=SECRET)))
+    with caplog.at_level("WARNING", logger="fsrdzv"):
+        assert sweeps.tags() == {} and sweeps.tags() == {}
+    reports = [r for r in caplog.records if r.getMessage().startswith("ignoring heartbeat: ")]
+    assert len(reports) == 1, caplog.text
