@@ -2,8 +2,9 @@
 
 Rank 0 used to publish ``local_addr or socket.getfqdn()``, like torch. Where the host name resolves to loopback
 (``127.0.1.1`` in ``/etc/hosts``, containers, nodes without forward DNS) that silently handed every other host an
-address of its own loopback. Now each node publishes its *candidates* in its heartbeat record (only peers read
-it; the join request and the document are unchanged, so older nodes interoperate):
+address of its own loopback. Now each node publishes its *candidates* in its heartbeat record, and rank 0 in the
+documents it writes too (``RendezvousState.lead``: the others then need not read its record; optional fields, so
+older nodes interoperate):
 
 - an explicit ``local_addr``, alone (it always wins);
 - else the host name if it resolves to a non-loopback address, then the addresses of the non-loopback interfaces

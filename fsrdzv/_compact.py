@@ -89,6 +89,8 @@ def encode(state: RendezvousState) -> dict[str, Any]:
     }
     if state.config is not None:
         doc["config"] = dict(state.config)
+    if state.lead is not None:
+        doc["lead"] = dict(state.lead)
     return doc
 
 
@@ -104,10 +106,14 @@ def _field(doc: Mapping[str, Any], key: str, kind: type, where: str, optional: b
 
 
 def decode_header(doc: Mapping[str, Any], where: str) -> dict[str, Any]:
-    """The :func:`header` fields of either schema as :class:`RendezvousState` arguments, and its ``config``."""
+    """The :func:`header` fields of either schema as :class:`RendezvousState` arguments, its ``config`` and
+    ``lead`` (optional fields: readers without them ignore them, so both schemas may carry them)."""
     config = doc.get("config")
     if config is not None and type(config) is not dict:
         raise StateCorruptError(f"{where}: field 'config' has the wrong type ({type(config).__name__})")
+    lead = doc.get("lead")
+    if lead is not None and (type(lead) is not dict or type(lead.get("node")) is not str):
+        raise StateCorruptError(f"{where}: field 'lead' must be an object naming a node")
     return {
         "run_id": _field(doc, "run_id", str, where),
         "epoch": _field(doc, "epoch", str, where),
@@ -117,6 +123,7 @@ def decode_header(doc: Mapping[str, Any], where: str) -> dict[str, Any]:
         "closed": _field(doc, "closed", bool, where),
         "last_call": _field(doc, "last_call", int, where, optional=True),
         "config": config,
+        "lead": lead,
     }
 
 

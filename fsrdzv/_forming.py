@@ -7,12 +7,10 @@ carries from one look to the next (the executor and these writes share it).
 
 from __future__ import annotations
 
-import contextlib
 import secrets
 from dataclasses import dataclass
 
 from . import _policy as policy
-from ._errors import RendezvousStateError, StorageError
 from ._periods import Periods
 from ._records import RequestBook
 from ._retry import Attempts
@@ -58,14 +56,11 @@ class Former:
         book: RequestBook,
         periods: Periods,
         settings: Settings,
-        beats_read: dict[str, bytes | None],
     ) -> None:
         self.session = session
         self.book = book
         self.periods = periods
         self.settings = settings
-        #: The joiner's heartbeat records read during a join (the creator's is read here while it writes).
-        self.beats_read = beats_read
 
     def create(self, run: JoinProgress, view: policy.JoinView) -> None:
         """No document yet: the node with the smallest identity among the requests creates it with all of them
@@ -80,10 +75,6 @@ class Former:
             creator = policy.creator(view, requests)
             if creator != view.me:
                 run.deferred_at = now
-                # The creator is rank 0 of the round it completes: its address candidates (its heartbeat) are read
-                # while it writes, not after the round completed (see Joiner.beats_read).
-                with contextlib.suppress(StorageError, RendezvousStateError):  # only a shortcut; once per join,
-                    self.beats_read[creator] = session.get_unbudgeted("hb", creator)  # so outside the budget
                 wait = periods.creator_wait(session.read_latency)
                 self._look_again(run, max(0.0, now + wait - session.clock()))
                 return

@@ -27,6 +27,7 @@ that does not finish within ``join_timeout`` rolls back and raises :class:`Rende
 from __future__ import annotations
 
 import itertools
+import json
 import logging
 import os
 import random
@@ -162,6 +163,7 @@ class RendezvousHandler:
         self._admin = RunAdmin(store, settings, clock=clock, sleep=sleep, rng=rng, session=self._session, retry=retry)
         identity = local_identity(local_addr)
         self._address = AddressChoice(identity)
+        self._session.lead = {"node": self.node_id, **identity.beat_fields()}
         self._heartbeat = Heartbeat(
             self._session, self.node_id, settings.keep_alive_interval, runtime, clock, fields=identity.beat_fields()
         )
@@ -227,7 +229,7 @@ class RendezvousHandler:
             self._peers.stop()  # this node leaves its round: nothing of it is watched any more
             try:
                 state = self._joiner.join()
-                master = self._address.choose(state, self.node_id, self._rank0_beat)
+                master = self._address.choose(state, self.node_id, lambda rank0: self._rank0_beat(state, rank0))
             except BaseException:
                 # Like torch: no heartbeats unless joined. Others then see this node go within the timeout.
                 self._stop_keepalive()
@@ -239,11 +241,11 @@ class RendezvousHandler:
             self._steady.hold(state)
             return replace(_info(state, self.node_id), master_addr=master)
 
-    def _rank0_beat(self, node_id: str) -> bytes | None:
-        """Rank 0's heartbeat record (its address candidates), None if missing or untrusted."""
-        seen = self._joiner.beats_read.get(node_id)  # read during the join (the document's creator's)
-        if seen is not None:
-            return seen
+    def _rank0_beat(self, state: RendezvousState, node_id: str) -> bytes | None:
+        """Rank 0's address candidates: from the document when rank 0 completed the round (``lead``), else its
+        heartbeat record; None if that is missing or untrusted."""
+        if state.lead is not None and state.lead.get("node") == node_id:
+            return json.dumps(dict(state.lead)).encode()
         try:
             raw: bytes | None = self._retry(
                 lambda: self._session.get_unbudgeted("hb", node_id), self._clock() + self.settings.heartbeat_timeout

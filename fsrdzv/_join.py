@@ -75,10 +75,8 @@ class Joiner:
         #: Epochs this node was handed a round of: a closed run of one of them is this job's end, never a finished
         #: run to start afresh (a node thawed after the others finished must stop, not restart the run id).
         self._epochs: set[str] = set()
-        #: Heartbeat records read during the last join, by node id (the handler takes rank 0's candidates here).
-        self.beats_read: dict[str, bytes | None] = {}
         self.progress = ProgressReport(settings, node.node_id)
-        self.former = Former(session, self.requests, self.periods, settings, self.beats_read)
+        self.former = Former(session, self.requests, self.periods, settings)
 
     @property
     def me(self) -> str:
@@ -91,7 +89,6 @@ class Joiner:
         start = self._clock()
         deadline = start + self.settings.join_timeout
         self.progress.start(start)
-        self.beats_read.clear()
         if not self._verified:
             self._retry(self.session.store.verify_conditions, deadline)
             self._verified = True

@@ -77,6 +77,10 @@ class RendezvousState:
     #: The run's settings as its first writer had them (node range, last call, timeouts; the expected roster):
     #: a node with another node range or last call fails at once. None: written by an fsrdzv without it.
     config: Mapping[str, Any] | None = None
+    #: Rank 0's address candidates, host and boot id (its heartbeat's fields), with its id under ``"node"``:
+    #: written by rank 0 itself (``_protocol.stamp_lead``), so that the others need not read its heartbeat record.
+    #: None, or naming another node: rank 0 did not write in this round (or is an older fsrdzv); they read it.
+    lead: Mapping[str, Any] | None = None
 
     def members(self) -> set[str]:
         return set(self.participants) | set(self.wait_list) | set(self.redundancy_list)

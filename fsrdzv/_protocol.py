@@ -17,7 +17,7 @@ Deliberate differences from torch 2.13, each for a reason:
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 
 from ._settings import Settings
 from ._state import APPLIED_HISTORY, JoinRequest, NodeInfo, RendezvousState, nonce_order
@@ -34,6 +34,7 @@ __all__ = [
     "remove_nodes",
     "restart",
     "run_config",
+    "stamp_lead",
 ]
 
 
@@ -87,6 +88,23 @@ def complete_round(state: RendezvousState) -> RendezvousState:
     )
 
 
+def stamp_lead(state: RendezvousState, lead: Mapping[str, object] | None) -> RendezvousState:
+    """``state`` naming ``lead`` (a node's id, under ``"node"``, and its heartbeat fields) when that node is rank 0
+    of the round, or would be if it completed now (the smallest identity among the participants): the writes of
+    rank 0 carry its address candidates to the others. A round's creator is its smallest identity, so a burst of
+    arrivals forms with them in its first document; a smaller node that joins later makes its own writes name it."""
+    if lead is None or state.lead == lead or not state.participants:
+        return state
+    node = lead.get("node")
+    if not isinstance(node, str) or node not in state.participants:
+        return state
+    if state.complete:
+        first = state.participants[node] == 0
+    else:  # the rank it would get: complete_round ranks by sorted identity
+        first = min(state.participants, key=lambda i: state.nodes[i]) == node
+    return state.evolve(lead=dict(lead)) if first else state
+
+
 def _with_last_call(state: RendezvousState, settings: Settings, generation: int) -> RendezvousState:
     count = len(state.participants)
     if state.complete:
@@ -100,7 +118,9 @@ def _with_last_call(state: RendezvousState, settings: Settings, generation: int)
 
 def _advance_round(state: RendezvousState, settings: Settings, generation: int) -> RendezvousState:
     """The last participant of a complete round left: start the next round with the waiting nodes."""
-    state = state.evolve(round=state.round + 1, complete=False, last_call=None, master=None, roster=(), participants={})
+    state = state.evolve(
+        round=state.round + 1, complete=False, last_call=None, master=None, lead=None, roster=(), participants={}
+    )
     return _settle(state, settings, generation)
 
 

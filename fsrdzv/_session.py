@@ -13,10 +13,11 @@ import contextlib
 import logging
 import time
 from collections import OrderedDict
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from typing import Final, Literal
 
 from ._errors import RendezvousError, StorageError
+from ._protocol import stamp_lead
 from ._state import (
     RendezvousState,
     decode_state,
@@ -137,6 +138,9 @@ class Session:
         #: A moving average of the document reads' round trips (s; None before the first). Until the first read, a
         #: listing's round trip stands in: a fresh node lists the requests before it reads (see ``_join``).
         self.read_latency: float | None = None
+        #: This node's ``RendezvousState.lead`` (its id and heartbeat fields): a write of a complete round with
+        #: this node as rank 0 carries it (see :func:`fsrdzv._protocol.stamp_lead`). None: an administrative tool.
+        self.lead: Mapping[str, object] | None = None
 
     def where(self) -> str:
         return self.store.describe("document")
@@ -189,6 +193,7 @@ class Session:
     def cas(self, new: RendezvousState, snap: Snapshot | None) -> CasOutcome:
         """Write ``new`` if the document is still ``snap`` (None: create it), announcing a completed round."""
         self.ops["cas"] += 1
+        new = stamp_lead(new, self.lead)
         result = self.store.compare_and_set(encode_state(new), None if snap is None else snap.token)
         if not result.won:
             self.ops["cas_lost"] += 1

@@ -96,6 +96,8 @@ def encode_state(state: RendezvousState) -> bytes:
     }
     if state.config is not None:
         doc["config"] = dict(state.config)  # schema 1 readers ignore fields they do not know
+    if state.lead is not None:
+        doc["lead"] = dict(state.lead)
     return json.dumps(doc, separators=(",", ":")).encode()
 
 

@@ -244,6 +244,42 @@ def test_simultaneous_arrivals_form_with_o_n_writes_and_within_the_read_budget()
         assert worst <= limit, (thread, worst)
 
 
+def test_the_others_take_rank_0s_candidates_from_the_document() -> None:
+    """Rank 0 writes its heartbeat's fields into the documents it writes (``lead``): no node reads rank 0's
+    heartbeat record to learn where to connect (N - 1 reads of one object less per formation). Rank 0 arrives
+    first here, so that it writes the first document whoever completes the round."""
+    n = 5
+    store = _TimedStore(f"lead-{uuid.uuid4().hex[:8]}", "run")
+    store.log = []
+    settings = fsrdzv.Settings("run", n, n, **{k: v for k, v in FAST.items() if k != "close_timeout"})
+    handlers = [fsrdzv.RendezvousHandler(store, settings, local_addr=f"10.0.{i}.1") for i in range(n)]
+    infos: list[Any] = [None] * n
+
+    def run(i: int) -> None:
+        infos[i] = handlers[i].next_rendezvous()
+
+    threads = [threading.Thread(target=run, args=(i,), name=f"node-{i}") for i in range(n)]
+    threads[0].start()
+    deadline = time.monotonic() + 30
+    while store.read() is None and time.monotonic() < deadline:
+        time.sleep(0.01)
+    for t in threads[1:]:
+        t.start()
+    for t in threads:
+        t.join(60)
+    try:
+        assert [i.rank for i in infos] == list(range(n))
+        assert {i.master_addr for i in infos} == {"10.0.0.1"}  # rank 0's explicit local_addr
+        assert not any(what == "get hb" for _, _, what in store.log)
+        snap = store.read()
+        assert snap is not None
+        lead = decode_state(snap.data, "the document").lead
+        assert lead is not None and lead["node"] == handlers[0].node_id and lead["addrs"] == ["10.0.0.1"]
+    finally:
+        for h in handlers:
+            h.shutdown()
+
+
 def test_requests_too_long_for_a_name_still_form_through_body_records() -> None:
     n = 6
     infos, store, _ = _form(n, addr="node-{i}." + "a" * 200 + ".example.org")

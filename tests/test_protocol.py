@@ -28,6 +28,7 @@ from fsrdzv._protocol import (
     pending,
     remove_nodes,
     restart,
+    stamp_lead,
 )
 from fsrdzv._settings import Settings
 from fsrdzv._state import APPLIED_HISTORY, JoinRequest, NodeInfo, RendezvousState
@@ -314,6 +315,38 @@ def test_master_is_published_for_every_round() -> None:
     assert script.state.round == 1 and script.state.complete
     assert script.state.participants == {nid("a"): 0, nid("c"): 1}
     assert script.state.master == master_of("a")
+
+
+def test_only_rank_0_stamps_its_candidates() -> None:
+    """The document carries the heartbeat fields of the node that is (or would be, at completion) rank 0 when that
+    node writes; nobody else's."""
+    lead = {"node": nid("b"), "addrs": ["10.0.0.2"], "host": "b", "boot": "0123456789ab"}
+    script = Script(3, 3).join("c")
+    assert stamp_lead(script.state, lead) is script.state  # b is no participant yet
+    script.join("b")
+    assert not script.state.complete
+    forming = stamp_lead(script.state, lead)  # b would be rank 0 of these two
+    assert forming.lead == lead and forming.generation == script.state.generation
+    assert stamp_lead(forming, lead) is forming  # already there: no change
+    assert stamp_lead(script.state, {**lead, "node": nid("c")}) is script.state  # c would be rank 1
+    assert stamp_lead(script.state, None) is script.state  # an administrative tool
+    script.state = forming
+    script.join("a")  # a smaller identity completes the round: the lead kept names a node that is not rank 0
+    assert script.state.complete and script.state.participants[nid("a")] == 0
+    assert script.state.lead == lead
+    assert stamp_lead(script.state, {"node": nid("a"), "addrs": ["10.0.0.1"]}).lead == {
+        "node": nid("a"),
+        "addrs": ["10.0.0.1"],
+    }
+    assert stamp_lead(script.state, lead) is script.state  # b is rank 1 now
+
+
+def test_the_next_round_drops_the_last_rounds_lead() -> None:
+    script = Script(1, 2).join("b", "c").join("a")  # a is a spare of round 0, master is b
+    script.state = stamp_lead(script.state, {"node": nid("b"), "addrs": ["10.0.0.2"]})
+    script.die("b")
+    script.join("c")  # round 1: a + c
+    assert script.state.round == 1 and script.state.complete and script.state.lead is None
 
 
 # -- folding -------------------------------------------------------------------------------------------------------

@@ -19,7 +19,7 @@ from typing import Any
 import pytest
 
 from fsrdzv import SchemaVersionError, StateCorruptError, _state
-from fsrdzv._protocol import close, fold_requests, mark_complete, new_state
+from fsrdzv._protocol import close, fold_requests, mark_complete, new_state, stamp_lead
 from fsrdzv._settings import Settings
 from fsrdzv._state import (
     SCHEMA_VERSION,
@@ -49,7 +49,9 @@ def busy_state() -> RendezvousState:
     state = fold_requests(new_state("job-7", "epoch-1"), [JoinRequest(node(i), f"r{i}") for i in (3, 1)], settings)
     state = mark_complete(state, settings)  # complete at 2 of max 3
     state = fold_requests(state, [JoinRequest(node(5, "nœud-5.example"), "r5")], settings)  # waits
-    assert state.complete and state.wait_list and state.master is not None and state.roster
+    rank0 = node(1).node_id
+    state = stamp_lead(state, {"node": rank0, "addrs": ["10.1.0.1", "fd00::1"], "host": "host1", "boot": "0" * 12})
+    assert state.complete and state.wait_list and state.master is not None and state.roster and state.lead
     return state
 
 
@@ -297,6 +299,8 @@ WRONG_TYPES: list[tuple[str, Callable[[dict[str, Any]], None], str]] = [
     ("master-addr-int", _set(("master",), {"addr": 1, "port": 2}), "master"),
     ("master-port-bool", _set(("master",), {"addr": "a", "port": True}), "master"),
     ("master-no-port", _set(("master",), {"addr": "a"}), "master"),
+    ("lead-list", _set(("lead",), ["10.0.0.1"]), "lead"),
+    ("lead-without-node", _set(("lead",), {"addrs": ["10.0.0.1"]}), "lead"),
     ("roster-str", _set(("roster",), "a,b"), "roster"),
     ("roster-ints", _set(("roster",), [1, 2]), "roster"),
     ("schema-str", _set(("schema",), "1"), "schema"),
