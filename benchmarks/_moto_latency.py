@@ -1,6 +1,6 @@
 """moto's S3 server answering every request ``DELAY_MS`` later: a model of a service whose requests take a
 real round trip (S3 Express answers in 14-26 ms, S3 Standard's conditional writes in about 60 ms), where the
-emulator on loopback answers in 2-3 ms of its own CPU. The wait is a sleep, so it costs no CPU.
+emulator on loopback answers in a few milliseconds of its own CPU. The wait is a sleep, so it costs no CPU.
 
     python benchmarks/_moto_latency.py HOST PORT DELAY_MS
 """
