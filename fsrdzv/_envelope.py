@@ -1,8 +1,10 @@
 """The envelope of every stored object, and the names that may appear in a store's keys.
 
-Stored bytes are wrapped in a one-line envelope ``fsrdzv1 gen=<n> sha256=<hex>[ hmac=<hex>]`` followed by the
-payload. The envelope gives every store a monotonic generation of its own (S3 ETags repeat for equal bodies, GCS
-generations are not ordered), detects truncated or foreign objects, and carries the optional HMAC of a job secret.
+Stored bytes are wrapped in a one-line envelope ``fsrdzv1 gen=<n> sha256=<hex>[ hmac=<hex>][ w=<hex>]`` followed
+by the payload (readers ignore fields they do not know). The envelope gives every store a monotonic generation of
+its own (S3 ETags repeat for equal bodies, GCS generations are not ordered), detects truncated or foreign objects,
+carries the optional HMAC of a job secret, and on a document the id of the write (so that a store recognises its
+own write behind a refused retry).
 Tokens are ``"<generation>:<version>"`` (see :mod:`fsrdzv._store`).
 """
 
@@ -72,11 +74,13 @@ def _mac(secret: bytes, generation: int, payload: bytes) -> str:
     return _hmac.new(secret, b"%d\n" % generation + payload, hashlib.sha256).hexdigest()
 
 
-def seal(payload: bytes, generation: int, secret: bytes | None = None) -> bytes:
-    """Wrap ``payload`` in the envelope (generation, checksum and optional HMAC)."""
+def seal(payload: bytes, generation: int, secret: bytes | None = None, write_id: str | None = None) -> bytes:
+    """Wrap ``payload`` in the envelope (generation, checksum, optional HMAC and the id of one write)."""
     header = b"%s gen=%d sha256=%s" % (_MAGIC, generation, hashlib.sha256(payload).hexdigest().encode())
     if secret is not None:
         header += b" hmac=" + _mac(secret, generation, payload).encode()
+    if write_id is not None:
+        header += b" w=" + write_id.encode()
     return header + b"\n" + payload
 
 

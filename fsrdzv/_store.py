@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import hashlib
 import logging
+import secrets
 from abc import ABC, abstractmethod
 from typing import Final
 
@@ -246,10 +247,16 @@ class SealedStore(Store):
         if token is not None and expected is None:
             return CasResult(False, self.read())
         generation = 1 if expected is None else expected[0] + 1
-        version = self._commit(seal(data, generation, self._secret), generation, expected)
-        if version is None:
-            return CasResult(False, self.read())
-        return CasResult(True, Snapshot(data, f"{generation}:{version}", generation))
+        # Each write is unique (w=): a condition refused to the client library's own retry of a write whose answer
+        # was lost (a read timeout, a dropped connection) is then recognised as this write, not a lost race.
+        sealed = seal(data, generation, self._secret, secrets.token_hex(8))
+        version = self._commit(sealed, generation, expected)
+        if version is not None:
+            return CasResult(True, Snapshot(data, f"{generation}:{version}", generation))
+        got = self._read_raw()
+        if got is not None and got[0] == sealed:
+            return CasResult(True, Snapshot(data, f"{generation}:{got[1]}", generation))
+        return CasResult(False, None if got is None else self._snapshot(*got))
 
     def put_record(self, kind: str, name: str, data: bytes) -> None:
         if len(data) > MAX_RECORD_BYTES:
