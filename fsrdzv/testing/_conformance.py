@@ -282,6 +282,17 @@ class StoreConformance:
 
     # -- linearizability -----------------------------------------------------------------------------------
 
+    def test_equal_writes_from_one_document_have_one_winner(self, store: Store) -> None:
+        """Two writers making the same change from the same document: exactly one wins (a store that recognises
+        its own write behind a refused retry must not take an equal write of another for it)."""
+        base = store.compare_and_set(b"1", None).snapshot
+        assert base is not None
+        first = store.compare_and_set(b"2", base.token)
+        second = store.compare_and_set(b"2", base.token)
+        assert first.won and not second.won
+        assert first.snapshot is not None and second.snapshot is not None
+        assert second.snapshot.token == first.snapshot.token
+
     def test_concurrent_increments_are_exact(self, spec: StoreSpec, run_id: str) -> None:
         ctx = multiprocessing.get_context("spawn")
         barrier = ctx.Manager().Barrier(self.processes)
