@@ -163,9 +163,10 @@ class RendezvousHandler:
         self._admin = RunAdmin(store, settings, clock=clock, sleep=sleep, rng=rng, session=self._session, retry=retry)
         identity = local_identity(local_addr)
         self._address = AddressChoice(identity)
-        self._session.lead = {"node": self.node_id, **identity.beat_fields()}
+        fields = identity.beat_fields()
+        self._session.lead = {"node": self.node_id, **fields}
         self._heartbeat = Heartbeat(
-            self._session, self.node_id, settings.keep_alive_interval, runtime, clock, fields=identity.beat_fields()
+            self._session, self.node_id, settings.keep_alive_interval, runtime, clock, fields=fields
         )
         offer, bind = port_factory or _free_port, local_addr or ""  # without local_addr, on every interface
         self._joiner = Joiner(
@@ -242,8 +243,8 @@ class RendezvousHandler:
             return replace(_info(state, self.node_id), master_addr=master)
 
     def _rank0_beat(self, state: RendezvousState, node_id: str) -> bytes | None:
-        """Rank 0's address candidates: from the document when rank 0 completed the round (``lead``), else its
-        heartbeat record; None if that is missing or untrusted."""
+        """Rank 0's address candidates: from the document when rank 0 wrote it in this round (``lead``), else
+        its heartbeat record; None if that is missing or untrusted."""
         if state.lead is not None and state.lead.get("node") == node_id:
             return json.dumps(dict(state.lead)).encode()
         try:

@@ -138,8 +138,9 @@ class Session:
         #: A moving average of the document reads' round trips (s; None before the first). Until the first read, a
         #: listing's round trip stands in: a fresh node lists the requests before it reads (see ``_join``).
         self.read_latency: float | None = None
-        #: This node's ``RendezvousState.lead`` (its id and heartbeat fields): a write of a complete round with
-        #: this node as rank 0 carries it (see :func:`fsrdzv._protocol.stamp_lead`). None: an administrative tool.
+        #: This node's ``RendezvousState.lead`` (its id and heartbeat fields): every write in which this node is
+        #: rank 0, or would be at completion, carries it (see :func:`fsrdzv._protocol.stamp_lead`). None: an
+        #: administrative tool.
         self.lead: Mapping[str, object] | None = None
 
     def where(self) -> str:
