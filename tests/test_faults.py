@@ -407,12 +407,14 @@ def _wait_for(predicate: Callable[[], bool], timeout: float, what: str) -> None:
 def test_storage_outage_longer_than_keepalive_timeout_then_back(reset: bool) -> None:
     """A and B form a round; C waits as a spare and sweeps their heartbeats. The storage becomes unreachable for
     every node (FaultyStore fail_rate=1: injected, since an outage of shared storage cannot be staged per node
-    here): first for A and B, then, once C has seen their last heartbeats, for C too. C is blind for at least 1 s
-    and A and B are silent for longer, both more than the 0.8 s keep-alive timeout. C's storage comes back first;
-    A's and B's only 0.1 s after C has looked again, so their heartbeat records are still unchanged when C looks.
+    here): first for A and B, then, once C has seen their last heartbeats, for C too. C is blind for 2 s and A and
+    B are silent for longer, both more than the 1.6 s keep-alive timeout. C's storage comes back first; A's and
+    B's only 0.1 s after C has looked again, so their heartbeat records are still unchanged when C looks.
 
-    ``liveness-reset``: C's liveness tracker must restart every clock after its own blind spell, so for the next
-    2.4 s nobody is removed and C stays a spare. The ``control-without-reset`` run hides C's outage from it (its
+    ``liveness-reset``: C's liveness tracker must count only part of its own blind spell (half the timeout)
+    against the others, so for the next three timeouts nobody is removed and C stays a spare. The timeout is eight
+    intervals: what is left of it after the blind spell must hold A's first retried beat (up to 0.3 s after its
+    storage is back) and C's next sweep, with room for a loaded machine's scheduling. The ``control-without-reset`` run hides C's outage from it (its
     heartbeat listings keep answering the last one, so C sees no blind spell to discount) and must see the false
     deaths, proving the scenario exercises the reset.
     """
@@ -425,10 +427,10 @@ def test_storage_outage_longer_than_keepalive_timeout_then_back(reset: bool) -> 
         join_timeout=60,
         last_call_timeout=0.3,
         keep_alive_interval=0.2,
-        keep_alive_max_attempt=4,
+        keep_alive_max_attempt=8,
     )
     timeout = settings.liveness_timeout
-    blind = 1.0  # C's own outage; its join loop gives up after 8 errors in a row, at 2.4 s at the earliest
+    blind = 2.0  # C's own outage: longer than the timeout, well inside the 10 s a waiting node rides out
     stores = [SwitchableStore(MemoryStore(name, rid)) for _ in range(3)]
     a, b, c = (fsrdzv.RendezvousHandler(s, settings, local_addr=f"10.0.1.{i + 1}") for i, s in enumerate(stores))
     plain = MemoryStore(name, rid)
