@@ -414,9 +414,9 @@ def test_storage_outage_longer_than_keepalive_timeout_then_back(reset: bool) -> 
     ``liveness-reset``: C's liveness tracker must count only part of its own blind spell (half the timeout)
     against the others, so for the next three timeouts nobody is removed and C stays a spare. The timeout is eight
     intervals: what is left of it after the blind spell must hold A's first retried beat (up to 0.3 s after its
-    storage is back) and C's next sweep, with room for a loaded machine's scheduling. The ``control-without-reset`` run hides C's outage from it (its
-    heartbeat listings keep answering the last one, so C sees no blind spell to discount) and must see the false
-    deaths, proving the scenario exercises the reset.
+    storage is back) and C's next sweep, with room for a loaded machine's scheduling. The ``control-without-reset``
+    run hides C's outage from it (its heartbeat listings keep answering the last one, so C sees no blind spell to
+    discount) and must see the false deaths, proving the scenario exercises the reset.
     """
     rid = _rid("outage")
     name = f"outage-{uuid.uuid4().hex[:8]}"
